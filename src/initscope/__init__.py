@@ -1,0 +1,39 @@
+"""initscope: architecture-aware initialization for PyTorch CNNs, with predictions that hold.
+
+Plan and apply Xavier, Kaiming, LeCun, orthogonal and ASV (Adaptive Signal Variance) initializations
+for any traceable model, and see, layer by layer, the forward and gradient second moments each one
+is predicted to give.
+"""
+
+from initscope import rules  # noqa: F401  (registers the built-in rules)
+from initscope.api import init_, plan
+from initscope.errors import InitscopeError, PlanMismatchError, TraceError, UnknownOpError
+from initscope.methods import METHODS
+from initscope.options import Options
+from initscope.plan import InitPlan, LayerPlan
+from initscope.rules import Context, Rule, WeightRule, register_rule, unregister_rule
+from initscope.sampling import sample_
+from initscope.stats import Grad, Signal
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "Context",
+    "Grad",
+    "InitPlan",
+    "InitscopeError",
+    "LayerPlan",
+    "Options",
+    "PlanMismatchError",
+    "Rule",
+    "Signal",
+    "TraceError",
+    "UnknownOpError",
+    "WeightRule",
+    "init_",
+    "plan",
+    "register_rule",
+    "sample_",
+    "unregister_rule",
+]

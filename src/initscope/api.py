@@ -1,0 +1,69 @@
+"""The public entry points: :func:`plan` and :func:`init_`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from initscope.options import Options
+from initscope.plan import InitPlan
+from initscope.planner import build_plan
+
+
+def plan(
+    model: nn.Module,
+    method: str,
+    *,
+    input_shape: Any = None,
+    example_input: Any = None,
+    **options: Any,
+) -> InitPlan:
+    r"""Plan an initialization of every weight layer of ``model``; no weight is changed.
+
+    The plan holds, per Conv1d/2d/3d and Linear layer reached by the forward pass, the std to draw
+    its weights with and the second moments that std is predicted to give: ``pred_out_var``, the mean
+    :math:`E[u^2]` of the layer's output for i.i.d. N(0, 1) network input, and ``pred_in_grad_var``,
+    the mean :math:`E[(\partial L/\partial x)^2]` at its input for i.i.d. N(0, 1) gradients at the
+    network's output. Every method is propagated by the same engine, so a Kaiming plan shows where
+    Kaiming's signal vanishes as an ASV plan shows where ASV keeps it.
+
+    Methods: ``xavier``, ``kaiming-forward``, ``kaiming-backward``, ``asv-forward``, ``asv-backward``
+    (Henmi et al., arXiv 2008.06885), ``asv-forward-exact``, ``asv-backward-exact``, ``lecun``,
+    ``orthogonal``, ``default``.
+
+    Args:
+        model: the network.
+        method: one of the methods above.
+        input_shape: the shape of one input sample, without the batch dim, e.g. ``(3, 224, 224)``.
+        example_input: a real batch instead of ``input_shape``: its statistics (second moments,
+            marginal, correlations) replace the i.i.d. N(0, 1) input.
+        **options: see :class:`initscope.options.Options` (``distribution``, ``max_std_ratio``, ``fan``,
+            ``residual``, ``residual_growth``, ``on_unknown``, ``max_cov_positions``).
+
+    Examples:
+        >>> import torchvision, initscope
+        >>> p = initscope.plan(torchvision.models.resnet18(), "asv-backward", input_shape=(3, 224, 224))
+        >>> print(p.to_table())
+    """
+    return build_plan(model, method, input_shape, example_input, Options.make(**options))
+
+
+def init_(
+    model: nn.Module,
+    method: str,
+    *,
+    input_shape: Any = None,
+    example_input: Any = None,
+    generator: torch.Generator | None = None,
+    **options: Any,
+) -> InitPlan:
+    """Plan an initialization of ``model`` (see :func:`plan`) and write it; returns the plan.
+
+    Examples:
+        >>> initscope.init_(model, "asv-forward", input_shape=(3, 64, 64), generator=torch.Generator().manual_seed(0))
+    """
+    p = plan(model, method, input_shape=input_shape, example_input=example_input, **options)
+    p.apply(model, generator=generator)
+    return p

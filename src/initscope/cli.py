@@ -1,0 +1,122 @@
+"""The ``initscope`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Architecture-aware initialization for PyTorch CNNs, with per-layer variance predictions.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a shape: write it like 3,224,224") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise typer.BadParameter(f"{text!r} is not a shape: write it like 3,224,224")
+    return shape
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="torchvision name (resnet50), initscope name (plain34, resnet18-nobn) or module:callable"),
+    method: str = typer.Option("asv-backward", "--method", help="see `initscope methods`"),
+    input_shape: str = typer.Option("3,224,224", "--input-shape", help="one sample's shape, no batch dim"),
+    distribution: Optional[str] = typer.Option(None, help="normal, uniform or truncated_normal"),
+    max_std_ratio: Optional[float] = typer.Option(3.0, help="ASV clamp; 0 disables it"),
+    fan: str = typer.Option("true", help="true (group-aware) or framework (torch.nn.init's)"),
+    residual: Optional[str] = typer.Option(None, help="residual policy: none, scale or zero"),
+    on_unknown: str = typer.Option("error", help="error, skip or kaiming"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+) -> None:
+    """Print the per-layer initialization plan of a model."""
+    from initscope.api import plan as make_plan
+    from initscope.errors import InitscopeError
+    from initscope.models import create_model
+
+    shape = _parse_shape(input_shape)
+    try:
+        net = create_model(model)
+        p = make_plan(net, method, input_shape=shape, distribution=distribution,
+                      max_std_ratio=max_std_ratio or None, fan=fan, residual=residual, on_unknown=on_unknown)
+    except (InitscopeError, ValueError, TypeError) as exc:
+        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(p.to_dict(), indent=1))
+        return
+    table = Table(title=f"{model} · {p.method} · input {','.join(map(str, shape))}", show_lines=False)
+    for i, col in enumerate(p.columns()):
+        table.add_column(col, justify="left" if i < 2 else "right", no_wrap=i == 0)
+    for row in p.rows():
+        table.add_row(*row)
+    console.print(table)
+    for note in p.notes:
+        console.print(f"note: {note}", highlight=False)
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the initialization methods."""
+    from initscope.methods import METHODS
+
+    table = Table("method", "what it sets")
+    for m in METHODS.values():
+        table.add_row(m.name, m.description)
+    console.print(table)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("demo-output"), "--out", help="folder for the figures and numbers"),
+    draws: int = typer.Option(3, help="weight draws per method (geometric mean)"),
+    batch: int = typer.Option(32, help="inputs per draw"),
+) -> None:
+    """Plan and measure every method on plain34 and resnet18-nobn; save predicted-vs-measured figures."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from initscope.demo import DEMO_MODELS, run_demo
+    from initscope.methods import METHODS
+
+    total = len(DEMO_MODELS) * len(METHODS)
+    with Progress(TextColumn("{task.description:<36}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("planning", total=total)
+        seen = []
+
+        def step(msg: str) -> None:
+            if seen:
+                bar.advance(task)
+            seen.append(msg)
+            bar.update(task, description=msg)
+
+        results = run_demo(out, draws=draws, batch=batch, progress=step)
+        bar.advance(task)
+    for r in results:
+        table = Table("method", "pred last out", "meas last out", "worst fwd gap", "worst grad gap",
+                      title=f"{r.model}: log2(measured/predicted), worst layer")
+        for method, t in r.table.items():
+            wf, wg = r.worst(method)
+            table.add_row(method, f"{t['pred_out'][-1]:.3g}", f"{t['meas_out'][-1]:.3g}", f"{wf:.2f}", f"{wg:.2f}")
+        console.print(table)
+        console.print(f"saved {r.figure}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Tracing a model and propagating statistics through its graph."""

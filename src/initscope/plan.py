@@ -1,0 +1,223 @@
+"""What a plan holds, and writing it into a model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from initscope.errors import PlanMismatchError
+from initscope.methods.classic import default_bias_bound
+from initscope.sampling import sample_
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The plan for one weight layer.
+
+    Attributes:
+        name: qualified module name, as in ``model.named_modules()``.
+        kind: ``conv1d``, ``conv2d``, ``conv3d`` or ``linear``.
+        weight_shape: shape of the weight.
+        std: standard deviation the weights are drawn with.
+        distribution: ``normal``, ``uniform``, ``truncated_normal`` or ``orthogonal``.
+        fan_in, fan_out: fans under the plan's ``fan`` option.
+        eps: number of (input, output) pairs joined by a weight, taps on zero padding excluded.
+        m_in, m_out: scalars entering and leaving the layer, per sample.
+        tau_in: second moment of the layer's input in the paper's model (weight outputs i.i.d. N(0, 1)).
+        gamma: gradient factor of what follows the layer, in the same model.
+        clamped: the ASV clamp set the std.
+        residual_scale: factor the residual policy put on this layer's std, if it is a branch's knob.
+        pred_out_var: predicted ``E[u²]`` of the layer's output (i.i.d. N(0, 1) network input), for a
+            typical weight draw (the geometric mean over draws; see ``docs/theory.md``, finite width).
+        pred_in_grad_var: predicted ``E[(∂L/∂x)²]`` at the layer's input (i.i.d. N(0, 1) output gradient),
+            for a typical draw.
+        out_spread, grad_spread: predicted standard deviation of ``log2`` of those two over weight draws.
+        calls: how many times the forward pass calls the layer (the first call is the one described).
+        bias: what is written to the bias: ``zero``, ``default`` (the module's own rule) or ``none``.
+    """
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    std: float
+    distribution: str
+    fan_in: int
+    fan_out: int
+    eps: int
+    m_in: int
+    m_out: int
+    tau_in: float
+    gamma: float
+    clamped: bool
+    residual_scale: float | None
+    pred_out_var: float
+    pred_in_grad_var: float
+    out_spread: float = 0.0
+    grad_spread: float = 0.0
+    calls: int = 1
+    bias: str = "zero"
+    weight_path: str = ""
+    bias_path: str | None = None
+
+
+_TABLE = (
+    ("layer", "name", "{}"),
+    ("kind", "kind", "{}"),
+    ("std", "std", "{:.4g}"),
+    ("fan_in", "fan_in", "{}"),
+    ("fan_out", "fan_out", "{}"),
+    ("eps", "eps", "{:.4g}"),
+    ("tau_in", "tau_in", "{:.4g}"),
+    ("gamma", "gamma", "{:.4g}"),
+    ("clamp", "clamped", "{}"),
+    ("res", "residual_scale", "{:.3g}"),
+    ("pred_out", "pred_out_var", "{:.3g}"),
+    ("pred_grad", "pred_in_grad_var", "{:.3g}"),
+)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return spec.format(value)
+
+
+@dataclass
+class InitPlan:
+    """An initialization plan: a std per weight layer, and the second moments it is predicted to give.
+
+    Make one with :func:`initscope.plan`; :meth:`apply` writes it into a model of the same architecture
+    (the one it was made from, or any copy).
+    """
+
+    method: str
+    options: dict
+    input_shape: Any
+    layers: list[LayerPlan]
+    norm_scales: dict[str, float] = field(default_factory=dict)
+    residual: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[LayerPlan]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, key: int | str) -> LayerPlan:
+        if isinstance(key, str):
+            for layer in self.layers:
+                if layer.name == key:
+                    return layer
+            raise KeyError(f"no weight layer named {key!r} in this plan")
+        return self.layers[key]
+
+    # -- applying ----------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+        """Draw every planned layer's weights (and zero its bias) in ``model``; returns the model.
+
+        Everything is checked before anything is written: a model that does not match the plan raises
+        :class:`~initscope.errors.PlanMismatchError` and keeps its weights.
+        """
+        writes, problems = [], []
+        for layer in self.layers:
+            try:
+                weight = model.get_parameter(layer.weight_path)
+            except AttributeError:
+                problems.append(f"{layer.weight_path}: no such parameter")
+                continue
+            if tuple(weight.shape) != tuple(layer.weight_shape):
+                problems.append(f"{layer.weight_path}: shape {tuple(weight.shape)}, planned {tuple(layer.weight_shape)}")
+                continue
+            bias = None
+            if layer.bias_path is not None:
+                try:
+                    bias = model.get_parameter(layer.bias_path)
+                except AttributeError:
+                    problems.append(f"{layer.bias_path}: no such parameter")
+            writes.append((layer, weight, bias))
+        norms = []
+        for name, alpha in self.norm_scales.items():
+            try:
+                norms.append((model.get_submodule(name), alpha))
+            except AttributeError:
+                problems.append(f"{name}: no such module")
+        if problems:
+            raise PlanMismatchError(
+                f"this plan ({self.method}) was made for another model; nothing was written:\n  " + "\n  ".join(problems)
+            )
+        if generator is not None:
+            devices = {w.device.type for _, w, _ in writes}
+            if any(d != generator.device.type for d in devices):
+                raise ValueError(
+                    f"generator is on {generator.device}, the weights on {sorted(devices)}: pass a generator on the weights' device"
+                )
+        with torch.no_grad():
+            for layer, weight, bias in writes:
+                _write(layer, weight, bias, generator)
+            for module, alpha in norms:
+                module.weight.fill_(alpha)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        return model
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-serializable description of the plan."""
+        return {
+            "method": self.method,
+            "options": dict(self.options),
+            "input_shape": self.input_shape,
+            "layers": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(layer).items()} for layer in self.layers],
+            "norm_scales": dict(self.norm_scales),
+            "residual": dict(self.residual),
+            "notes": list(self.notes),
+        }
+
+    def rows(self) -> list[list[str]]:
+        """The per-layer table as strings, one row per layer (the columns of :meth:`to_table`)."""
+        return [[_fmt(getattr(layer, attr), spec) for _, attr, spec in _TABLE] for layer in self.layers]
+
+    @staticmethod
+    def columns() -> list[str]:
+        return [title for title, _, _ in _TABLE]
+
+    def to_table(self) -> str:
+        """The per-layer plan as an aligned text table."""
+        header = self.columns()
+        rows = self.rows()
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+        lines.append("  ".join("-" * w for w in widths))
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        head = f"InitPlan({self.method}, {len(self.layers)} weight layers, input {self.input_shape})"
+        return head + "\n" + self.to_table()
+
+    def __repr__(self) -> str:
+        return f"InitPlan(method={self.method!r}, layers={len(self.layers)}, input_shape={self.input_shape!r})"
+
+
+def _write(layer: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None, generator) -> None:
+    if layer.distribution == "orthogonal":
+        rows, cols = weight.shape[0], weight[0].numel()
+        nn.init.orthogonal_(weight, gain=layer.std * math.sqrt(max(rows, cols)), generator=generator)
+    else:
+        sample_(weight, layer.std, layer.distribution, generator)
+    if bias is not None:
+        if layer.bias == "default":
+            bound = default_bias_bound(weight)
+            bias.uniform_(-bound, bound, generator=generator)
+        else:
+            bias.zero_()

@@ -1,0 +1,405 @@
+"""Elementwise activations: ReLU and its family, GELU, SiLU, hard-swish, sigmoid, tanh, and any other.
+
+For an input element of scale s and standardized marginal Z (Gaussian unless the Signal says
+otherwise), the output's second moment is ``E[f(sZ)²]`` and the gradient passes with ``E[f'(sZ)²]``
+(the gradient-independence assumption). For the ReLU family, ``f(x) = x`` above zero and ``a x``
+below, these are scale-free: ``(1 + a²)/2`` each on a Gaussian. Any other f is integrated on a table
+of scales and interpolated per element.
+
+Correlations between positions (and with other samples) pass through the *dual* activation: with
+Gaussian inputs of correlation ρ, ``E[relu(x) relu(y)]`` is the arc-cosine kernel. Inputs that are
+not zero-mean Gaussians (a ReLU after a residual add) are approximated, for correlations only, by a
+Gaussian with the marginal's mean and variance; the output correlation is then exact at ρ = 0 and
+ρ = 1 and interpolated between by that model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from initscope.rules.base import Context, Rule
+from initscope.rules.registry import register_rule
+from initscope.stats.dist import DTYPE, Dist, hermite, normal_grid
+from initscope.stats.gaussian import HERMITE_TERMS, dual_from_coefficients, hermite_coefficients, normal_cdf
+from initscope.stats.fluctuation import channel_scatter
+from initscope.stats.maps import correlation
+from initscope.stats.signal import Grad, Signal, compact
+
+_SCALES = torch.logspace(-6, 6, 481, dtype=DTYPE)
+_R = torch.linspace(-1.0, 1.0, 401, dtype=DTYPE)
+
+
+@dataclass(frozen=True, eq=False)
+class Activation:
+    """An elementwise function, with the properties the rules use, found by probing it."""
+
+    key: str
+    fn: Callable[[Tensor], Tensor]
+    homogeneous: bool
+    monotone: bool
+    slope: float | None  # negative-side slope when f is x above 0 and slope*x below (the ReLU family)
+
+    @staticmethod
+    def probe(key: str, fn: Callable[[Tensor], Tensor]) -> "Activation":
+        return _probe(key, fn)
+
+    def deriv(self, x: Tensor) -> Tensor:
+        x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.fn(x).sum(), x)
+        return g
+
+
+_ACTIVATIONS: dict[str, Activation] = {}
+
+
+def _probe(key: str, fn: Callable[[Tensor], Tensor]) -> Activation:
+    cached = _ACTIVATIONS.get(key)
+    if cached is not None:
+        return cached
+    x = torch.linspace(-20, 20, 4001, dtype=DTYPE)
+    with torch.no_grad():
+        y = fn(x)
+        homogeneous = bool(torch.allclose(fn(2.5 * x), 2.5 * y, rtol=1e-9, atol=1e-12))
+        monotone = bool((y[1:] - y[:-1] >= -1e-12).all())
+        slope = None
+        if homogeneous:
+            a = float(-fn(torch.tensor([-1.0], dtype=DTYPE)))
+            if torch.allclose(y, torch.where(x > 0, x, a * x), rtol=1e-9, atol=1e-12):
+                slope = a
+    act = Activation(key, fn, homogeneous, monotone, slope)
+    _ACTIVATIONS[key] = act
+    return act
+
+
+# -- marginal statistics -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Moments:
+    """``E[f]``, ``E[f²]``, ``E[f']``, ``E[f'²]`` for a unit-scale input."""
+
+    mean: float
+    m2: float
+    dmean: float
+    dm2: float
+
+
+def _moments(act: Activation, base: Dist, scale: float = 1.0) -> Moments:
+    x = base.x * scale
+    y, d = act.fn(x), act.deriv(x)
+    w = base.w
+    return Moments(float((y * w).sum()), float((y * y * w).sum()), float((d * w).sum()), float((d * d * w).sum()))
+
+
+def gaussian_moments(act: Activation) -> Moments:
+    if act.slope is not None:
+        a = act.slope
+        return Moments((1 - a) / math.sqrt(2 * math.pi), (1 + a * a) / 2, (1 + a) / 2, (1 + a * a) / 2)
+    return _moments(act, Dist.gaussian())
+
+
+@lru_cache(maxsize=256)
+def _table(act: Activation) -> tuple[Tensor, Tensor, Tensor]:
+    """``E[f(sZ)²]/s²``, ``E[f'(sZ)²]`` and ``E[f(sZ)]/s`` on a log grid of scales s, Z ~ N(0, 1)."""
+    z, w = normal_grid()
+    x = _SCALES.unsqueeze(1) * z.unsqueeze(0)
+    y, d = act.fn(x), act.deriv(x)
+    s = _SCALES
+    return (y * y * w).sum(1) / s**2, (d * d * w).sum(1), (y * w).sum(1) / s
+
+
+def _interp(table: Tensor, scale: Tensor) -> Tensor:
+    logs = torch.log(_SCALES)
+    pos = (torch.log(scale.clamp(float(_SCALES[0]), float(_SCALES[-1]))) - logs[0]) / (logs[1] - logs[0])
+    lo = pos.floor().long().clamp(0, len(table) - 2)
+    frac = pos - lo
+    return table[lo] * (1 - frac) + table[lo + 1] * frac
+
+
+# -- dual activations (correlations) ---------------------------------------------------------------
+def _relu_family_duals(slope: float, mean: float) -> tuple[Tensor, Tensor]:
+    """``E[f(X)f(Y)]`` and ``E[f'(X)f'(Y)]`` on the ρ grid for X, Y ~ N(mean, 1) with correlation ρ."""
+    z, w = normal_grid(n=4000)
+    r = _R.unsqueeze(1)
+    c = mean + r * z.unsqueeze(0)
+    s = torch.sqrt((1 - r**2).clamp(min=1e-24))
+    pdf = torch.exp(-0.5 * (c / s) ** 2) / math.sqrt(2 * math.pi)
+    cdf = normal_cdf(c / s)
+    # E[relu(N(c, s²))] = c Φ(c/s) + s φ(c/s); f = relu(y) - a relu(-y), f' = 1(y>0) + a 1(y<0).
+    inner_f = (c * cdf + s * pdf) - slope * (-c * (1 - cdf) + s * pdf)
+    inner_d = cdf + slope * (1 - cdf)
+    x = mean + z.unsqueeze(0)
+    fx = torch.where(x > 0, x, slope * x)
+    dx = torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope))
+    return (fx * inner_f * w).sum(1), (dx * inner_d * w).sum(1)
+
+
+def _hermite_duals(act: Activation, mean: float, scale: float) -> tuple[Tensor, Tensor]:
+    z, _ = normal_grid()
+    x = scale * (mean + z)
+    return (
+        dual_from_coefficients(hermite_coefficients(act.fn(x)), _R),
+        dual_from_coefficients(hermite_coefficients(act.deriv(x)), _R),
+    )
+
+
+@lru_cache(maxsize=1024)
+def _centered_duals(act: Activation, mean: float, scale: float) -> tuple[Tensor, Tensor]:
+    """Output correlation (centered) as a function of input correlation (centered), forward and backward."""
+    if act.slope is not None:
+        ff, dd = _relu_family_duals(act.slope, mean)
+    else:
+        ff, dd = _hermite_duals(act, mean, scale)
+    f0, f1 = ff[len(_R) // 2], ff[-1]
+    d0, d1 = dd[len(_R) // 2], dd[-1]
+    # At ρ = 0 the two are independent (E[f]²), at ρ = 1 identical (E[f²]).
+    cf = (ff - f0) / (f1 - f0) if float(f1 - f0) > 1e-300 else torch.zeros_like(ff)
+    cd = (dd - d0) / (d1 - d0) if float(d1 - d0) > 1e-300 else torch.zeros_like(dd)
+    return cf, cd
+
+
+def _key(value: float) -> float:
+    """A cache key for a float: four significant digits."""
+    return float(f"{value:.4g}")
+
+
+def _on_grid(curve: Tensor, r: Tensor) -> Tensor:
+    pos = (r.clamp(-1.0, 1.0) + 1.0) / 2.0 * (len(_R) - 1)
+    lo = pos.floor().long().clamp(0, len(_R) - 2)
+    frac = pos - lo
+    return curve[lo] * (1 - frac) + curve[lo + 1] * frac
+
+
+@lru_cache(maxsize=1024)
+def _scatter(act: Activation, xi: float, scale: float) -> tuple[float, float]:
+    return channel_scatter(act.fn, act.deriv, xi, scale)
+
+
+# -- the rule ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Applied:
+    """What applying f to a given input yields, per element and as marginal constants."""
+
+    m2: Tensor  # E[f(x)²] per element
+    dm2: Tensor  # E[f'(x)²] per element
+    out: Moments  # unit-scale moments at the mean scale (for correlations and the output marginal)
+    inp_mean: float  # standardized mean of the input
+    dist: Dist | None
+
+
+@lru_cache(maxsize=256)
+def _gaussian_image(act: Activation) -> Dist | None:
+    """The standardized marginal of f(Z), Z ~ N(0, 1); None when that is again a zero-mean Gaussian."""
+    if act.slope == 1.0:
+        return None
+    return Dist.gaussian().map(act.fn).standardized()
+
+
+def apply_activation(act: Activation, x: Signal) -> _Applied:
+    m2 = compact(x.m2, x.shape)
+    if x.dist is None and act.homogeneous:
+        g = gaussian_moments(act)
+        return _Applied(g.m2 * m2, torch.full_like(m2, g.dm2), g, 0.0, _gaussian_image(act))
+    base = x.dist if x.dist is not None else Dist.gaussian()
+    if act.homogeneous:
+        mom = _moments(act, base)
+        return _Applied(mom.m2 * m2, torch.full_like(m2, mom.dm2), mom, base.mean, base.map(act.fn).standardized())
+    scale = math.sqrt(max(x.mean_m2, 1e-300))
+    if x.dist is None:
+        t2, td, _ = _table(act)
+        s = m2.clamp(min=1e-300).sqrt()
+        per_m2, per_dm2 = _interp(t2, s) * m2, _interp(td, s)
+    else:
+        # A non-Gaussian marginal: integrate at the mean scale, apply per element by the scale ratio.
+        mom_s = _moments(act, base, scale)
+        per_m2 = mom_s.m2 * m2 / scale**2
+        per_dm2 = torch.full_like(m2, mom_s.dm2)
+    mom = _moments(act, base, scale)
+    unit = Moments(mom.mean / scale, mom.m2 / scale**2, mom.dmean, mom.dm2)
+    return _Applied(per_m2, per_dm2, unit, base.mean, base.map(lambda t: act.fn(scale * t)).standardized())
+
+
+def _map_corr(act: Activation, applied: _Applied, rho: Tensor, inp_m2: float, scale: float) -> Tensor:
+    """Non-centered output correlation for non-centered input correlation ``rho`` (same-scale pair)."""
+    mu = applied.inp_mean
+    var = max(1.0 - mu * mu, 1e-12)
+    r = (rho - mu * mu) / var
+    o = applied.out
+    out_var = max(o.m2 - o.mean**2, 0.0)
+    if act.slope is not None and mu == 0.0 and act.homogeneous:
+        cf, _ = _centered_duals(act, 0.0, 1.0)
+    else:
+        cf, _ = _centered_duals(act, _key(mu / math.sqrt(var)), _key(scale * math.sqrt(var)))
+    if o.m2 <= 0:
+        return torch.zeros_like(rho)
+    return (o.mean**2 + out_var * _on_grid(cf, r)) / o.m2
+
+
+def _map_mask(act: Activation, applied: _Applied, rho: Tensor, scale: float) -> Tensor:
+    """``E[f'(x)f'(y)] / E[f'²]`` as a function of the inputs' non-centered correlation."""
+    mu = applied.inp_mean
+    var = max(1.0 - mu * mu, 1e-12)
+    r = (rho - mu * mu) / var
+    o = applied.out
+    key = (0.0, 1.0) if (act.slope is not None and mu == 0.0) else (_key(mu / math.sqrt(var)), _key(scale * math.sqrt(var)))
+    _, cd = _centered_duals(act, *key)
+    dvar = max(o.dm2 - o.dmean**2, 0.0)
+    if o.dm2 <= 0:
+        return torch.zeros_like(rho)
+    return (o.dmean**2 + dvar * _on_grid(cd, r)) / o.dm2
+
+
+class ElementwiseRule(Rule):
+    """Any elementwise activation; subclasses say which function a node applies."""
+
+    def activation(self, ctx: Context, x: Signal, *args, **kwargs) -> Activation:
+        raise NotImplementedError
+
+    def forward(self, ctx: Context, x: Signal, *args, **kwargs) -> Signal:
+        act = self.activation(ctx, x, *args, **kwargs)
+        if x.const is not None:
+            return Signal.constant(act.fn(x.const))
+        if act.slope is not None and x.nonneg:
+            # f is the identity on non-negative inputs (a ReLU after a max pool of ReLUs).
+            return x.with_()
+        applied = apply_activation(act, x)
+        ctx.node.meta["initscope_applied"] = (act, applied)
+        scale = math.sqrt(max(x.mean_m2, 1e-300))
+        cov, rho = None, x.rho
+        if x.cov is not None:
+            d = x.positions
+            corr = correlation(x.cov, d)
+            out_corr = _map_corr(act, applied, corr, x.mean_m2, scale)
+            m_out = compact(applied.m2, x.shape).mean(dim=(0, 1)).expand(x.spatial).reshape(d).clamp(min=0)
+            s = m_out.sqrt()
+            cov = (out_corr * torch.outer(s, s)).reshape(x.cov.shape)
+        elif x.positions > 1:
+            rho = float(_map_corr(act, applied, torch.tensor([x.rho], dtype=DTYPE), x.mean_m2, scale))
+        xcorr = float(_map_corr(act, applied, torch.tensor([x.xcorr], dtype=DTYPE), x.mean_m2, scale))
+        monotone = act.monotone
+        return Signal(
+            x.shape,
+            applied.m2,
+            cov=cov,
+            rho=rho,
+            xcorr=xcorr,
+            dist=applied.dist,
+            act=act if monotone else None,
+            pre=x if monotone else None,
+        )
+
+    def fluctuation(self, ctx: Context, inputs: list[Signal], out: Signal) -> Signal:
+        x = ctx.args[0]
+        if not isinstance(x, Signal) or not x.fresh or x.const is not None:
+            return super().fluctuation(ctx, inputs, out)
+        # Right after a weight layer: the channel offsets it drew decide each channel's share.
+        act = self.activation(ctx, x, *ctx.args[1:], **ctx.kwargs)
+        scale = 1.0 if act.homogeneous else math.sqrt(max(x.mean_m2, 1e-300))
+        fwd, bwd = _scatter(act, _key(x.xcorr), _key(scale))
+        ctx.node.meta["initscope_scatter"] = bwd / x.fresh
+        return replace(out, logvar=x.base_logvar + fwd / x.fresh, fresh=0, base_logvar=0.0)
+
+    def grad_fluctuation(self, ctx: Context, grad: Grad, x: Signal) -> float:
+        return grad.logvar + ctx.node.meta.get("initscope_scatter", 0.0)
+
+    def backward(self, ctx: Context, grad: Grad) -> dict:
+        x = ctx.args[0]
+        if x.const is not None:
+            return {}
+        stored = ctx.node.meta.get("initscope_applied")
+        if stored is None:  # identity on non-negative inputs
+            return {x: Grad(x.shape, grad.total(), grad.cov)}
+        act, applied = stored
+        m2 = grad.m2 * applied.dm2
+        if grad.pre is not None:
+            m2 = m2 + grad.pre
+        cov = None
+        if grad.cov is not None and x.positions > 1:
+            d = x.positions
+            scale = math.sqrt(max(x.mean_m2, 1e-300))
+            corr = correlation(x.full(), d)
+            mask = _map_mask(act, applied, corr, scale) * float(applied.out.dm2)
+            cov = grad.cov * mask.reshape(grad.cov.shape)
+        return {x: Grad(x.shape, m2, cov)}
+
+
+# -- which nodes are activations -------------------------------------------------------------------
+_MODULE_TYPES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+    nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Softsign, nn.Tanhshrink, nn.PReLU,
+)
+
+
+@register_rule(*_MODULE_TYPES)
+class ActivationModule(ElementwiseRule):
+    def activation(self, ctx: Context, x: Signal, *args, **kwargs) -> Activation:
+        m = ctx.module
+        if isinstance(m, nn.PReLU):
+            slopes = m.weight.detach().to(DTYPE)
+            if slopes.numel() > 1 and not torch.allclose(slopes, slopes[0]):
+                # Per-channel slopes: the channel mean (exact only where they agree).
+                slopes = slopes.mean()
+            a = float(slopes.reshape(-1)[0])
+            return Activation.probe(f"PReLU({a!r})", lambda t: F.leaky_relu(t, a))
+        if hasattr(m, "inplace"):
+            # Rebuilt without in-place, since the rule feeds it tensors of its own.
+            kwargs = _init_kwargs(m)
+            return Activation.probe(f"{type(m).__name__}{sorted(kwargs.items())}", type(m)(**kwargs))
+        return Activation.probe(repr(m), m)
+
+
+def _init_kwargs(m: nn.Module) -> dict:
+    """Constructor arguments of an activation module, without in-place (we feed it our own tensors)."""
+    names = {
+        nn.ReLU: (), nn.ReLU6: (), nn.SiLU: (), nn.Hardswish: (), nn.Hardsigmoid: (), nn.Mish: (),
+        nn.LeakyReLU: ("negative_slope",), nn.ELU: ("alpha",), nn.CELU: ("alpha",), nn.SELU: (),
+        nn.Hardtanh: ("min_val", "max_val"),
+    }
+    for cls, keys in names.items():
+        if type(m) is cls:
+            return {k: getattr(m, k) for k in keys}
+    return {}
+
+
+_FUNCTIONS: dict = {
+    F.relu: lambda **k: F.relu, torch.relu: lambda **k: torch.relu, F.relu_: lambda **k: F.relu,
+    torch.relu_: lambda **k: F.relu, F.relu6: lambda **k: F.relu6,
+    F.leaky_relu: lambda negative_slope=0.01, **k: (lambda t: F.leaky_relu(t, negative_slope)),
+    F.gelu: lambda approximate="none", **k: (lambda t: F.gelu(t, approximate=approximate)),
+    F.silu: lambda **k: F.silu, F.hardswish: lambda **k: F.hardswish, F.hardsigmoid: lambda **k: F.hardsigmoid,
+    torch.sigmoid: lambda **k: torch.sigmoid, F.sigmoid: lambda **k: torch.sigmoid,
+    torch.tanh: lambda **k: torch.tanh, F.tanh: lambda **k: torch.tanh, F.mish: lambda **k: F.mish,
+    F.elu: lambda alpha=1.0, **k: (lambda t: F.elu(t, alpha)), F.selu: lambda **k: F.selu,
+    F.softplus: lambda beta=1.0, threshold=20.0, **k: (lambda t: F.softplus(t, beta, threshold)),
+    F.hardtanh: lambda min_val=-1.0, max_val=1.0, **k: (lambda t: F.hardtanh(t, min_val, max_val)),
+}
+_POSITIONAL = {F.leaky_relu: ("negative_slope",), F.elu: ("alpha",), F.softplus: ("beta", "threshold"),
+               F.hardtanh: ("min_val", "max_val")}
+
+
+@register_rule(*_FUNCTIONS)
+class ActivationFunction(ElementwiseRule):
+    def activation(self, ctx: Context, x: Signal, *args, **kwargs) -> Activation:
+        target = ctx.node.target
+        params = dict(zip(_POSITIONAL.get(target, ()), args))
+        params.update({k: v for k, v in kwargs.items() if k != "inplace"})
+        fn = _FUNCTIONS[target](**params)
+        key = f"{getattr(target, '__name__', target)}({sorted(params.items())})"
+        return Activation.probe(key, fn)
+
+
+_METHODS = {"relu": F.relu, "relu_": F.relu, "sigmoid": torch.sigmoid, "sigmoid_": torch.sigmoid,
+            "tanh": torch.tanh, "tanh_": torch.tanh}
+
+
+@register_rule(*_METHODS)
+class ActivationMethod(ElementwiseRule):
+    def activation(self, ctx: Context, x: Signal, *args, **kwargs) -> Activation:
+        name = str(ctx.node.target)
+        return Activation.probe(name.rstrip("_"), _METHODS[name])

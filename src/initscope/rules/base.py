@@ -1,0 +1,136 @@
+"""The interface every rule implements, and what the propagation hands it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from initscope.stats.fluctuation import combine
+from initscope.stats.signal import Grad, Signal
+
+if TYPE_CHECKING:
+    import torch.fx
+
+
+@dataclass
+class Context:
+    """What a rule sees of the node it is applied to.
+
+    Attributes:
+        node: the fx node.
+        module: the submodule for ``call_module`` nodes, else None.
+        args, kwargs: the node's arguments, with every tensor replaced by its :class:`Signal`.
+        out: the forward result (set before ``backward`` is called).
+        local: the paper's model, in which every weight layer's output is reset to i.i.d. N(0, 1) (and
+            its input gradient to i.i.d. unit entries), so what is measured between weight layers is
+            the ASV factors τ and γ.
+        plane: maps are infinite planes: pooling windows have their nominal size and do not overlap,
+            as the paper assumes.
+        max_cov: spatial maps of at most this many positions carry a full covariance.
+    """
+
+    node: "torch.fx.Node"
+    module: nn.Module | None
+    args: tuple
+    kwargs: dict
+    local: bool = False
+    plane: bool = False
+    max_cov: int = 256
+    out: Any = None
+
+    def keep_cov(self, positions: int) -> bool:
+        return not self.plane and 1 < positions <= self.max_cov
+
+    @property
+    def where(self) -> str:
+        """The module path of the node, for messages."""
+        if self.module is not None:
+            return str(self.node.target)
+        stack = self.node.meta.get("nn_module_stack") or {}
+        return next(reversed(stack), "") if stack else ""
+
+
+class Rule:
+    """How the statistics of tensors pass through one op.
+
+    ``forward(ctx, *args, **kwargs)`` receives the node's arguments with tensors replaced by
+    :class:`Signal` objects and returns the output's Signal (or a tuple of them, or a plain Python
+    value for ops like ``size``). ``backward(ctx, grad)`` receives the :class:`Grad` at the output and
+    returns a dict mapping each input Signal (the very objects forward received) to its Grad.
+    """
+
+    def forward(self, ctx: Context, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def backward(self, ctx: Context, grad: Grad) -> dict[Signal, Grad]:
+        raise NotImplementedError
+
+    # Finite-width scatter (initscope.stats.fluctuation). The defaults fit ops that mix no channels
+    # with their own random weights: one input passes its scatter on, several combine by share.
+    def fluctuation(self, ctx: Context, inputs: list[Signal], out: Signal) -> Signal:
+        """``out`` with its ``logvar`` (and ``fresh``/``base_logvar``) set from the inputs'."""
+        if not inputs:
+            return out
+        if len(inputs) == 1:
+            x = inputs[0]
+            keep = x.fresh if out.shape[1:2] == x.shape[1:2] else 0
+            return replace(out, logvar=x.logvar, fresh=keep, base_logvar=x.base_logvar)
+        logvar = combine([s.logvar for s in inputs], [s.mean_m2 for s in inputs])
+        return replace(out, logvar=logvar, fresh=0, base_logvar=0.0)
+
+    def grad_fluctuation(self, ctx: Context, grad: Grad, x: Signal) -> float:
+        """``Var(log g)`` of the gradient this op sends to input ``x``, given ``grad`` at its output."""
+        return grad.logvar
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """What the initialization methods need to know of one weight layer.
+
+    ``fan_in`` and ``fan_out`` are the true, group-aware fans; ``eps`` counts the (input, output)
+    pairs joined by a weight, taps on zero padding excluded; ``m_in`` and ``m_out`` count the scalars
+    entering and leaving the layer per sample.
+    """
+
+    kind: str
+    weight_shape: tuple[int, ...]
+    groups: int
+    fan_in: int
+    fan_out: int
+    eps: int
+    m_in: int
+    m_out: int
+
+
+class WeightRule(Rule):
+    """A layer whose weights initscope draws: Conv*d and Linear.
+
+    Its forward and backward are given for unit weight variance and no bias; the propagation scales
+    them by the layer's planned variance and adds the bias's second moment.
+    """
+
+    def geometry(self, ctx: Context, *args: Any, **kwargs: Any) -> LayerGeometry:
+        raise NotImplementedError
+
+    def weight(self, ctx: Context) -> Any:
+        """The parameter this layer's weights live in (for applying the plan)."""
+        raise NotImplementedError
+
+    def bias(self, ctx: Context) -> Any:
+        raise NotImplementedError
+
+    def forward_unit(self, ctx: Context, *args: Any, **kwargs: Any) -> Signal:
+        raise NotImplementedError
+
+    def backward_unit(self, ctx: Context, grad: Grad) -> Grad:
+        raise NotImplementedError
+
+    def channels(self, ctx: Context) -> int:
+        """Output channels with weights of their own (out_features for Linear)."""
+        w = self.weight(ctx)
+        return int(w.shape[0])
+
+    def input_signal(self, ctx: Context) -> Signal:
+        return ctx.args[0]

@@ -1,0 +1,275 @@
+"""Convolution and linear layers: the weight layers.
+
+With weights i.i.d. of variance σ² and independent of the input, an output of a conv is
+``u_p = Σ_{c, t} w_{c,t} x_{c, p+t}`` and, whatever the input's correlations,
+``E[u_p²] = σ² Σ_{c,t} E[x_{c,p+t}²]`` (taps on zero padding read nothing). Per position this is a
+ones-kernel convolution of the second-moment map: exact border counts, position by position. Its
+average over outputs is ``σ² τ ε / M'`` for a uniform input of second moment τ, the ASV formula.
+Backward, ``E[(∂L/∂x_j)²] = σ² Σ_{i,t: i+t=j} E[(∂L/∂u_i)²]``: the transposed map.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from initscope.geometry import Axis, prod
+from initscope.rules.base import Context, LayerGeometry, WeightRule
+from initscope.rules.registry import register_rule
+from initscope.stats.maps import apply_axes, apply_axes_t, tied_taps, tied_taps_t
+from initscope.stats.signal import Grad, Signal, compact
+
+
+def _tuple(value, dims: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * dims
+    value = tuple(int(v) for v in value)
+    return value * dims if len(value) == 1 else value
+
+
+def _padding(padding, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[tuple[int, int]]:
+    dims = len(kernel)
+    if padding == "valid":
+        return [(0, 0)] * dims
+    if padding == "same":
+        # As torch does for 'same': the odd extra column goes after.
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in _tuple(padding, dims)]
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A convolution's channel grouping and its per-axis geometry."""
+
+    c_in: int
+    c_out: int
+    groups: int
+    axes: tuple[Axis, ...]
+
+    @staticmethod
+    def build(in_shape, weight_shape, stride, padding, dilation, groups, padding_mode="zeros") -> "ConvSpec":
+        dims = len(weight_shape) - 2
+        if len(in_shape) != dims + 2:
+            raise ValueError(
+                f"a {dims}-d convolution expects a {dims + 2}-d input (N, C, ...), got shape {tuple(in_shape)}"
+            )
+        c_out, c_in_g = int(weight_shape[0]), int(weight_shape[1])
+        c_in = int(in_shape[1])
+        if c_in != c_in_g * groups:
+            raise ValueError(
+                f"input has {c_in} channels but the weight {tuple(weight_shape)} with groups={groups} expects {c_in_g * groups}"
+            )
+        kernel = tuple(int(k) for k in weight_shape[2:])
+        stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
+        pads = _padding(padding, kernel, dilation)
+        axes = tuple(
+            Axis(int(in_shape[2 + i]), kernel[i], stride[i], dilation[i], pads[i][0], pads[i][1], padding_mode)
+            for i in range(dims)
+        )
+        return ConvSpec(c_in, c_out, groups, axes)
+
+    @cached_property
+    def out_spatial(self) -> tuple[int, ...]:
+        return tuple(a.out for a in self.axes)
+
+    @property
+    def kernel_size(self) -> int:
+        return prod(a.kernel for a in self.axes)
+
+    def eps(self) -> int:
+        return self.c_out * (self.c_in // self.groups) * prod(a.tap_count() for a in self.axes)
+
+    def geometry(self, kind: str, weight_shape) -> LayerGeometry:
+        k = self.kernel_size
+        return LayerGeometry(
+            kind=kind,
+            weight_shape=tuple(int(s) for s in weight_shape),
+            groups=self.groups,
+            fan_in=(self.c_in // self.groups) * k,
+            fan_out=(self.c_out // self.groups) * k,
+            eps=self.eps(),
+            m_in=self.c_in * prod(a.length for a in self.axes),
+            m_out=self.c_out * prod(self.out_spatial),
+        )
+
+
+def _group_sum(m2: Tensor, shape: torch.Size, channels: int, groups: int) -> Tensor:
+    """Sum an elementwise map over the channels of each group: ``(G or 1, *spatial)``."""
+    m = compact(m2, shape)[0]
+    spatial = tuple(shape[2:])
+    if m.shape[0] == 1:
+        return (channels // groups) * m.expand(1, *spatial)
+    return m.expand(channels, *spatial).reshape(groups, channels // groups, *spatial).sum(1)
+
+
+def _per_channel(m: Tensor, channels: int, groups: int) -> Tensor:
+    """Spread a ``(G or 1, *spatial)`` map over the channels of each group: ``(1, C or 1, *spatial)``."""
+    if m.shape[0] == 1:
+        return m.unsqueeze(0)
+    return m.repeat_interleave(channels // groups, dim=0).unsqueeze(0)
+
+
+def conv_forward_unit(ctx: Context, x: Signal, spec: ConvSpec) -> Signal:
+    out_shape = torch.Size((x.shape[0], spec.c_out, *spec.out_spatial))
+    if ctx.local:
+        return Signal.unit(out_shape)
+    m = _group_sum(x.m2, x.shape, spec.c_in, spec.groups)
+    m2 = _per_channel(apply_axes(m, [a.counts for a in spec.axes]), spec.c_out, spec.groups)
+    cov, rho = None, x.rho
+    out_positions = prod(spec.out_spatial)
+    if ctx.keep_cov(out_positions) and x.positions <= 16 * ctx.max_cov:
+        scale = spec.c_in // spec.groups
+        cov = scale * tied_taps(x.full(), [a.selection for a in spec.axes])
+    elif x.cov is not None:
+        rho = x.mean_corr()
+    return Signal(out_shape, m2, cov=cov, rho=rho, xcorr=x.xcorr)
+
+
+def conv_backward_unit(ctx: Context, x: Signal, spec: ConvSpec, grad: Grad) -> Grad:
+    if ctx.local:
+        return Grad.unit(x.shape)
+    g = _group_sum(grad.total(), grad.shape, spec.c_out, spec.groups)
+    m2 = _per_channel(apply_axes_t(g, [a.counts for a in spec.axes]), spec.c_in, spec.groups)
+    cov = None
+    if grad.cov is not None and ctx.keep_cov(x.positions):
+        cov = (spec.c_out // spec.groups) * tied_taps_t(grad.cov, [a.selection for a in spec.axes])
+    return Grad(x.shape, m2, cov)
+
+
+class _ConvBase(WeightRule):
+    def spec(self, ctx: Context) -> ConvSpec:
+        raise NotImplementedError
+
+    def kind(self, ctx: Context) -> str:
+        return f"conv{len(self.weight(ctx).shape) - 2}d"
+
+    def geometry(self, ctx: Context, *args, **kwargs) -> LayerGeometry:
+        return self.spec(ctx).geometry(self.kind(ctx), self.weight(ctx).shape)
+
+    def forward_unit(self, ctx: Context, *args, **kwargs) -> Signal:
+        return conv_forward_unit(ctx, self.input_signal(ctx), self.spec(ctx))
+
+    def backward_unit(self, ctx: Context, grad: Grad) -> Grad:
+        return conv_backward_unit(ctx, self.input_signal(ctx), self.spec(ctx), grad)
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvModule(_ConvBase):
+    def spec(self, ctx: Context) -> ConvSpec:
+        cached = ctx.node.meta.get("initscope_spec")
+        if cached is None:
+            m = ctx.module
+            cached = ConvSpec.build(
+                self.input_signal(ctx).shape, m.weight.shape, m.stride, m.padding, m.dilation, m.groups, m.padding_mode
+            )
+            ctx.node.meta["initscope_spec"] = cached
+        return cached
+
+    def weight(self, ctx: Context):
+        return ctx.module.weight
+
+    def bias(self, ctx: Context):
+        return ctx.module.bias
+
+
+class _FunctionalWeights:
+    """Weights passed to ``F.conv*d`` / ``F.linear`` from a parameter (a ``get_attr`` node)."""
+
+    @staticmethod
+    def param(ctx: Context, index: int, key: str):
+        node = ctx.node.args[index] if len(ctx.node.args) > index else ctx.node.kwargs.get(key)
+        if node is None:
+            return None
+        if getattr(node, "op", None) != "get_attr":
+            raise TypeError(
+                f"{key} of {ctx.node.format_node()} is computed in the forward pass, not a parameter; "
+                "initscope can only initialize weights it can write: register a rule for the module that computes it"
+            )
+        return node.meta["initscope_param"]
+
+
+def _arg(ctx: Context, index: int, key: str, default):
+    if len(ctx.args) > index:
+        return ctx.args[index]
+    return ctx.kwargs.get(key, default)
+
+
+@register_rule(F.conv1d, F.conv2d, F.conv3d)
+class ConvFunction(_ConvBase, _FunctionalWeights):
+    def spec(self, ctx: Context) -> ConvSpec:
+        cached = ctx.node.meta.get("initscope_spec")
+        if cached is None:
+            cached = ConvSpec.build(
+                self.input_signal(ctx).shape,
+                self.weight(ctx).shape,
+                _arg(ctx, 3, "stride", 1),
+                _arg(ctx, 4, "padding", 0),
+                _arg(ctx, 5, "dilation", 1),
+                _arg(ctx, 6, "groups", 1),
+            )
+            ctx.node.meta["initscope_spec"] = cached
+        return cached
+
+    def weight(self, ctx: Context):
+        return self.param(ctx, 1, "weight")
+
+    def bias(self, ctx: Context):
+        return self.param(ctx, 2, "bias")
+
+
+def linear_forward_unit(ctx: Context, x: Signal, in_features: int, out_features: int) -> Signal:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"a Linear layer with in_features={in_features} got an input of shape {tuple(x.shape)}")
+    out_shape = torch.Size((*x.shape[:-1], out_features))
+    if ctx.local:
+        return Signal.unit(out_shape)
+    m = compact(x.m2, x.shape)
+    m2 = in_features * m.mean(dim=-1, keepdim=True) if m.shape[-1] > 1 else in_features * m
+    return Signal(out_shape, m2, rho=x.rho, xcorr=x.xcorr)
+
+
+def linear_backward_unit(ctx: Context, x: Signal, out_features: int, grad: Grad) -> Grad:
+    if ctx.local:
+        return Grad.unit(x.shape)
+    g = compact(grad.total(), grad.shape)
+    g = out_features * g.mean(dim=-1, keepdim=True) if g.shape[-1] > 1 else out_features * g
+    return Grad(x.shape, g)
+
+
+class _LinearBase(WeightRule):
+    def geometry(self, ctx: Context, *args, **kwargs) -> LayerGeometry:
+        out_f, in_f = (int(s) for s in self.weight(ctx).shape)
+        x = self.input_signal(ctx)
+        rows = math.prod(x.shape[1:-1]) if len(x.shape) > 2 else 1
+        return LayerGeometry("linear", (out_f, in_f), 1, in_f, out_f, in_f * out_f * rows, in_f * rows, out_f * rows)
+
+    def forward_unit(self, ctx: Context, *args, **kwargs) -> Signal:
+        out_f, in_f = self.weight(ctx).shape
+        return linear_forward_unit(ctx, self.input_signal(ctx), int(in_f), int(out_f))
+
+    def backward_unit(self, ctx: Context, grad: Grad) -> Grad:
+        return linear_backward_unit(ctx, self.input_signal(ctx), int(self.weight(ctx).shape[0]), grad)
+
+
+@register_rule(nn.Linear)
+class LinearModule(_LinearBase):
+    def weight(self, ctx: Context):
+        return ctx.module.weight
+
+    def bias(self, ctx: Context):
+        return ctx.module.bias
+
+
+@register_rule(F.linear)
+class LinearFunction(_LinearBase, _FunctionalWeights):
+    def weight(self, ctx: Context):
+        return self.param(ctx, 1, "weight")
+
+    def bias(self, ctx: Context):
+        return self.param(ctx, 2, "bias")

@@ -1,0 +1,284 @@
+"""Ops that merge tensors: residual add, subtraction, concatenation, SE-style multiplication.
+
+**Add** ``y = a + b``: ``E[y²] = E[a²] + E[b²] + 2 E[ab]``. Two tensors from different weight layers
+share no weights; if one of them is zero-mean over its weights (a conv output) the cross term
+vanishes, and for two non-negative ones (two ReLU outputs) it is ``E[a] E[b]``. Backward, the
+gradient reaches both unchanged.
+
+**Concatenation** stacks second-moment maps; its spatial correlation is the channel-weighted mean.
+
+**Multiplication** ``x * s`` by an independent tensor (a squeeze-excitation gate, a layer scale):
+``E[x² s²] = E[x²] E[s²]``; the gradient at x is scaled by ``E[s²]``, the gradient at s sums over the
+positions s was broadcast to, with the correlations of those positions.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from numbers import Number
+
+import torch
+from torch import Tensor
+
+from initscope.rules.base import Context, Rule
+from initscope.rules.registry import register_rule
+from initscope.stats.dist import DTYPE, Dist
+from initscope.stats.signal import Grad, Signal, compact
+
+
+def broadcast_shape(*shapes: torch.Size) -> torch.Size:
+    return torch.Size(torch.broadcast_shapes(*shapes))
+
+
+def reduce_to(m2: Tensor, out_shape: torch.Size, in_shape: torch.Size) -> Tensor:
+    """Send an elementwise gradient map back to a broadcast input: sum over the dims it was spread on.
+
+    The summed gradients are taken as uncorrelated.
+    """
+    m = compact(m2, out_shape).expand(out_shape)
+    lead = len(out_shape) - len(in_shape)
+    if lead:
+        m = m.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, (o, n) in enumerate(zip(m.shape, in_shape)) if n == 1 and o != 1)
+    if dims:
+        m = m.sum(dim=dims, keepdim=True)
+    return m
+
+
+def _mean_map(x: Signal) -> Tensor:
+    """``E[x]`` per element (zero for a zero-mean Gaussian)."""
+    if x.const is not None:
+        return x.const
+    if x.dist is None or x.dist.mean == 0.0:
+        return torch.zeros((), dtype=DTYPE)
+    return x.dist.mean * compact(x.m2, x.shape).sqrt()
+
+
+def _as_signal(v) -> Signal:
+    if isinstance(v, Signal):
+        return v
+    return Signal.constant(torch.as_tensor(float(v), dtype=DTYPE))
+
+
+def _sum_dist(a: Signal, b: Signal, alpha: float) -> Dist | None:
+    """Standardized marginal of ``a + alpha b`` for independent a and b."""
+    if a.const is not None and b.const is not None:
+        return None
+    sa = math.sqrt(max(a.mean_m2, 0.0))
+    sb = alpha * math.sqrt(max(b.mean_m2, 0.0))
+    if b.const is not None:
+        return (a.dist or Dist.gaussian()).scale(sa).shift(alpha * float(b.const.mean())).standardized()
+    if a.const is not None:
+        return (b.dist or Dist.gaussian()).scale(sb).shift(float(a.const.mean())).standardized()
+    if a.dist is None and b.dist is None:
+        return None
+    if b.dist is None:
+        return a.dist.scale(sa).add_gaussian(abs(sb)).standardized()
+    if a.dist is None:
+        return b.dist.scale(sb).add_gaussian(sa).standardized()
+    return a.dist.scale(sa).add(b.dist.scale(sb)).standardized()
+
+
+def add_signals(a: Signal, b: Signal, alpha: float = 1.0, same: bool = False) -> Signal:
+    shape = broadcast_shape(a.shape, b.shape)
+    ma, mb = compact(a.m2, shape), compact(b.m2, shape)
+    if same:
+        # x + alpha x: fully coherent.
+        return a.scaled((1 + alpha) ** 2).with_(shape=shape)
+    mua, mub = _mean_map(a), _mean_map(b)
+    cross = 2 * alpha * mua * mub
+    m2 = (ma + alpha**2 * mb + cross).clamp(min=0)
+    total = max(float(m2.mean()), 1e-300)
+    c = float(torch.as_tensor(cross, dtype=DTYPE).mean())
+    cov = None
+    spatial_a = a.const is None and tuple(a.shape) == tuple(shape)
+    spatial_b = b.const is None and tuple(b.shape) == tuple(shape)
+    if (a.cov is not None or b.cov is not None) and spatial_a and spatial_b:
+        cov = a.full() + alpha**2 * b.full() + c
+    elif a.cov is not None and spatial_a and b.positions <= 1:
+        cov = a.cov + alpha**2 * float(mb.mean()) + c
+    elif b.cov is not None and spatial_b and a.positions <= 1:
+        cov = alpha**2 * b.cov + float(ma.mean()) + c
+    rho = (a.rho * float(ma.mean()) + alpha**2 * b.rho * float(mb.mean()) + c) / total
+    xcorr = (a.xcorr * float(ma.mean()) + alpha**2 * b.xcorr * float(mb.mean()) + c) / total
+    return Signal(shape, m2, cov=cov, rho=min(rho, 1.0), xcorr=min(xcorr, 1.0), dist=_sum_dist(a, b, alpha))
+
+
+def _grad_for(x: Signal, grad: Grad, factor: float) -> Grad:
+    m2 = reduce_to(grad.total() * factor, grad.shape, x.shape)
+    cov = grad.cov * factor if grad.cov is not None and tuple(x.shape) == tuple(grad.shape) else None
+    return Grad(x.shape, m2, cov)
+
+
+class AddRule(Rule):
+    """``a + b``, ``a - b``, ``torch.add(a, b, alpha=...)`` and their in-place forms."""
+
+    sign = 1.0
+
+    def forward(self, ctx: Context, a, b, *rest, **kwargs) -> Signal:
+        alpha = self.sign * float(kwargs.get("alpha", rest[0] if rest else 1.0))
+        a, b = _as_signal(a), _as_signal(b)
+        return add_signals(a, b, alpha, same=a is b)
+
+    def backward(self, ctx: Context, grad: Grad) -> dict:
+        a, b = ctx.args[0], ctx.args[1]
+        alpha = float(ctx.kwargs.get("alpha", ctx.args[2] if len(ctx.args) > 2 else 1.0))
+        out = {}
+        if isinstance(a, Signal) and isinstance(b, Signal) and a is b:
+            return {a: _grad_for(a, grad, (1 + self.sign * alpha) ** 2)}
+        if isinstance(a, Signal) and a.const is None:
+            out[a] = _grad_for(a, grad, 1.0)
+        if isinstance(b, Signal) and b.const is None:
+            out[b] = _grad_for(b, grad, alpha**2)
+        return out
+
+
+register_rule(operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__")(AddRule)
+
+
+@register_rule(operator.sub, operator.isub, torch.sub, "sub", "sub_")
+class SubRule(AddRule):
+    sign = -1.0
+
+
+@register_rule(operator.neg, torch.neg, "neg")
+class NegRule(Rule):
+    def forward(self, ctx, x):
+        dist = None if x.dist is None else x.dist.scale(-1.0)
+        return x.with_(dist=dist, act=None, pre=None, const=None if x.const is None else -x.const)
+
+    def backward(self, ctx, grad):
+        return {ctx.args[0]: grad.scaled(1.0)}
+
+
+def _const_m2(v) -> Tensor:
+    if isinstance(v, Signal):
+        return v.m2 if v.const is None else v.const**2
+    return torch.as_tensor(float(v) ** 2, dtype=DTYPE)
+
+
+class MulRule(Rule):
+    """``a * b`` for a tensor and an independent tensor or constant."""
+
+    def forward(self, ctx: Context, a, b) -> Signal:
+        if not isinstance(a, Signal):
+            a, b = b, a
+        if isinstance(b, Number) or (isinstance(b, Signal) and b.const is not None and b.const.numel() == 1):
+            c = float(b) if isinstance(b, Number) else float(b.const)
+            out = a.scaled(c * c)
+            if c < 0 and a.dist is not None:
+                out = out.with_(dist=a.dist.scale(-1.0), act=None, pre=None)
+            return out
+        shape = broadcast_shape(a.shape, b.shape)
+        mb = _const_m2(b)
+        ma = compact(a.m2, shape)
+        m2 = ma * compact(mb, shape)
+        b_spatial = b.positions > 1 and tuple(b.shape[2:]) == tuple(shape[2:])
+        cov = None
+        if a.cov is not None and tuple(a.shape) == tuple(shape):
+            if not b_spatial:
+                cov = a.cov * float(mb.mean())
+            elif b.cov is not None:
+                cov = a.cov * b.cov
+        rho = a.rho * (1.0 if not b_spatial else b.rho)
+        dist = a.dist if not b_spatial else None
+        if b.const is not None and bool((b.const < 0).any()):
+            dist = None
+        return Signal(shape, m2, cov=cov, rho=rho, xcorr=a.xcorr * (b.xcorr if b.const is None else 1.0), dist=dist)
+
+    def backward(self, ctx: Context, grad: Grad) -> dict:
+        a, b = ctx.args[0], ctx.args[1]
+        if not isinstance(a, Signal):
+            a, b = b, a
+        out = {}
+        if isinstance(b, Number) or (b.const is not None and b.const.numel() == 1):
+            c = float(b) if isinstance(b, Number) else float(b.const)
+            out[a] = grad.scaled(c * c)
+            return out
+        if a.const is None:
+            g = reduce_to(grad.total() * compact(_const_m2(b), grad.shape), grad.shape, a.shape)
+            cov = None
+            if grad.cov is not None and tuple(a.shape) == tuple(grad.shape) and not (b.positions > 1):
+                cov = grad.cov * float(_const_m2(b).mean())
+            out[a] = Grad(a.shape, g, cov)
+        if b.const is None:
+            g = reduce_to(grad.total() * compact(a.m2, grad.shape), grad.shape, b.shape)
+            if grad.cov is not None and a.cov is not None and b.positions <= 1:
+                # Σ_p g_p a_p over a broadcast gate: all pairs of positions, not only the diagonal.
+                d = a.positions
+                both = float((grad.cov.reshape(d, d) * a.cov.reshape(d, d)).sum())
+                diag = float((grad.cov.reshape(d, d).diagonal() * a.cov.reshape(d, d).diagonal()).sum())
+                g = g * (both / diag if diag > 0 else 1.0)
+            out[b] = Grad(b.shape, g)
+        return out
+
+
+register_rule(operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__", "__rmul__")(MulRule)
+
+
+@register_rule(operator.truediv, operator.itruediv, torch.div, "div", "div_")
+class DivRule(Rule):
+    """``x / c`` for a constant c."""
+
+    def forward(self, ctx: Context, a, b, **kwargs) -> Signal:
+        if not isinstance(a, Signal) or (isinstance(b, Signal) and b.const is None):
+            raise ValueError(
+                f"division at {ctx.where!r} divides by a tensor computed in the forward pass; "
+                "initscope models division by constants only: register a rule for the module that does it"
+            )
+        inv = Signal.constant(1.0 / torch.as_tensor(b.const if isinstance(b, Signal) else float(b), dtype=DTYPE))
+        return MulRule().forward(ctx, a, inv)
+
+    def backward(self, ctx: Context, grad: Grad) -> dict:
+        a, b = ctx.args[0], ctx.args[1]
+        c = b.const if isinstance(b, Signal) else torch.as_tensor(float(b), dtype=DTYPE)
+        g = reduce_to(grad.total() / compact(c**2, grad.shape), grad.shape, a.shape)
+        return {a: Grad(a.shape, g, None if grad.cov is None or c.numel() != 1 else grad.cov / float(c) ** 2)}
+
+
+def _cat_args(tensors, dim) -> tuple[list[Signal], int]:
+    tensors = list(tensors)
+    nd = len(tensors[0].shape)
+    return tensors, dim % nd
+
+
+@register_rule(torch.cat, torch.concat, torch.concatenate)
+class CatRule(Rule):
+    def forward(self, ctx: Context, tensors, dim=0, **kwargs) -> Signal:
+        dim = kwargs.get("axis", dim)
+        tensors, dim = _cat_args(tensors, dim)
+        shapes = [t.shape for t in tensors]
+        m2 = torch.cat([compact(t.m2, t.shape).expand(t.shape) for t in tensors], dim=dim)
+        shape = torch.Size(m2.shape)
+        sizes = [s[dim] * max(t.mean_m2, 0.0) for s, t in zip(shapes, tensors)]
+        total = max(sum(sizes), 1e-300)
+        weights = [s / total for s in sizes]
+        counts = [s[dim] for s in shapes]
+        cov = None
+        if dim == 1 and all(t.positions > 1 for t in tensors):
+            if any(t.cov is not None for t in tensors):
+                cov = sum(t.full() * (n / sum(counts)) for t, n in zip(tensors, counts))
+        rho = sum(t.rho * w for t, w in zip(tensors, weights))
+        xcorr = sum(t.xcorr * w for t, w in zip(tensors, weights))
+        dist = None
+        if any(t.dist is not None for t in tensors) or len({round(t.mean_m2, 12) for t in tensors}) > 1:
+            parts = [(t.dist or Dist.gaussian()).scale(math.sqrt(max(t.mean_m2, 0.0))) for t in tensors]
+            dist = Dist.mixture(parts, counts).standardized()
+            if all(t.dist is None for t in tensors) and abs(dist.expect(lambda z: z**4) - 3.0) < 0.05:
+                dist = None
+        return Signal(shape, m2, cov=cov, rho=rho, xcorr=xcorr, dist=dist)
+
+    def backward(self, ctx: Context, grad: Grad) -> dict:
+        tensors = list(ctx.args[0])
+        dim = ctx.kwargs.get("axis", ctx.kwargs.get("dim", ctx.args[1] if len(ctx.args) > 1 else 0))
+        dim = dim % len(grad.shape)
+        g = compact(grad.total(), grad.shape).expand(grad.shape)
+        out, start = {}, 0
+        for t in tensors:
+            n = t.shape[dim]
+            part = g.narrow(dim, start, n)
+            start += n
+            cov = grad.cov if dim == 1 and grad.cov is not None else None
+            out[t] = out[t] + Grad(t.shape, part, cov) if t in out else Grad(t.shape, part, cov)
+        return out

@@ -1,0 +1,187 @@
+"""Normalization layers: BatchNorm, LayerNorm, GroupNorm, InstanceNorm.
+
+A normalization divides by the standard deviation it measures, so its output's second moment is
+``γ² + β²`` whatever came in (asv.md); the weights before it set only the gradient's scale, which it
+divides by the same standard deviation. Two refinements over that:
+
+* The mean it subtracts is the part of the second moment that the pooled elements share: for
+  BatchNorm (pooled over samples) that is ``xcorr``, the correlation between elements that share no
+  weights; for InstanceNorm (pooled over one map) it is the mean spatial correlation.
+* The per-position pattern inside the pooled set survives: a BatchNorm output keeps its input's
+  quieter border, rescaled to mean ``γ² + β²``; a LayerNorm over channels equalizes every position.
+
+BatchNorm is modelled with batch statistics, as in training, whatever the module's mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from initscope.rules.base import Context, Rule
+from initscope.rules.registry import register_rule
+from initscope.stats.dist import DTYPE
+from initscope.stats.signal import Grad, Signal, compact
+
+
+def _param(value: Any) -> Tensor | None:
+    if value is None:
+        return None
+    if isinstance(value, Signal):
+        return value.const
+    return value.detach().to("cpu", DTYPE)
+
+
+class _Norm:
+    """One normalization: which dims it pools and which dims its affine parameters run along."""
+
+    def __init__(self, kind: str, shape: torch.Size, weight, bias, eps: float, groups: int = 1, normalized: int = 0):
+        self.kind, self.shape, self.eps = kind, shape, float(eps)
+        self.groups, self.normalized = groups, normalized
+        self.w2 = self._affine(_param(weight), 1.0)
+        self.b2 = self._affine(_param(bias), 0.0)
+
+    def _affine(self, p: Tensor | None, default: float) -> Tensor:
+        nd = len(self.shape)
+        if p is None:
+            return torch.tensor(default**2, dtype=DTYPE).reshape((1,) * nd)
+        if self.kind == "layer":
+            return (p**2).reshape((1,) * (nd - p.ndim) + tuple(p.shape))
+        return (p**2).reshape(1, -1, *(1,) * (nd - 2))
+
+    def pooled_mean(self, m: Tensor) -> Tensor:
+        """Mean of an elementwise map over what one normalization statistic pools (batch excluded)."""
+        nd = len(self.shape)
+        full = m.expand(self.shape)
+        if self.kind in ("batch", "instance"):
+            dims = tuple(range(2, nd))
+            return full.mean(dim=dims, keepdim=True) if dims else full
+        if self.kind == "layer":
+            return full.mean(dim=tuple(range(nd - self.normalized, nd)), keepdim=True)
+        c = self.shape[1]
+        g = full.reshape(1, self.groups, c // self.groups, *self.shape[2:])
+        pooled = g.mean(dim=tuple(range(2, g.ndim)), keepdim=True)
+        return pooled.expand_as(g).reshape(self.shape)
+
+    def removed(self, x: Signal) -> float:
+        """Fraction of the second moment the subtracted mean carries."""
+        if self.kind == "instance":
+            return max(0.0, x.mean_corr()) if x.positions > 1 else 1.0
+        return max(0.0, min(x.xcorr, 1.0 - 1e-9))
+
+
+def _forward(ctx: Context, x: Signal, norm: _Norm) -> Signal:
+    m = compact(x.m2, x.shape)
+    r = norm.removed(x)
+    if ctx.local and ctx.plane:
+        m = torch.full_like(m, float(m.mean()))
+    var = norm.pooled_mean(m) * (1 - r) + norm.eps
+    ctx.node.meta["initscope_norm"] = (norm, var)
+    m2 = norm.w2 * m * (1 - r) / var + norm.b2
+    w2, b2, v = float(norm.w2.mean()), float(norm.b2.mean()), float(var.mean())
+    out_mean = max(float(m2.mean()), 1e-300)
+    cov = None
+    if x.cov is not None:
+        d = x.positions
+        s = x.channel_map().reshape(d).sqrt()
+        cov = (w2 * (x.cov.reshape(d, d) - r * torch.outer(s, s)) / v + b2).reshape(x.cov.shape)
+    rho = (w2 * (x.rho - r) * x.mean_m2 / v + b2) / out_mean
+    dist = None
+    if x.dist is not None:
+        dist = x.dist.shift(-x.dist.mean).standardized()
+    return Signal(x.shape, m2, cov=cov, rho=max(min(rho, 1.0), -1.0), xcorr=min(b2 / out_mean, 1.0), dist=dist)
+
+
+def _backward(ctx: Context, x: Signal, grad: Grad) -> Grad:
+    norm, var = ctx.node.meta["initscope_norm"]
+    scale = norm.w2 / var
+    cov = None if grad.cov is None else grad.cov * float(scale.mean())
+    return Grad(x.shape, grad.total() * scale, cov)
+
+
+class _NormRule(Rule):
+    def fluctuation(self, ctx, inputs, out):
+        # Each channel (group, position) is divided by its own scale: no draw-to-draw scatter is left.
+        return replace(out, logvar=0.0, fresh=0, base_logvar=0.0)
+
+    def norm(self, ctx: Context, x: Signal, *args, **kwargs) -> _Norm:
+        raise NotImplementedError
+
+    def forward(self, ctx: Context, x: Signal, *args, **kwargs) -> Signal:
+        return _forward(ctx, x, self.norm(ctx, x, *args, **kwargs))
+
+    def backward(self, ctx: Context, grad: Grad) -> dict:
+        x = ctx.args[0]
+        return {x: _backward(ctx, x, grad)}
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+class BatchNormModule(_NormRule):
+    def norm(self, ctx, x, *args, **kwargs):
+        m = ctx.module
+        return _Norm("batch", x.shape, m.weight if m.affine else None, m.bias if m.affine else None, m.eps)
+
+
+@register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+class InstanceNormModule(_NormRule):
+    def norm(self, ctx, x, *args, **kwargs):
+        m = ctx.module
+        return _Norm("instance", x.shape, m.weight if m.affine else None, m.bias if m.affine else None, m.eps)
+
+
+@register_rule(nn.GroupNorm)
+class GroupNormModule(_NormRule):
+    def norm(self, ctx, x, *args, **kwargs):
+        m = ctx.module
+        return _Norm("group", x.shape, m.weight if m.affine else None, m.bias if m.affine else None, m.eps, m.num_groups)
+
+
+@register_rule(nn.LayerNorm)
+class LayerNormModule(_NormRule):
+    def norm(self, ctx, x, *args, **kwargs):
+        m = ctx.module
+        return _Norm("layer", x.shape, m.weight, m.bias, m.eps, normalized=len(m.normalized_shape))
+
+
+def _bind(args: tuple, kwargs: dict, names: tuple, defaults: dict) -> dict:
+    out = dict(defaults)
+    out.update(dict(zip(names, args)))
+    out.update(kwargs)
+    return out
+
+
+@register_rule(F.layer_norm)
+class LayerNormFunction(_NormRule):
+    def norm(self, ctx, x, *args, **kwargs):
+        p = _bind(args, kwargs, ("normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+        shape = p["normalized_shape"]
+        n = 1 if isinstance(shape, int) else len(shape)
+        return _Norm("layer", x.shape, p["weight"], p["bias"], p["eps"], normalized=n)
+
+
+@register_rule(F.batch_norm)
+class BatchNormFunction(_NormRule):
+    def norm(self, ctx, x, *args, **kwargs):
+        p = _bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                  {"weight": None, "bias": None, "eps": 1e-5})
+        return _Norm("batch", x.shape, p["weight"], p["bias"], p["eps"])
+
+
+@register_rule(F.group_norm)
+class GroupNormFunction(_NormRule):
+    def norm(self, ctx, x, *args, **kwargs):
+        p = _bind(args, kwargs, ("num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+        return _Norm("group", x.shape, p["weight"], p["bias"], p["eps"], p["num_groups"])
+
+
+@register_rule(F.instance_norm)
+class InstanceNormFunction(_NormRule):
+    def norm(self, ctx, x, *args, **kwargs):
+        p = _bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
+                  {"weight": None, "bias": None, "eps": 1e-5})
+        return _Norm("instance", x.shape, p["weight"], p["bias"], p["eps"])

@@ -1,0 +1,218 @@
+"""The statistics that stand in for a tensor during propagation.
+
+:class:`Signal` describes a forward tensor, :class:`Grad` the gradient at one. Both hold the second
+moment of every element (batch dimension kept at size 1, other dimensions broadcastable), so shape
+ops apply to them as they apply to the tensor. Expectations are over inputs and over weight draws.
+
+Beyond the elementwise second moment a Signal carries what the paper's rules silently assume away:
+
+* ``cov``: the within-channel covariance between spatial positions, ``E[x_p x_q]`` averaged over
+  channels, as a ``(*spatial, *spatial)`` matrix on maps small enough to afford it. Average pooling
+  needs it (ReLU outputs of a deep net are strongly correlated across positions), and so does the
+  border: on a 2x2 map every position is a border and correlations are far from uniform.
+* ``rho``: the same as one off-diagonal correlation, for maps too large for ``cov``.
+* ``xcorr``: the correlation with elements that share no weights (other samples, other channels);
+  it is the fraction of the second moment that BatchNorm's mean subtraction removes.
+* ``dist``: the standardized marginal when it is not a zero-mean Gaussian.
+* ``act``/``pre``: for ``f(u)`` with u Gaussian, the activation and the Signal of u, which max pooling
+  needs (the max of ``relu(u_i)`` is ``relu(max u_i)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from initscope.stats.dist import DTYPE, Dist
+from initscope.stats.fluctuation import combine
+
+if TYPE_CHECKING:
+    from initscope.rules.activation import Activation
+
+
+def spatial_shape(shape: torch.Size) -> torch.Size:
+    """The spatial dims of an ``(N, C, *spatial)`` tensor; empty for ``(N, C)``."""
+    return torch.Size(shape[2:]) if len(shape) >= 3 else torch.Size()
+
+
+def channel_map(m2: Tensor, shape: torch.Size) -> Tensor:
+    """Average of an elementwise map over batch and channels: one value per spatial position."""
+    m = m2
+    while m.ndim < len(shape):
+        m = m.unsqueeze(0)
+    if len(shape) >= 2:
+        m = m.mean(dim=(0, 1))
+    elif len(shape) == 1:
+        m = m.mean(dim=0)
+    return m.expand(spatial_shape(shape))
+
+
+def compact(m2: Tensor, shape: torch.Size) -> Tensor:
+    """A second-moment tensor with the tensor's number of dims, left broadcastable."""
+    m = torch.as_tensor(m2, dtype=DTYPE)
+    while m.ndim < len(shape):
+        m = m.unsqueeze(0)
+    return m
+
+
+def mean_of(m2: Tensor) -> float:
+    """Mean over the tensor's elements; a broadcast (size-1) dim averages the same as its expansion."""
+    return float(m2.mean())
+
+
+@dataclass(frozen=True, eq=False)
+class Signal:
+    """Forward statistics of one tensor."""
+
+    shape: torch.Size
+    m2: Tensor
+    cov: Tensor | None = None
+    rho: float = 0.0
+    xcorr: float = 0.0
+    dist: Dist | None = None
+    const: Tensor | None = None
+    act: "Activation | None" = None
+    pre: "Signal | None" = None
+    # Finite width (see initscope.stats.fluctuation): Var(log q) over weight draws, and, right after a
+    # weight layer, its channel count and the scatter it inherited.
+    logvar: float = 0.0
+    fresh: int = 0
+    base_logvar: float = 0.0
+
+    @staticmethod
+    def unit(shape: torch.Size, m2: float = 1.0) -> "Signal":
+        """Independent zero-mean Gaussian elements of second moment ``m2``."""
+        return Signal(torch.Size(shape), compact(torch.tensor(m2, dtype=DTYPE), shape))
+
+    @staticmethod
+    def constant(value: Tensor) -> "Signal":
+        v = value.detach().to("cpu", DTYPE)
+        shape = torch.Size(v.shape)
+        return Signal(shape, v**2, const=v)
+
+    @property
+    def spatial(self) -> torch.Size:
+        return spatial_shape(self.shape)
+
+    @property
+    def positions(self) -> int:
+        return int(torch.Size(self.spatial).numel())
+
+    @property
+    def mean_m2(self) -> float:
+        return mean_of(self.m2)
+
+    @property
+    def gaussian(self) -> bool:
+        return self.dist is None
+
+    @property
+    def mean_fraction(self) -> float:
+        """``E[x] / sqrt(E[x^2])`` of the marginal."""
+        return 0.0 if self.dist is None else self.dist.mean
+
+    @property
+    def nonneg(self) -> bool:
+        return self.dist is not None and self.dist.nonneg
+
+    def channel_map(self) -> Tensor:
+        return channel_map(self.m2, self.shape)
+
+    def full(self) -> Tensor:
+        """The full spatial covariance, built from ``rho`` when only that is known."""
+        if self.cov is not None:
+            return self.cov
+        d = self.positions
+        s = self.channel_map().reshape(d).sqrt()
+        k = self.rho * torch.outer(s, s)
+        k.diagonal().copy_(s**2)
+        return k.reshape(*self.spatial, *self.spatial)
+
+    def mean_corr(self) -> float:
+        """Average correlation between two distinct positions of one channel."""
+        if self.cov is None or self.positions < 2:
+            return self.rho
+        d = self.positions
+        k = self.cov.reshape(d, d)
+        s = k.diagonal().clamp(min=1e-300).sqrt()
+        c = k / torch.outer(s, s)
+        return float((c.sum() - c.diagonal().sum()) / (d * d - d))
+
+    def with_(self, **changes: Any) -> "Signal":
+        return replace(self, **changes)
+
+    def scaled(self, factor: float) -> "Signal":
+        """The statistics of ``a * x`` where ``a**2 == factor``."""
+        pre = None if self.pre is None else self.pre.scaled(factor)
+        return replace(
+            self,
+            m2=self.m2 * factor,
+            cov=None if self.cov is None else self.cov * factor,
+            pre=pre if self.act is not None and self.act.homogeneous else None,
+            act=self.act if self.act is not None and self.act.homogeneous else None,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Grad:
+    """Backward statistics: the second moment of the gradient at each element of a tensor.
+
+    ``pre`` holds the part that a max pool already took through the activation in front of it (its
+    argmax is where that activation is positive, so the two cannot be treated apart); the
+    activation's own backward adds it without applying its derivative again.
+    ``cov`` is the gradient's spatial covariance on small maps; None means uncorrelated positions.
+    """
+
+    shape: torch.Size
+    m2: Tensor
+    cov: Tensor | None = None
+    pre: Tensor | None = None
+    logvar: float = 0.0
+
+    @staticmethod
+    def unit(shape: torch.Size, m2: float = 1.0) -> "Grad":
+        return Grad(torch.Size(shape), compact(torch.tensor(m2, dtype=DTYPE), shape))
+
+    @property
+    def spatial(self) -> torch.Size:
+        return spatial_shape(self.shape)
+
+    @property
+    def positions(self) -> int:
+        return int(torch.Size(self.spatial).numel())
+
+    def total(self) -> Tensor:
+        return self.m2 if self.pre is None else self.m2 + self.pre
+
+    @property
+    def mean_m2(self) -> float:
+        return mean_of(self.total())
+
+    def channel_map(self) -> Tensor:
+        return channel_map(self.m2, self.shape)
+
+    def full(self) -> Tensor:
+        if self.cov is not None:
+            return self.cov
+        d = self.positions
+        return torch.diag(self.channel_map().reshape(d)).reshape(*self.spatial, *self.spatial)
+
+    def scaled(self, factor: float) -> "Grad":
+        return Grad(
+            self.shape,
+            self.m2 * factor,
+            None if self.cov is None else self.cov * factor,
+            None if self.pre is None else self.pre * factor,
+            self.logvar,
+        )
+
+    def __add__(self, other: "Grad") -> "Grad":
+        cov = None
+        if self.cov is not None or other.cov is not None:
+            cov = self.full() + other.full()
+        pre = self.pre if other.pre is None else (other.pre if self.pre is None else self.pre + other.pre)
+        logvar = combine([self.logvar, other.logvar], [self.mean_m2, other.mean_m2])
+        return Grad(self.shape, self.m2 + other.m2, cov, pre, logvar)
