@@ -17,6 +17,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+if not console.is_terminal:  # piped or captured: don't squeeze the tables to 80 columns
+    console.width = 200
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -74,7 +76,7 @@ def methods_cmd() -> None:
 
     table = Table("method", "what it sets")
     for m in METHODS.values():
-        table.add_row(m.name, m.description)
+        table.add_row(m.name, m.summary)
     console.print(table)
 
 

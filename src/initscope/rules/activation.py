@@ -314,7 +314,7 @@ class ElementwiseRule(Rule):
             return {}
         stored = ctx.node.meta.get("initscope_applied")
         if stored is None:  # identity on non-negative inputs
-            return {x: Grad(x.shape, grad.total(), grad.cov)}
+            return {x: Grad(x.shape, grad.live(), grad.cov)}
         act, applied = stored
         m2 = grad.m2 * applied.dm2
         if grad.pre is not None:
@@ -326,6 +326,8 @@ class ElementwiseRule(Rule):
             corr = correlation(x.full(), d)
             mask = _map_mask(act, applied, corr, scale) * float(applied.out.dm2)
             cov = grad.cov * mask.reshape(grad.cov.shape)
+        if act.slope == 0.0 and grad.pre is None:
+            return {x: Grad(x.shape, m2, cov, masked_by=x, unmasked=grad.m2)}
         return {x: Grad(x.shape, m2, cov)}
 
 

@@ -15,6 +15,7 @@ positions s was broadcast to, with the correlations of those positions.
 from __future__ import annotations
 
 import math
+from typing import Any
 import operator
 from numbers import Number
 
@@ -28,7 +29,16 @@ from initscope.stats.signal import Grad, Signal, compact
 
 
 def broadcast_shape(*shapes: torch.Size) -> torch.Size:
-    return torch.Size(torch.broadcast_shapes(*shapes))
+    # Plain Python: torch.broadcast_shapes goes through torch._refs and costs milliseconds a call.
+    ndim = max(len(s) for s in shapes)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, n in enumerate(shape, start=ndim - len(shape)):
+            if n != 1:
+                if out[i] not in (1, n):
+                    raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+                out[i] = n
+    return torch.Size(out)
 
 
 def reduce_to(m2: Tensor, out_shape: torch.Size, in_shape: torch.Size) -> Tensor:
@@ -128,10 +138,36 @@ class AddRule(Rule):
         if isinstance(a, Signal) and isinstance(b, Signal) and a is b:
             return {a: _grad_for(a, grad, (1 + self.sign * alpha) ** 2)}
         if isinstance(a, Signal) and a.const is None:
-            out[a] = _grad_for(a, grad, 1.0)
+            out[a] = _shortcut_grad(a, b, alpha**2, grad, ctx.out) or _grad_for(a, grad, 1.0)
         if isinstance(b, Signal) and b.const is None:
-            out[b] = _grad_for(b, grad, alpha**2)
+            out[b] = _shortcut_grad(b, a, 1.0, grad, ctx.out, own=alpha**2) or _grad_for(b, grad, alpha**2)
         return out
+
+
+def _shortcut_grad(s: Signal, other: Any, other_factor: float, grad: Grad, out: Any, own: float = 1.0) -> Grad | None:
+    """The gradient to a ReLU output ``s = relu(z)`` summed with ``other`` and then through a ReLU.
+
+    With ``y = relu(s + other)``, the gradient reaches ``s`` only where ``s + other > 0``, and ``s``'s
+    own ReLU passes it only where ``z > 0``. The two events are correlated (``s + other = z + other``
+    wherever ``z > 0``): for zero-mean Gaussian ``z`` and ``other``, independent,
+    ``P(z > 0, z + other > 0) = 1/4 + asin(sqrt(q_z / (q_z + q_o))) / (2π)``. The gradient is handed
+    over as ``pre`` (already through ``s``'s ReLU), so that ReLU adds it without halving it again.
+    """
+    if grad.masked_by is None or grad.masked_by is not out or grad.unmasked is None:
+        return None
+    if s.act is None or s.act.slope != 0.0 or s.pre is None or s.pre.dist is not None:
+        return None
+    if not isinstance(other, Signal) or other.const is not None or other.mean_fraction != 0.0:
+        return None
+    if tuple(s.shape) != tuple(grad.shape):
+        return None
+    qz, qo = s.pre.mean_m2, other.mean_m2 * other_factor
+    if qz <= 0:
+        return None
+    p = 0.25 + math.asin(math.sqrt(qz / (qz + max(qo, 0.0)))) / (2 * math.pi)
+    arrived = compact(grad.total(), s.shape) * own
+    live = (compact(grad.unmasked, s.shape) * own * p).minimum(arrived)
+    return Grad(s.shape, torch.zeros_like(live), None, pre=live, logvar=grad.logvar, dead=arrived - live)
 
 
 register_rule(operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__")(AddRule)

@@ -151,7 +151,8 @@ def avg_forward(ctx: Context, x: Signal, spec: PoolSpec) -> Signal:
         else:
             rho = Signal(out_shape, m2, cov=k_out).mean_corr() if out_positions > 1 else 0.0
     else:
-        m2 = (1 - x.rho) * apply_axes(m, wsq) + x.rho * ps**2
+        rho_in = max(x.rho, -1.0 / (x.positions - 1)) if x.positions > 1 else x.rho
+        m2 = ((1 - rho_in) * apply_axes(m, wsq) + rho_in * ps**2).clamp(min=0.0)
         rho = x.rho * float((ps**2).mean()) / max(float(m2.mean()), 1e-300)
     xcorr = x.xcorr * float((ps**2).mean()) / max(float(m2.mean()), 1e-300)
     return Signal(out_shape, compact(m2, out_shape), cov=cov, rho=min(rho, 1.0), xcorr=min(xcorr, 1.0),

@@ -70,10 +70,10 @@ def channel_scatter(
 
 def _relative_var(values: torch.Tensor, w: torch.Tensor) -> float:
     mean = float((values * w).sum())
-    if mean <= 0:
+    if not mean > 0:
         return 0.0
-    var = float(((values - mean) ** 2 * w).sum())
-    return var / mean**2
+    var = float(((values / mean - 1.0) ** 2 * w).sum())  # relative first: no underflow for tiny scales
+    return var if math.isfinite(var) else 0.0
 
 
 def offset_scatter(xi: float) -> float:

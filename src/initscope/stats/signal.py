@@ -127,7 +127,9 @@ class Signal:
             return self.cov
         d = self.positions
         s = self.channel_map().reshape(d).sqrt()
-        k = self.rho * torch.outer(s, s)
+        # An equicorrelation below -1/(d-1) is no covariance at all (its mean would be negative).
+        rho = max(self.rho, -1.0 / (d - 1)) if d > 1 else self.rho
+        k = rho * torch.outer(s, s)
         k.diagonal().copy_(s**2)
         return k.reshape(*self.spatial, *self.spatial)
 
@@ -171,6 +173,14 @@ class Grad:
     cov: Tensor | None = None
     pre: Tensor | None = None
     logvar: float = 0.0
+    # Set by a ReLU's backward: the Signal whose mask was applied, and the gradient before it. A sum
+    # that feeds the ReLU and has a ReLU output among its summands (an identity shortcut) uses them:
+    # the two masks are correlated, and where the summand is zero its own ReLU passes nothing.
+    masked_by: "Signal | None" = None
+    unmasked: Tensor | None = None
+    # Gradient that sits where the activation producing this tensor is inactive: it is measured here,
+    # but that activation's backward passes none of it.
+    dead: Tensor | None = None
 
     @staticmethod
     def unit(shape: torch.Size, m2: float = 1.0) -> "Grad":
@@ -185,6 +195,11 @@ class Grad:
         return int(torch.Size(self.spatial).numel())
 
     def total(self) -> Tensor:
+        """The gradient's second moment at this tensor, all parts."""
+        return self.live() if self.dead is None else self.live() + self.dead
+
+    def live(self) -> Tensor:
+        """The part an activation in front of this tensor can pass."""
         return self.m2 if self.pre is None else self.m2 + self.pre
 
     @property
@@ -207,6 +222,9 @@ class Grad:
             None if self.cov is None else self.cov * factor,
             None if self.pre is None else self.pre * factor,
             self.logvar,
+            self.masked_by,
+            None if self.unmasked is None else self.unmasked * factor,
+            None if self.dead is None else self.dead * factor,
         )
 
     def __add__(self, other: "Grad") -> "Grad":
@@ -215,4 +233,5 @@ class Grad:
             cov = self.full() + other.full()
         pre = self.pre if other.pre is None else (other.pre if self.pre is None else self.pre + other.pre)
         logvar = combine([self.logvar, other.logvar], [self.mean_m2, other.mean_m2])
-        return Grad(self.shape, self.m2 + other.m2, cov, pre, logvar)
+        dead = self.dead if other.dead is None else (other.dead if self.dead is None else self.dead + other.dead)
+        return Grad(self.shape, self.m2 + other.m2, cov, pre, logvar, dead=dead)

@@ -1,0 +1,58 @@
+"""Planning speed: init_(resnet50, "asv-backward", input_shape=(3, 224, 224)) against a plain loop of
+torch.nn.init.kaiming_normal_ over the same layers, median of 5, side by side in one process.
+
+Target (issue 2): ratio <= 1.5. Prints the ratio; run with `make bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+from torchvision.models import resnet50
+
+import initscope
+
+
+def kaiming_loop(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--method", default="asv-backward")
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = resnet50()
+    shape = (3, args.size, args.size)
+    initscope.init_(model, args.method, input_shape=shape)  # warm caches (quadrature tables), as the loop warms torch
+    kaiming_loop(model)
+    base = median_time(lambda: kaiming_loop(model), args.repeats)
+    ours = median_time(lambda: initscope.init_(model, args.method, input_shape=shape), args.repeats)
+    plan_only = median_time(lambda: initscope.plan(model, args.method, input_shape=shape), args.repeats)
+    print(f"kaiming_normal_ loop        : 1.00")
+    print(f"initscope.plan              : {plan_only / base:.2f}x the loop")
+    print(f"initscope.init_ (plan+apply): {ours / base:.2f}x the loop   (target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

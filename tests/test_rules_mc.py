@@ -1,0 +1,114 @@
+"""Every rule against Monte Carlo: a conv, the op, a conv; prediction vs the mean over many draws."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import initscope
+from initscope.measure import measure
+
+C = 24
+
+
+class Wrap(nn.Module):
+    def __init__(self, op, c_mid=C):
+        super().__init__()
+        self.a = nn.Conv2d(3, C, 3, padding=1, bias=False)
+        self.op = op
+        self.b = nn.Conv2d(c_mid, 16, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.b(self.op(self.a(x)))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv2d(C, C, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.relu(x)
+        return self.relu(y + self.conv(y))
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, 8, 1, bias=False)
+
+    def forward(self, x):
+        return torch.cat([torch.relu(x), self.conv(x)], dim=1)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(C, 8, 1)
+        self.fc2 = nn.Conv2d(8, C, 1)
+
+    def forward(self, x):
+        x = torch.relu(x)
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(self.pool(x)))))
+        return x * s
+
+
+OPS = {
+    "relu": lambda: nn.ReLU(),
+    "relu6": lambda: nn.ReLU6(),
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "gelu": lambda: nn.GELU(),
+    "silu": lambda: nn.SiLU(),
+    "hardswish": lambda: nn.Hardswish(),
+    "hardsigmoid": lambda: nn.Hardsigmoid(),
+    "sigmoid": lambda: nn.Sigmoid(),
+    "tanh": lambda: nn.Tanh(),
+    "maxpool_overlap": lambda: nn.Sequential(nn.ReLU(), nn.MaxPool2d(3, 2, 1)),
+    "maxpool_2": lambda: nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)),
+    "maxpool_ceil": lambda: nn.Sequential(nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True)),
+    "avgpool_overlap": lambda: nn.Sequential(nn.ReLU(), nn.AvgPool2d(3, 1, 1)),
+    "avgpool_nopad_count": lambda: nn.Sequential(nn.ReLU(), nn.AvgPool2d(3, 2, 1, count_include_pad=False)),
+    "adaptive_avg_3": lambda: nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(5)),
+    "batchnorm": lambda: nn.Sequential(nn.BatchNorm2d(C), nn.ReLU()),
+    "groupnorm": lambda: nn.Sequential(nn.GroupNorm(4, C), nn.ReLU()),
+    "layernorm": lambda: nn.Sequential(nn.LayerNorm([C, 12, 12]), nn.ReLU()),
+    "depthwise": lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False), nn.ReLU()),
+    "identity": lambda: nn.Identity(),
+    "residual": lambda: Residual(),
+    "squeeze_excite": lambda: SqueezeExcite(),
+}
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_rule_matches_monte_carlo(op):
+    model = Wrap(OPS[op]())
+    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 12, 12))
+    me = measure(model, p, (3, 12, 12), batch=16, draws=24, seed=0)
+    for layer in p.layers:
+        if layer.name not in ("a", "b"):
+            continue
+        gap_f = math.log2(me.out_var[layer.name] / layer.pred_out_var)
+        gap_b = math.log2(me.in_grad_var[layer.name] / layer.pred_in_grad_var)
+        assert abs(gap_f) < 0.2, f"{op}: forward at {layer.name} off by 2^{gap_f:+.3f}"
+        assert abs(gap_b) < 0.2, f"{op}: gradient at {layer.name} off by 2^{gap_b:+.3f}"
+
+
+def test_concat_matches_monte_carlo():
+    model = Wrap(Concat(), c_mid=C + 8)
+    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 12, 12))
+    me = measure(model, p, (3, 12, 12), batch=16, draws=24, seed=0)
+    b = p["b"]
+    assert abs(math.log2(me.out_var["b"] / b.pred_out_var)) < 0.2
+    assert abs(math.log2(me.in_grad_var["b"] / b.pred_in_grad_var)) < 0.2
+
+
+def test_linear_after_flatten_matches_monte_carlo():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 64), nn.Tanh(), nn.Linear(64, 10))
+    p = initscope.plan(model, "xavier", input_shape=(3, 8, 8))
+    me = measure(model, p, (3, 8, 8), batch=16, draws=24, seed=0)
+    for layer in p.layers:
+        assert abs(math.log2(me.out_var[layer.name] / layer.pred_out_var)) < 0.2, layer.name
+        assert abs(math.log2(me.in_grad_var[layer.name] / layer.pred_in_grad_var)) < 0.2, layer.name

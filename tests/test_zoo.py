@@ -1,0 +1,73 @@
+"""The torchvision zoo plans and applies under every method."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import initscope
+from initscope.models import create_model
+
+ZOO = ["resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0", "convnext_tiny", "resnet18-nobn"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_plans_and_applies_every_method(name):
+    model = create_model(name)
+    n_weight = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    for method in initscope.METHODS:
+        gen = torch.Generator().manual_seed(0)
+        p = initscope.init_(model, method, input_shape=(3, 64, 64), generator=gen)
+        assert len(p.layers) == n_weight, method
+        for layer in p.layers:
+            assert math.isfinite(layer.std) and layer.std >= 0, (method, layer.name)
+            assert layer.pred_out_var >= 0 and layer.pred_in_grad_var >= 0, (method, layer.name)
+            w = model.get_parameter(layer.weight_path)
+            if method not in ("orthogonal", "default") and layer.std > 0 and w.numel() > 1000:
+                assert float(w.detach().std()) == pytest.approx(layer.std, rel=0.1), (method, layer.name)
+
+
+def test_depthwise_fans_true_vs_framework():
+    # pytorch/pytorch#23854: torch.nn.init takes fan_out = C k² for a depthwise (C, 1, k, k) weight.
+    conv = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+    model = nn.Sequential(conv, nn.ReLU())
+    true = initscope.plan(model, "kaiming-backward", input_shape=(32, 8, 8)).layers[0]
+    framework = initscope.plan(model, "kaiming-backward", input_shape=(32, 8, 8), fan="framework").layers[0]
+    assert (true.fan_in, true.fan_out) == (9, 9)
+    assert (framework.fan_in, framework.fan_out) == (9, 32 * 9)
+    assert true.std == pytest.approx(math.sqrt(2 / 9))
+    assert framework.std == pytest.approx(math.sqrt(2 / (32 * 9)))
+    ref = torch.empty_like(conv.weight)
+    assert nn.init._calculate_fan_in_and_fan_out(ref) == (framework.fan_in, framework.fan_out)
+
+
+def test_apply_draws_the_planned_distribution():
+    model = nn.Sequential(nn.Conv2d(16, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3))
+    for dist in ["normal", "uniform", "truncated_normal"]:
+        p = initscope.init_(model, "kaiming-forward", input_shape=(16, 12, 12), distribution=dist,
+                            generator=torch.Generator().manual_seed(1))
+        w = model[2].weight
+        assert float(w.std()) == pytest.approx(p.layers[1].std, rel=0.03), dist
+        if dist == "truncated_normal":
+            assert float(w.abs().max()) <= 2 * p.layers[1].std / 0.8796 + 1e-6
+        assert float(model[2].bias.abs().max()) == 0.0
+
+
+def test_generator_makes_draws_reproducible():
+    a, b = create_model("plain34", width=8), create_model("plain34", width=8)
+    initscope.init_(a, "asv-forward", input_shape=(3, 32, 32), generator=torch.Generator().manual_seed(3))
+    initscope.init_(b, "asv-forward", input_shape=(3, 32, 32), generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_table_and_dict():
+    p = initscope.plan(create_model("plain34", width=8), "asv-backward", input_shape=(3, 32, 32))
+    text = p.to_table()
+    assert "pred_grad" in text and len(text.splitlines()) == len(p.layers) + 2
+    d = p.to_dict()
+    assert d["method"] == "asv-backward" and len(d["layers"]) == 34
+    assert {"name", "kind", "std", "fan_in", "fan_out", "eps", "tau_in", "gamma", "clamped",
+            "pred_out_var", "pred_in_grad_var"} <= set(d["layers"][0])
+    __import__("json").dumps(d)
