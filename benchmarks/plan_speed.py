@@ -49,7 +49,7 @@ def main() -> None:
     base = median_time(lambda: kaiming_loop(model), args.repeats)
     ours = median_time(lambda: initscope.init_(model, args.method, input_shape=shape), args.repeats)
     plan_only = median_time(lambda: initscope.plan(model, args.method, input_shape=shape), args.repeats)
-    print(f"kaiming_normal_ loop        : 1.00")
+    print("kaiming_normal_ loop        : 1.00")
     print(f"initscope.plan              : {plan_only / base:.2f}x the loop")
     print(f"initscope.init_ (plan+apply): {ours / base:.2f}x the loop   (target <= 1.5)")
 

@@ -16,25 +16,24 @@ The steps, for any method:
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from initscope.stats.fluctuation import typical
 from initscope.errors import InitscopeError
 from initscope.graph.propagate import Pass, Resolved, WeightHook
 from initscope.graph.trace import trace
 from initscope.methods import Method, asv, classic, get_method, layer_std
-from initscope.methods.residual import ResidualAdd, ResidualPolicy, find_residual_adds
+from initscope.methods.residual import ResidualPolicy, find_residual_adds
 from initscope.options import Options
 from initscope.plan import InitPlan, LayerPlan
-from initscope.rules.base import Context, LayerGeometry, WeightRule
+from initscope.rules.base import LayerGeometry, WeightRule
 from initscope.stats.dist import DTYPE, Dist
-from initscope.stats.signal import Grad, Signal
+from initscope.stats.fluctuation import typical
+from initscope.stats.signal import Signal
 
 EXACT_ROUNDS = 3
 

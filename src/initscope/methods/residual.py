@@ -34,7 +34,7 @@ from initscope.rules.merge import AddRule, MulRule, SubRule
 from initscope.rules.norm import _NormRule
 from initscope.rules.passthrough import IdentityRule, ShapeRule
 from initscope.rules.pooling import _PoolRule
-from initscope.stats.signal import Grad, Signal
+from initscope.stats.signal import Signal
 
 POLICIES = ("none", "scale", "zero")
 

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
-from initscope.stats.dist import DTYPE, Dist, hermite, normal_grid
-from initscope.stats.gaussian import HERMITE_TERMS, dual_from_coefficients, hermite_coefficients, normal_cdf
+from initscope.stats.dist import DTYPE, Dist, normal_grid
+from initscope.stats.gaussian import dual_from_coefficients, hermite_coefficients, normal_cdf
 from initscope.stats.fluctuation import channel_scatter
 from initscope.stats.maps import correlation
 from initscope.stats.signal import Grad, Signal, compact
@@ -296,10 +296,11 @@ class ElementwiseRule(Rule):
 
     def fluctuation(self, ctx: Context, inputs: list[Signal], out: Signal) -> Signal:
         x = ctx.args[0]
-        if not isinstance(x, Signal) or not x.fresh or x.const is not None:
+        stored = ctx.node.meta.get("initscope_applied")
+        if not isinstance(x, Signal) or not x.fresh or stored is None:
             return super().fluctuation(ctx, inputs, out)
         # Right after a weight layer: the channel offsets it drew decide each channel's share.
-        act = self.activation(ctx, x, *ctx.args[1:], **ctx.kwargs)
+        act = stored[0]
         scale = 1.0 if act.homogeneous else math.sqrt(max(x.mean_m2, 1e-300))
         fwd, bwd = _scatter(act, _key(x.xcorr), _key(scale))
         ctx.node.meta["initscope_scatter"] = bwd / x.fresh

@@ -15,9 +15,9 @@ positions s was broadcast to, with the correlations of those positions.
 from __future__ import annotations
 
 import math
-from typing import Any
 import operator
 from numbers import Number
+from typing import Any
 
 import torch
 from torch import Tensor
