@@ -116,6 +116,11 @@ def demo_cmd(
         console.print(f"saved {r.figure}")
 
 
+# Commands that live beside their subsystems. Each module defines plain functions; registering them
+# here keeps `initscope --help` in one place. One line per command.
+# -- subsystem commands (keep this marker) --
+
+
 def main() -> None:  # pragma: no cover
     app()
 
