@@ -10,7 +10,7 @@ from initscope.api import init_, plan
 from initscope.errors import InitscopeError, PlanMismatchError, TraceError, UnknownOpError
 from initscope.methods import METHODS
 from initscope.options import Options
-from initscope.plan import InitPlan, LayerPlan
+from initscope.plan import InitPlan, LayerPlan, plan_of
 from initscope.rules import Context, Rule, WeightRule, register_rule, unregister_rule
 from initscope.sampling import sample_
 from initscope.stats import Grad, Signal
@@ -33,6 +33,7 @@ __all__ = [
     "WeightRule",
     "init_",
     "plan",
+    "plan_of",
     "register_rule",
     "sample_",
     "unregister_rule",

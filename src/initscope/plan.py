@@ -167,6 +167,9 @@ class InitPlan:
                 module.weight.fill_(alpha)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
+        # Remembered so that tools which look at the model later (the probe) can set its predictions
+        # beside what they measure without being handed the plan again.
+        model._initscope_plan = self
         return model
 
     # -- reporting ---------------------------------------------------------------------------------
@@ -221,3 +224,9 @@ def _write(layer: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None, ge
             bias.uniform_(-bound, bound, generator=generator)
         else:
             bias.zero_()
+
+
+def plan_of(model: nn.Module) -> InitPlan | None:
+    """The :class:`InitPlan` last applied to ``model`` by :meth:`InitPlan.apply` (or ``init_``), if any."""
+    found = getattr(model, "_initscope_plan", None)
+    return found if isinstance(found, InitPlan) else None
