@@ -11,6 +11,7 @@ from initscope.errors import InitscopeError, PlanMismatchError, TraceError, Unkn
 from initscope.methods import METHODS
 from initscope.options import Options
 from initscope.plan import InitPlan, LayerPlan, plan_of
+from initscope.probe import Probe, ProbeCallback, probe
 from initscope.rules import Context, Rule, WeightRule, register_rule, unregister_rule
 from initscope.sampling import sample_
 from initscope.stats import Grad, Signal
@@ -26,6 +27,8 @@ __all__ = [
     "LayerPlan",
     "Options",
     "PlanMismatchError",
+    "Probe",
+    "ProbeCallback",
     "Rule",
     "Signal",
     "TraceError",
@@ -34,6 +37,7 @@ __all__ = [
     "init_",
     "plan",
     "plan_of",
+    "probe",
     "register_rule",
     "sample_",
     "unregister_rule",

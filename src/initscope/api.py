@@ -7,9 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from initscope.draws import Prefetch
+from initscope.methods import METHODS
 from initscope.options import Options
 from initscope.plan import InitPlan
-from initscope.planner import build_plan
+from initscope.planner import build_plan, planned_distribution
 
 
 def plan(
@@ -64,6 +66,16 @@ def init_(
     Examples:
         >>> initscope.init_(model, "asv-forward", input_shape=(3, 64, 64), generator=torch.Generator().manual_seed(0))
     """
-    p = plan(model, method, input_shape=input_shape, example_input=example_input, **options)
-    p.apply(model, generator=generator)
+    opts = Options.make(**options)
+    # The random part of the draw does not depend on the plan: make it while the plan is computed.
+    ahead = None
+    if isinstance(model, nn.Module) and method in METHODS:
+        ahead = Prefetch(model, planned_distribution(METHODS[method], opts), method == "default", generator)
+    try:
+        p = build_plan(model, method, input_shape, example_input, opts)
+    except BaseException:
+        if ahead is not None:
+            ahead.discard()
+        raise
+    p.apply(model, generator=generator, _prefetch=ahead)
     return p

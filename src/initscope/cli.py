@@ -119,6 +119,13 @@ def demo_cmd(
 # Commands that live beside their subsystems. Each module defines plain functions; registering them
 # here keeps `initscope --help` in one place. One line per command.
 # -- subsystem commands (keep this marker) --
+from initscope.experiments.cli import train_cmd  # noqa: E402
+app.command("train")(train_cmd)
+from initscope.experiments.sweep_cli import report_cmd, sweep_cmd  # noqa: E402
+app.command("sweep")(sweep_cmd)
+app.command("report")(report_cmd)
+from initscope.report.cli import compare_cmd  # noqa: E402
+app.command("compare")(compare_cmd)
 
 
 def main() -> None:  # pragma: no cover

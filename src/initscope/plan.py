@@ -11,7 +11,7 @@ from torch import nn
 
 from initscope.errors import PlanMismatchError
 from initscope.methods.classic import default_bias_bound
-from initscope.sampling import sample_
+from initscope.sampling import unit_draw_, unit_scale
 
 
 @dataclass(frozen=True)
@@ -121,10 +121,11 @@ class InitPlan:
         return self.layers[key]
 
     # -- applying ----------------------------------------------------------------------------------
-    def apply(self, model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    def apply(self, model: nn.Module, generator: torch.Generator | None = None, *, _prefetch=None) -> nn.Module:
         """Draw every planned layer's weights (and zero its bias) in ``model``; returns the model.
 
-        Everything is checked before anything is written: a model that does not match the plan raises
+        Layers are drawn in the order of ``model.named_parameters()``. Everything is checked before
+        anything is written: a model that does not match the plan raises
         :class:`~initscope.errors.PlanMismatchError` and keeps its weights.
         """
         writes, problems = [], []
@@ -160,9 +161,18 @@ class InitPlan:
                 raise ValueError(
                     f"generator is on {generator.device}, the weights on {sorted(devices)}: pass a generator on the weights' device"
                 )
+        rank = {id(p): i for i, p in enumerate(model.parameters())}
+        writes.sort(key=lambda item: rank.get(id(item[1]), len(rank)))
+        order = [(layer.weight_path, bias is not None and layer.bias == "default") for layer, _, bias in writes]
+        drawn = _prefetch.take(order) if _prefetch is not None else None
         with torch.no_grad():
             for layer, weight, bias in writes:
-                _write(layer, weight, bias, generator)
+                if drawn is None:
+                    _write(layer, weight, bias, generator)
+                else:
+                    _write_drawn(layer, weight, bias, *drawn[layer.weight_path])
+            if drawn is not None:
+                _prefetch.commit()
             for module, alpha in norms:
                 module.weight.fill_(alpha)
                 if getattr(module, "bias", None) is not None:
@@ -213,15 +223,22 @@ class InitPlan:
 
 
 def _write(layer: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None, generator) -> None:
-    if layer.distribution == "orthogonal":
-        rows, cols = weight.shape[0], weight[0].numel()
-        nn.init.orthogonal_(weight, gain=layer.std * math.sqrt(max(rows, cols)), generator=generator)
-    else:
-        sample_(weight, layer.std, layer.distribution, generator)
+    unit_draw_(weight, layer.distribution, generator).mul_(unit_scale(layer.std, layer.distribution, tuple(weight.shape)))
     if bias is not None:
         if layer.bias == "default":
             bound = default_bias_bound(weight)
             bias.uniform_(-bound, bound, generator=generator)
+        else:
+            bias.zero_()
+
+
+def _write_drawn(layer: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None, unit: torch.Tensor,
+                 bias_draw: torch.Tensor | None) -> None:
+    """:func:`_write` with the random draws made ahead (:mod:`initscope.draws`)."""
+    torch.mul(unit, unit_scale(layer.std, layer.distribution, tuple(weight.shape)), out=weight)
+    if bias is not None:
+        if layer.bias == "default":
+            bias.copy_(bias_draw)
         else:
             bias.zero_()
 

@@ -250,6 +250,13 @@ def _run(resolved, inputs, hook, opts: Options, residual: ResidualPolicy | None)
                 residual=residual).forward().backward()
 
 
+def planned_distribution(m: Method, opts: Options) -> str:
+    """The law every layer of the plan is drawn from."""
+    if m.name == "orthogonal":
+        return "orthogonal"
+    return opts.distribution or m.distribution or "orthogonal"
+
+
 def build_plan(
     model: nn.Module,
     method: str,
@@ -342,9 +349,7 @@ def build_plan(
         raise ValueError(f"the model does not run on input_shape={shape!r}: {exc}") from exc
     notes += [f"residual policy not applied at {s}" for s in residual.skipped]
 
-    distribution = opts.distribution or m.distribution or "orthogonal"
-    if m.name == "orthogonal":
-        distribution = "orthogonal"
+    distribution = planned_distribution(m, opts)
     layers = []
     norm_scales = {}
     for node, alpha in residual.alphas.items():

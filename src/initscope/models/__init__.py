@@ -1,24 +1,34 @@
 """Models by name: initscope's own, torchvision's, or any ``module:callable``.
 
-``create_model("plain34")``, ``create_model("resnet18-nobn")`` (torchvision's ResNet-18 with its
-BatchNorms replaced by Identity), ``create_model("mobilenet_v2")`` (any torchvision classification
-model, built with random weights: nothing is downloaded) or ``create_model("mypkg.nets:build")``.
+``create("plain34", width=16, in_channels=1, num_classes=10)`` builds one of initscope's registered
+models (:func:`list_models`): the poster's plain nets ``plain34`` and ``plain50``; ``resnet18``,
+``resnet34``, ``resnet50``, ``mobilenet_v2``, ``mobilenet_v3_small`` (torchvision's, with ``width``,
+``in_channels``, ``num_classes``, ``norm="none"`` for the BatchNorm-free variant and ``head="paper"`` for
+the second paper's 256-unit head); ``mobilenet_v1`` (ours); ``resnet18-nobn`` (= ``resnet18(norm="none")``).
+Any other torchvision classification model name (``densenet121``) is built by torchvision with random
+weights (nothing is downloaded), and ``"mypkg.nets:build"`` calls ``build(**kw)``.
+See docs/experiments-models.md.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 from typing import Any, Callable
 
 from torch import nn
 
-from initscope.models.plain import plain34
+from initscope.models.plain import plain34, plain50
+from initscope.models.zoo import mobilenet_v1, mobilenet_v2, mobilenet_v3_small, resnet18, resnet34, resnet50
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: make a model constructor available to :func:`create_model` and the CLI."""
+    """Decorator: make a model constructor available to :func:`create_model` and the CLI.
+
+    A name registered twice is refused (``ValueError``), so a plugin cannot silently replace a model.
+    """
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
@@ -29,24 +39,40 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
     return deco
 
 
-register_model("plain34")(plain34)
+for _name, _fn in [("plain34", plain34), ("plain50", plain50), ("resnet18", resnet18), ("resnet34", resnet34),
+                   ("resnet50", resnet50), ("mobilenet_v1", mobilenet_v1), ("mobilenet_v2", mobilenet_v2),
+                   ("mobilenet_v3_small", mobilenet_v3_small)]:
+    register_model(_name)(_fn)
 
 
 @register_model("resnet18-nobn")
-def resnet18_nobn(num_classes: int = 1000) -> nn.Module:
-    """torchvision's ResNet-18 without BatchNorm (``norm_layer=nn.Identity``)."""
-    from torchvision.models import resnet18
-
-    return resnet18(norm_layer=nn.Identity, num_classes=num_classes)
+def resnet18_nobn(num_classes: int = 1000, **kwargs: Any) -> nn.Module:
+    """torchvision's ResNet-18 without BatchNorm (every norm layer an ``nn.Identity``)."""
+    return resnet18(num_classes=num_classes, norm="none", **kwargs)
 
 
-def list_models() -> list[str]:
-    """initscope's own model names (torchvision's are accepted too)."""
-    return sorted(_REGISTRY)
+def list_models(pattern: str | None = None) -> list[str]:
+    """initscope's registered model names, sorted, optionally filtered by a glob (``"resnet*"``).
+
+    torchvision's other classification models and ``module:callable`` are accepted by
+    :func:`create_model` too.
+    """
+    names = sorted(_REGISTRY)
+    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is one of initscope's registered models (they all take width/in_channels/norm/head)."""
+    return name in _REGISTRY
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a model by name, with random weights."""
+    """Build a model by name, with random weights; ``kwargs`` go to its constructor.
+
+    Examples:
+        >>> create_model("plain34", width=8, in_channels=1, num_classes=10)
+        >>> create_model("resnet18", width=16, norm="none", head="paper", num_classes=12)
+    """
     if name in _REGISTRY:
         return _REGISTRY[name](**kwargs)
     if ":" in name:
@@ -69,8 +95,12 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         return tvm.get_model(name, weights=None, **kwargs)
     raise ValueError(
         f"unknown model {name!r}: use one of initscope's ({', '.join(list_models())}), a torchvision "
-        "classification model name (e.g. resnet50, mobilenet_v2), or 'package.module:callable'"
+        "classification model name (e.g. densenet121), or 'package.module:callable'"
     )
 
 
-__all__ = ["create_model", "list_models", "plain34", "register_model", "resnet18_nobn"]
+create = create_model
+
+__all__ = ["create", "create_model", "is_registered", "list_models", "mobilenet_v1", "mobilenet_v2",
+           "mobilenet_v3_small", "plain34", "plain50", "register_model", "resnet18", "resnet18_nobn",
+           "resnet34", "resnet50"]

@@ -1,4 +1,8 @@
-"""Per-layer second moments against depth: predicted (dashed) beside measured (solid)."""
+"""Per-layer second moments against depth: predicted (dashed) beside measured (solid).
+
+``plot_variance_vs_depth`` draws log2 values from the demo's measurement dicts; ``plot_depth`` draws
+the probe's table on a log axis.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 
 def _log2(values: Sequence[float]) -> list[float]:
@@ -52,3 +57,92 @@ def plot_variance_vs_depth(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+_WEIGHT_KINDS = ("conv1d", "conv2d", "conv3d", "convtranspose1d", "convtranspose2d", "convtranspose3d", "linear")
+
+
+def depth_series(frame, method: str) -> dict[str, list]:
+    """One method's weight layers in forward order, with measured and predicted second moments.
+
+    Measured: ``second_moment`` of each layer's ``output`` row (forward) and of its ``input_grad`` row
+    (backward); predicted: the plan's ``pred_out_var`` and ``pred_in_grad_var`` (NaN without a plan).
+    """
+    from initscope.plotting.common import layers_in_order
+
+    sub = frame[(frame["method"] == method) & frame["kind"].isin(_WEIGHT_KINDS)]
+    by = {(r["layer"], r["quantity"]): r for r in sub.to_dict("records")}
+    layers = [name for name in layers_in_order(sub) if (name, "output") in by]
+    nan = float("nan")
+
+    def col(name: str, quantity: str, column: str) -> float:
+        row = by.get((name, quantity))
+        return float(row[column]) if row is not None and column in row and row[column] is not None else nan
+
+    return {
+        "layers": layers,
+        "meas_out": [col(n, "output", "second_moment") for n in layers],
+        "pred_out": [col(n, "output", "pred_out_var") for n in layers],
+        "meas_grad": [col(n, "input_grad", "second_moment") for n in layers],
+        "pred_grad": [col(n, "output", "pred_in_grad_var") for n in layers],
+    }
+
+
+def plot_depth(frame, *, path: str | Path | None = None, title: str | None = None):
+    """Variance against depth from the probe's table: measured solid, predicted dashed, log scale.
+
+    Left panel (forward): ``E[u²]`` of each weight layer's output, measured, beside ``pred_out_var``.
+    Right panel (backward): ``E[(∂L/∂x)²]`` at each weight layer's input, measured, beside
+    ``pred_in_grad_var``. One colour per method. Lines carry the gids ``<measured|predicted>-<forward|
+    backward>|<method>``. Non-positive values are left out (a log axis has no place for them).
+    """
+    from initscope.plotting.common import (
+        check_columns,
+        method_colors,
+        methods_of,
+        new_figure,
+        save_figure,
+        with_method,
+    )
+
+    check_columns(frame, ["layer", "index", "kind", "quantity", "second_moment", "pred_out_var", "pred_in_grad_var"],
+                  "plot_depth")
+    frame = with_method(frame)
+    methods = methods_of(frame)
+    colors = method_colors(methods)
+    fig = new_figure(12.0, 4.6)
+    # Fixed margins: tight_layout measures every tick label, the slowest part of drawing this figure.
+    fig.subplots_adjust(left=0.07, right=0.85, bottom=0.12, top=0.84, wspace=0.2)
+    fwd, bwd = fig.subplots(1, 2, sharex=True)
+    drew_prediction = False
+    for method in methods:
+        s = depth_series(frame, method)
+        x = list(range(len(s["layers"])))
+        c = colors[method]
+        for ax, meas, pred, side in ((fwd, s["meas_out"], s["pred_out"], "forward"),
+                                     (bwd, s["meas_grad"], s["pred_grad"], "backward")):
+            ax.plot(x, _positive(meas), "-", color=c, lw=1.6, label=method or "measured",
+                    gid=f"measured-{side}|{method}")
+            if any(v == v for v in pred):
+                ax.plot(x, _positive(pred), "--", color=c, lw=1.2, gid=f"predicted-{side}|{method}")
+                drew_prediction = True
+    fwd.set_title("forward: E[u²] at each weight layer's output", fontsize=10)
+    bwd.set_title("backward: E[(∂L/∂x)²] at each weight layer's input", fontsize=10)
+    for ax in (fwd, bwd):
+        ax.set_yscale("log")
+        ax.set_xlabel("weight layer (order of the forward pass)")
+        ax.axhline(1.0, color="0.6", lw=0.8)
+        ax.grid(alpha=0.3, which="both")
+    fwd.set_ylabel("second moment")
+    handles, labels = fwd.get_legend_handles_labels()
+    handles += [Line2D([], [], color="k", ls="-"), Line2D([], [], color="k", ls="--")]
+    labels += ["measured", "predicted" if drew_prediction else "predicted (no plan)"]
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle(title or "second moments against depth: measured (solid), predicted (dashed)", fontsize=11)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def _positive(values: Sequence[float]) -> list[float]:
+    return [v if v > 0 else math.nan for v in values]

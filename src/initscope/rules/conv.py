@@ -125,7 +125,7 @@ def conv_forward_unit(ctx: Context, x: Signal, spec: ConvSpec) -> Signal:
     out_positions = prod(spec.out_spatial)
     if ctx.keep_cov(out_positions) and x.positions <= 16 * ctx.max_cov:
         scale = spec.c_in // spec.groups
-        cov = scale * tied_taps(x.full(), [a.selection for a in spec.axes])
+        cov = scale * tied_taps(x.full(), [a.taps for a in spec.axes])
     elif x.cov is not None:
         rho = x.mean_corr()
     return Signal(out_shape, m2, cov=cov, rho=rho, xcorr=x.xcorr)
@@ -138,7 +138,7 @@ def conv_backward_unit(ctx: Context, x: Signal, spec: ConvSpec, grad: Grad) -> G
     m2 = _per_channel(apply_axes_t(g, [a.counts for a in spec.axes]), spec.c_in, spec.groups)
     cov = None
     if grad.cov is not None and ctx.keep_cov(x.positions):
-        cov = (spec.c_out // spec.groups) * tied_taps_t(grad.cov, [a.selection for a in spec.axes])
+        cov = (spec.c_out // spec.groups) * tied_taps_t(grad.cov, [a.taps for a in spec.axes], [a.length for a in spec.axes])
     return Grad(x.shape, m2, cov)
 
 

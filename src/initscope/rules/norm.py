@@ -50,19 +50,28 @@ class _Norm:
         nd = len(self.shape)
         if p is None:
             return torch.tensor(default**2, dtype=DTYPE).reshape((1,) * nd)
+        flat = p.reshape(-1)
+        if flat.numel() and bool((flat == flat[0]).all()):
+            # Equal parameters (the default γ = 1, β = 0) keep every map channel-uniform: one number
+            # instead of a per-channel map that would make every later op C times larger.
+            return (flat[0] ** 2).reshape((1,) * nd)
         if self.kind == "layer":
             return (p**2).reshape((1,) * (nd - p.ndim) + tuple(p.shape))
         return (p**2).reshape(1, -1, *(1,) * (nd - 2))
 
     def pooled_mean(self, m: Tensor) -> Tensor:
         """Mean of an elementwise map over what one normalization statistic pools (batch excluded)."""
+        # A broadcast (size-1) dim averages the same as its expansion, so ``m`` stays compact.
         nd = len(self.shape)
-        full = m.expand(self.shape)
+        m = compact(m, self.shape)
+        spatial = tuple(range(2, nd))
         if self.kind in ("batch", "instance"):
-            dims = tuple(range(2, nd))
-            return full.mean(dim=dims, keepdim=True) if dims else full
+            return m.mean(dim=spatial, keepdim=True) if spatial else m
         if self.kind == "layer":
-            return full.mean(dim=tuple(range(nd - self.normalized, nd)), keepdim=True)
+            return m.mean(dim=tuple(range(nd - self.normalized, nd)), keepdim=True)
+        if m.shape[1] == 1:  # channel-uniform: a group's mean is the spatial mean
+            return m.mean(dim=spatial, keepdim=True) if spatial else m
+        full = m.expand(self.shape)
         c = self.shape[1]
         g = full.reshape(1, self.groups, c // self.groups, *self.shape[2:])
         pooled = g.mean(dim=tuple(range(2, g.ndim)), keepdim=True)

@@ -48,20 +48,42 @@ def sandwich_t(k: Tensor, mats: list[Tensor]) -> Tensor:
     return sandwich(k, [m.transpose(0, 1) for m in mats])
 
 
-def tied_taps(k: Tensor, selections: list[Tensor]) -> Tensor:
+def tied_taps(k: Tensor, taps: list[Tensor]) -> Tensor:
     """``Σ_t S_t K S_tᵀ`` with ``S_t`` the tap selections: the covariance after a ones-kernel conv.
 
-    ``selections[i]`` is ``(K_i, O_i, L_i)`` (see :attr:`initscope.geometry.Axis.selection`).
+    ``taps[i]`` is axis i's ``(K_i, O_i)`` index of the input position each tap of each output reads,
+    -1 on zero padding (:attr:`initscope.geometry.Axis.taps`). A tap picks one input per output, so
+    ``(S_t K S_tᵀ)[o, o'] = K[idx_t(o), idx_t(o')]``: a gather per axis, with a zero row and column
+    standing in for the padding.
     """
-    d = len(selections)
-    for i, s in enumerate(selections):
-        k = torch.stack([_pair(k, d, i, s[t], s[t]) for t in range(s.shape[0])]).sum(0)
+    d = len(taps)
+    for i, t in enumerate(taps):
+        k = torch.movedim(k, (i, d + i), (0, 1))
+        n = k.shape[0]
+        padded = k.new_zeros((n + 1, n + 1, *k.shape[2:]))
+        padded[:n, :n] = k
+        idx = torch.where(t < 0, n, t)
+        k = torch.movedim(padded[idx[:, :, None], idx[:, None, :]].sum(0), (0, 1), (i, d + i))
     return k
 
 
-def tied_taps_t(g: Tensor, selections: list[Tensor]) -> Tensor:
-    """``Σ_t S_tᵀ G S_t``: the gradient covariance sent back through a ones-kernel conv."""
-    return tied_taps(g, [s.transpose(1, 2) for s in selections])
+def tied_taps_t(g: Tensor, taps: list[Tensor], lengths: list[int]) -> Tensor:
+    """``Σ_t S_tᵀ G S_t``: the gradient covariance sent back through a ones-kernel conv.
+
+    The transpose of :func:`tied_taps`: every ``G[o, o']`` is added at ``(idx_t(o), idx_t(o'))``
+    (reads of the padding fall into a dropped extra row and column). ``lengths`` are the input sizes.
+    """
+    d = len(taps)
+    for i, (t, n) in enumerate(zip(taps, lengths)):
+        g = torch.movedim(g, (i, d + i), (0, 1))
+        kk, o = t.shape
+        idx = torch.where(t < 0, n, t)
+        rows = idx[:, :, None].expand(kk, o, o)
+        cols = idx[:, None, :].expand(kk, o, o)
+        out = g.new_zeros((n + 1, n + 1, *g.shape[2:]))
+        out.index_put_((rows, cols), g.unsqueeze(0).expand(kk, *g.shape), accumulate=True)
+        g = torch.movedim(out[:n, :n], (0, 1), (i, d + i))
+    return g
 
 
 def flat(k: Tensor, positions: int) -> Tensor:

@@ -1,0 +1,95 @@
+"""Drawing the unit-scale weights of a model while its plan is still being computed.
+
+Every distribution initscope draws from is a fixed unit-scale law times the layer's std
+(:func:`initscope.sampling.unit_draw_`), so the random part of an initialization does not depend on
+the plan. :func:`initscope.init_` therefore draws it in a background thread while the plan is
+propagated (torch releases the GIL inside the draw kernels), and the plan only scales the draws into
+the weights. The draws come from a copy of the generator's state, taken in the order
+:meth:`InitPlan.apply` would take them; the real generator is advanced to the copy's final state
+only when the draws are used, so ``init_(model, m, generator=g)`` writes bit for bit what
+``plan(model, m).apply(model, generator=g)`` writes, and leaves ``g`` in the same state.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor, nn
+
+from initscope.methods.classic import default_bias_bound
+from initscope.sampling import unit_draw_
+
+WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Drawing ahead keeps a second copy of every weight until the plan is written: not for huge models.
+MAX_BYTES = 2 << 30
+
+
+def _rng_state(generator: torch.Generator | None) -> torch.Tensor:
+    return (generator if generator is not None else torch.default_generator).get_state()
+
+
+class Prefetch:
+    """Unit-scale draws for every Conv/Linear weight of ``model``, in parameter order, made in a thread.
+
+    Only CPU models are drawn ahead (a CUDA generator's stream is per device and cheap to run
+    inline); for anything else :meth:`take` returns None and the plan draws as usual.
+    """
+
+    def __init__(self, model: nn.Module, distribution: str, default_bias: bool, generator: torch.Generator | None) -> None:
+        self.generator = generator
+        self.layers: list[tuple[str, Tensor, Tensor | None]] = []
+        for name, module in model.named_modules():
+            if isinstance(module, WEIGHT_TYPES) and isinstance(module.weight, nn.Parameter):
+                bias = module.bias if default_bias and isinstance(getattr(module, "bias", None), nn.Parameter) else None
+                self.layers.append((f"{name}.weight" if name else "weight", module.weight, bias))
+        lazy = any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+        size = 0 if lazy else sum(w.numel() * w.element_size() for _, w, _ in self.layers)
+        self.enabled = bool(self.layers) and not lazy and size <= MAX_BYTES and all(w.device.type == "cpu" for _, w, _ in self.layers)
+        self.enabled = self.enabled and (generator is None or generator.device.type == "cpu")
+        self.draws: dict[str, tuple[Tensor, Tensor | None]] = {}
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if self.enabled:
+            self._copy = torch.Generator()
+            self._copy.set_state(_rng_state(generator))
+            self._thread = threading.Thread(target=self._run, args=(distribution,), daemon=True)
+            self._thread.start()
+
+    def _run(self, distribution: str) -> None:
+        try:
+            with torch.no_grad():
+                for path, weight, bias in self.layers:
+                    w = unit_draw_(torch.empty_like(weight), distribution, self._copy)
+                    b = None
+                    if bias is not None:
+                        bound = default_bias_bound(weight)
+                        b = torch.empty_like(bias).uniform_(-bound, bound, generator=self._copy)
+                    self.draws[path] = (w, b)
+        except BaseException as exc:  # reported by take(); the plan then draws inline
+            self.error = exc
+
+    def order(self) -> list[tuple[str, bool]]:
+        return [(path, bias is not None) for path, _, bias in self.layers]
+
+    def take(self, order: list[tuple[str, bool]]) -> dict[str, tuple[Tensor, Tensor | None]] | None:
+        """The draws, if they are exactly the ones applying the plan would make.
+
+        ``order`` lists, in the order the plan writes them, each weight's path and whether a bias
+        is drawn right after it.
+        """
+        if self._thread is None:
+            return None
+        self._thread.join()
+        if self.error is not None or order != self.order():
+            return None
+        return self.draws
+
+    def commit(self) -> None:
+        """Advance the real generator past the draws that were used."""
+        (self.generator if self.generator is not None else torch.default_generator).set_state(self._copy.get_state())
+
+    def discard(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        self.draws = {}

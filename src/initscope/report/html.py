@@ -1,0 +1,210 @@
+"""The comparison report as one self-contained HTML page.
+
+Everything the page shows is inside the file: figures as base64 PNG ``data:`` URLs, the style sheet
+inline, no script, no font or link to fetch. It opens from a USB stick on a machine with no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import pandas as pd
+
+_WEIGHT_KINDS = ("conv1d", "conv2d", "conv3d", "convtranspose1d", "convtranspose2d", "convtranspose3d", "linear")
+
+_STYLE = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.5em auto;
+       max-width: 1400px; padding: 0 1em; color: #1d1d1f; }
+h1 { font-size: 1.5em; margin-bottom: .2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .5em 0 1em; font-variant-numeric: tabular-nums; }
+th, td { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: right; white-space: nowrap; }
+th { background: #f4f4f6; position: sticky; top: 0; }
+td.name, th.name { text-align: left; }
+table.meta td, table.meta th { text-align: left; }
+tr.flag td { background: #fde2e1; } td.off { color: #b00020; font-weight: 600; }
+figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: .92em; max-width: 80em; }
+details { margin: .4em 0; } summary { cursor: pointer; font-weight: 600; }
+.note { color: #555; max-width: 80em; } .scroll { overflow-x: auto; }
+"""
+
+
+@dataclass(frozen=True)
+class PageFigure:
+    """One figure of the page: its title, a caption saying what is drawn, and the PNG bytes."""
+
+    title: str
+    caption: str
+    png: bytes
+    width: int
+    height: int
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk (bytes 16-24), so the page can reserve the space."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
+        raise ValueError("not a PNG file (bad signature)")
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def page_figure(title: str, caption: str, png: bytes) -> PageFigure:
+    width, height = png_size(png)
+    return PageFigure(title, caption, png, width, height)
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value, spec: str = ".3g") -> str:
+    if value is None:
+        return "–"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return _e(value)
+    if math.isnan(v):
+        return "–"
+    return format(v, spec)
+
+
+def _ratio_cell(value) -> str:
+    """A measured/predicted ratio; outside [1/2, 2] it is marked (the probe's flag threshold)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "<td>–</td>"
+    if math.isnan(v):
+        return "<td>–</td>"
+    off = not (0.5 <= v <= 2.0)
+    return f'<td class="off">{v:.3g}</td>' if off else f"<td>{v:.3g}</td>"
+
+
+def check_table(frame: pd.DataFrame, method: str) -> str:
+    """Measured against predicted, one row per weight layer of one method; flagged rows highlighted.
+
+    A layer is flagged when either ratio (measured / predicted second moment) leaves [1/2, 2]; a
+    layer with non-finite values anywhere is flagged too, so a NaN never passes silently.
+    """
+    sub = frame[frame["method"] == method]
+    weight_layers = sub[sub["kind"].isin(_WEIGHT_KINDS)]
+    nonfinite = sub.groupby("layer", sort=False)["nonfinite"].sum()
+    first = weight_layers.sort_values("index", kind="stable").drop_duplicates("layer")
+    head = ("#", "layer", "kind", "pred E[u²]", "meas E[u²]", "ratio", "pred E[g²]", "meas E[g²]", "ratio",
+            "non-finite", "flag")
+    out = ['<div class="scroll"><table class="check"><thead><tr>']
+    out += [f'<th class="name">{h}</th>' if h in ("layer", "kind") else f"<th>{h}</th>" for h in head]
+    out.append("</tr></thead><tbody>")
+    for r in first.to_dict("records"):
+        bad = int(nonfinite.get(r["layer"], 0))
+        flagged = bool(r.get("flagged", False)) or bad > 0
+        out.append(f'<tr class="flag">' if flagged else "<tr>")
+        out.append(f"<td>{int(r['index'])}</td><td class=\"name\">{_e(r['layer'])}</td><td class=\"name\">{_e(r['kind'])}</td>")
+        out.append(f"<td>{_num(r.get('pred_out_var'))}</td><td>{_num(r.get('meas_out_var'))}</td>")
+        out.append(_ratio_cell(r.get("out_ratio")))
+        out.append(f"<td>{_num(r.get('pred_in_grad_var'))}</td><td>{_num(r.get('meas_in_grad_var'))}</td>")
+        out.append(_ratio_cell(r.get("in_grad_ratio")))
+        out.append(f'<td class="off">{bad}</td>' if bad else "<td>0</td>")
+        out.append(f"<td>{'flagged' if flagged else ''}</td></tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def summary_rows(frame: pd.DataFrame, methods: Sequence[str]) -> list[dict]:
+    """Per method: weight layers, flagged layers, and the worst |log2(measured / predicted)| each way."""
+    rows = []
+    for method in methods:
+        sub = frame[(frame["method"] == method) & frame["kind"].isin(_WEIGHT_KINDS)].drop_duplicates("layer")
+        nonfinite = frame[frame["method"] == method].groupby("layer")["nonfinite"].sum()
+        flagged = sum(bool(f) or nonfinite.get(n, 0) > 0 for n, f in zip(sub["layer"], sub["flagged"]))
+
+        def worst(col: str) -> float:
+            vals = [abs(math.log2(v)) for v in sub[col].astype(float) if v > 0 and math.isfinite(v)]
+            return max(vals) if vals else math.nan
+
+        rows.append({"method": method, "layers": len(sub), "flagged": flagged,
+                     "worst_fwd": worst("out_ratio"), "worst_bwd": worst("in_grad_ratio")})
+    return rows
+
+
+def plan_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = ['<div class="scroll"><table class="plan"><thead><tr>']
+    out += [f'<th class="name">{_e(c)}</th>' if i < 2 else f"<th>{_e(c)}</th>" for i, c in enumerate(columns)]
+    out.append("</tr></thead><tbody>")
+    for r in rows:
+        out.append("<tr>" + "".join(f'<td class="name">{_e(c)}</td>' if i < 2 else f"<td>{_e(c)}</td>"
+                                    for i, c in enumerate(r)) + "</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def render_page(
+    meta: Mapping[str, str],
+    frame: pd.DataFrame,
+    plans: Mapping[str, tuple[Sequence[str], Sequence[Sequence[str]], Sequence[str]]],
+    figures: Sequence[PageFigure],
+    notes: Sequence[str] = (),
+) -> str:
+    """The whole page as a string.
+
+    Args:
+        meta: the "what was run" header, label -> value, shown in order.
+        frame: the concatenated probe table (with a ``method`` column).
+        plans: method -> (column titles, rows of strings, notes) of its plan table.
+        figures: embedded in order, as base64 PNG.
+        notes: paragraphs under the header (how the loss was made, what a flag means).
+    """
+    methods = list(dict.fromkeys(frame["method"].astype(str)))
+    title = f"initscope · {meta.get('model', '')} · {len(methods)} initializations compared"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        '<section id="run"><h2>What was run</h2><table class="meta"><tbody>',
+    ]
+    parts += [f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in meta.items()]
+    parts.append("</tbody></table>")
+    parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
+    parts.append("</section>")
+
+    parts.append('<section id="summary"><h2>Summary</h2><table><thead><tr><th class="name">method</th>'
+                 "<th>weight layers</th><th>flagged</th><th>worst |log2 ratio| forward</th>"
+                 "<th>worst |log2 ratio| backward</th></tr></thead><tbody>")
+    for s in summary_rows(frame, methods):
+        cls = ' class="flag"' if s["flagged"] else ""
+        parts.append(f'<tr{cls}><td class="name">{_e(s["method"])}</td><td>{s["layers"]}</td><td>{s["flagged"]}</td>'
+                     f"<td>{_num(s['worst_fwd'], '.2f')}</td><td>{_num(s['worst_bwd'], '.2f')}</td></tr>")
+    parts.append("</tbody></table></section>")
+
+    parts.append('<section id="figures"><h2>Figures</h2>')
+    for i, fig in enumerate(figures):
+        data = base64.b64encode(fig.png).decode("ascii")
+        parts.append(
+            f'<figure id="figure-{i}"><h3>{_e(fig.title)}</h3>'
+            f'<img src="data:image/png;base64,{data}" alt="{_e(fig.title)}" width="{fig.width}" height="{fig.height}">'
+            f"<figcaption>{_e(fig.caption)}</figcaption></figure>"
+        )
+    parts.append("</section>")
+
+    parts.append('<section id="check"><h2>Measured against predicted, per weight layer</h2>'
+                 '<p class="note">E[u²]: second moment of the layer\'s output; E[g²]: second moment of the '
+                 "gradient at the layer's input. Ratio = measured / predicted; rows are flagged (red) when a "
+                 "ratio leaves [1/2, 2] or a tensor of the layer holds non-finite values.</p>")
+    for i, method in enumerate(methods):
+        open_ = " open" if i == 0 else ""
+        parts.append(f"<details{open_}><summary>{_e(method or 'probe')}</summary>{check_table(frame, method)}</details>")
+    parts.append("</section>")
+
+    parts.append('<section id="plans"><h2>Plans</h2>')
+    for method, (columns, rows, plan_notes) in plans.items():
+        parts.append(f"<details><summary>{_e(method)}</summary>{plan_table(columns, rows)}")
+        parts += [f'<p class="note">note: {_e(n)}</p>' for n in plan_notes]
+        parts.append("</details>")
+    parts.append("</section></body></html>")
+    return "\n".join(parts)

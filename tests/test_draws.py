@@ -1,0 +1,78 @@
+"""init_ draws the random part of the weights while it plans (initscope.draws): same bits, same RNG state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import initscope
+from initscope.models import create_model
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    "method,options",
+    [("asv-backward", {}), ("orthogonal", {}), ("default", {}), ("kaiming-forward", {"distribution": "truncated_normal"}),
+     ("xavier", {"distribution": "uniform"})],
+)
+def test_init_writes_what_plan_then_apply_writes(method, options):
+    model = create_model("resnet18-nobn")
+    twin = copy.deepcopy(model)
+    g, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    initscope.init_(model, method, input_shape=(3, 32, 32), generator=g, **options)
+    initscope.plan(twin, method, input_shape=(3, 32, 32), **options).apply(twin, generator=g2)
+    assert _same(model, twin)
+    assert torch.equal(g.get_state(), g2.get_state())
+
+
+def test_global_generator_advances_as_apply_would():
+    model = create_model("plain34", width=8)
+    twin = copy.deepcopy(model)
+    torch.manual_seed(0)
+    initscope.init_(model, "asv-forward", input_shape=(3, 32, 32))
+    after_init = torch.rand(3)
+    torch.manual_seed(0)
+    initscope.plan(twin, "asv-forward", input_shape=(3, 32, 32)).apply(twin)
+    assert _same(model, twin)
+    assert torch.equal(after_init, torch.rand(3))
+
+
+class _Unreached(nn.Module):
+    """A conv the forward pass never calls: the draws made ahead don't match the plan's and are dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = nn.Conv2d(3, 4, 3)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_draws_ahead_that_do_not_match_are_not_used():
+    model = _Unreached()
+    twin = copy.deepcopy(model)
+    g, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    initscope.init_(model, "kaiming-forward", input_shape=(3, 8, 8), generator=g)
+    initscope.plan(twin, "kaiming-forward", input_shape=(3, 8, 8)).apply(twin, generator=g2)
+    assert _same(model, twin)
+    assert torch.equal(g.get_state(), g2.get_state())
+    assert torch.equal(model.spare.weight, twin.spare.weight)  # untouched by both
+
+
+def test_failed_plan_leaves_weights_and_generator_alone():
+    model = create_model("plain34", width=8)
+    before = copy.deepcopy(model.state_dict())
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    with pytest.raises(ValueError):
+        initscope.init_(model, "asv-forward", input_shape=(3, 2), generator=g)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(state, g.get_state())
