@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch/torchvision pinned here so pip takes the local wheels instead of a multi-GB download
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,6 +24,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/plan_speed.py
+	$(PY) benchmarks/probe_speed.py
+	$(PY) benchmarks/train_speed.py --threads 1
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .hypothesis

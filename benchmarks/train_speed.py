@@ -3,8 +3,8 @@ same model, data tensors, optimizer, batch size and steps, side by side in one p
 
 Each epoch is one train pass over the shuffled train split plus one validation pass, in both loops; our
 loop's epoch also has the progress bookkeeping, accuracy counting, divergence checks, the best-weights
-copy and the history row. Throughput = train images per second of epoch time; the median of 5 epochs
-(after a warm-up epoch) on each side. Target (issue 4): ratio >= 0.9. Run with
+copy and the history row. Throughput = train images per second of epoch time; the median of 5 repeats
+of the second epoch of a fresh run (the first warms up) on each side, the two alternating. Target (issue 4): ratio >= 0.9. Run with
 ``.venv/bin/python benchmarks/train_speed.py``.
 """
 
@@ -64,15 +64,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    epochs = args.repeats + 1  # the first epoch warms caches and allocators; it is dropped on both sides
+    # two epochs per side and repeat, the first one warming caches and the allocator; the two loops
+    # alternate, so that load from other processes falls on both alike
     config = RunConfig(data=args.data, model=args.model, width=args.width, optimizer=args.optimizer,
-                       batch_size=args.batch_size, epochs=epochs, device="cpu")
-    train(RunConfig(**{**config.to_dict(), "epochs": 1}), progress=False)  # load the data and warm up once
+                       batch_size=args.batch_size, epochs=2, device="cpu")
     bare, ours = [], []
-    # alternate the two loops, one epoch block each, so that load from other processes falls on both
-    for _ in range(2):
-        bare += bare_epochs(config, epochs)[1:]
-        ours += [h["seconds"] for h in train(config, progress=False).history[1:]]
+    for _ in range(args.repeats):
+        bare.append(bare_epochs(config, 2)[1])
+        ours.append(train(config, progress=False).history[1]["seconds"])
     n = len(load_data(config.data, seed=config.seed).train)
     b, o = statistics.median(bare), statistics.median(ours)
     print(f"{args.model} width {args.width}, {args.data} ({n} train images), {args.optimizer}, batch {args.batch_size}, "

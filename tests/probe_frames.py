@@ -3,6 +3,12 @@ random tensors, so the figures and the report can be tested apart from the probe
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -89,3 +95,17 @@ def tiny_cnn():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(16, 10),
     )
+
+
+SHARED_METHODS = ("xavier", "kaiming-forward", "asv-backward")
+
+
+@functools.lru_cache(maxsize=1)
+def shared_report():
+    """One comparison report on :func:`tiny_cnn`, made once per test session and shared by the report
+    and browser tests (it is the slowest part of both); removed when the session ends."""
+    from initscope.report import compare
+
+    out = Path(tempfile.mkdtemp(prefix="initscope-report-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    return compare(tiny_cnn, ",".join(SHARED_METHODS), input_shape=(3, 16, 16), batch=8, seed=3, out_dir=out)

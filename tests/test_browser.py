@@ -14,9 +14,7 @@ import shutil
 import subprocess
 
 import pytest
-from probe_frames import tiny_cnn
-
-from initscope.report import compare
+from probe_frames import shared_report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 BROWSER = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
@@ -56,9 +54,8 @@ def open_in_browser(page_path, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("browser-report")
-    return compare(tiny_cnn, "xavier,kaiming-forward", input_shape=(3, 12, 12), batch=4, out_dir=out)
+def report():
+    return shared_report()  # made by initscope.report.compare on a small CNN, shared with test_report
 
 
 def test_every_figure_loads_in_chromium(report, tmp_path):

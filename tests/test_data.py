@@ -114,7 +114,8 @@ def test_folder_split_skips_corrupt_images_and_saves_split(tmp_path):
     assert sorted(doc["files"]) == ["test", "train", "val"]
     assert all(f.split("/")[0] in ("ant", "bee", "cat") for f in doc["files"]["train"])
     assert doc["skipped"] == d.skipped and len(set(sum(doc["files"].values(), []))) == 30
-    gray = load_data(f"folder:{root}", seed=0, image_size=12, in_channels=1)
+    with pytest.warns(UserWarning, match="broken.png"):
+        gray = load_data(f"folder:{root}", seed=0, image_size=12, in_channels=1)
     assert gray.input_shape == (1, 12, 12)
 
 

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.lines import Line2D
 from probe_frames import layer_names, make_frame
 
 from initscope.plotting import (

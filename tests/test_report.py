@@ -7,24 +7,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from probe_frames import make_frame, tiny_cnn
+from probe_frames import SHARED_METHODS, make_frame, shared_report, tiny_cnn
 from typer.testing import CliRunner
 
 from initscope.cli import app
+from initscope.errors import InitscopeError
 from initscope.methods import METHODS
 from initscope.report import compare, parse_methods
 from initscope.report.compare import FIGURES
 from initscope.report.html import page_figure, png_size, render_page
 from initscope.report.inputs import load_batch
 
-METHODS3 = ("xavier", "kaiming-forward", "asv-backward")
+METHODS3 = SHARED_METHODS
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("report")
-    return compare(tiny_cnn, ",".join(METHODS3), input_shape=(3, 16, 16), batch=8, seed=3, out_dir=out)
+def report():
+    return shared_report()  # tiny_cnn, METHODS3, input 3x16x16, batch 8, seed 3
 
 
 def imgs(page: str) -> list[str]:
@@ -160,7 +160,7 @@ def test_parse_methods():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"methods": "xavier,bogus"}, "unknown method"),
-    ({"data": "imagenet"}, "data='imagenet' is not one of"),
+    ({"data": "imagenet"}, "data='imagenet' is not one of.*cifar10"),
     ({"data": "folder:/no/such/dir"}, "is not a folder"),
     ({"input_shape": (3, 0, 16)}, "positive sizes"),
     ({"batch": 0}, "batch=0"),
@@ -180,6 +180,31 @@ def test_compare_wants_a_factory_not_a_model(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+class _Raises(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[-1] < 100:  # data-dependent: fx cannot trace it, and eager runs raise
+            raise RuntimeError("boom inside forward")
+        return y
+
+
+def test_a_model_that_raises_writes_nothing(tmp_path):
+    with pytest.raises(InitscopeError, match="_Raises"):
+        compare(_Raises, "xavier", input_shape=(3, 8, 8), out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unknown_model(tmp_path):
+    result = runner.invoke(app, ["compare", "--model", "no_such_net", "--methods", "xavier", "--input-shape", "3,32,32",
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "unknown model" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_unknown_method_lists_valid_ones(tmp_path):
     result = runner.invoke(app, ["compare", "--model", "plain34", "--methods", "xavier,he", "--input-shape", "3,32,32",
                                  "--out", str(tmp_path / "o")])
@@ -195,7 +220,7 @@ def test_cli_writes_the_report(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == str(out / "index.html")
     page = (out / "index.html").read_text(encoding="utf-8")
-    assert "scikit-learn digits" in section(page, "run") and len(imgs(page)) == len(FIGURES)
+    assert "digits: the first 4 images" in section(page, "run") and len(imgs(page)) == len(FIGURES)
     frame = pd.read_parquet(out / "stats.parquet")
     assert set(frame["method"]) == {"xavier", "lecun"}
 
@@ -222,15 +247,21 @@ def test_gaussian_batch_is_seeded():
 
 
 def test_digits_batch():
+    from initscope.experiments.data import load_data
+
     b = load_batch("digits", (3, 20, 24), 6, seed=0)
     assert b.inputs.shape == (6, 3, 20, 24) and not b.gaussian
     assert b.inputs.min() >= -1.0 and b.inputs.max() <= 1.0 and b.inputs.min() < -0.9
     assert torch.equal(b.inputs[:, 0], b.inputs[:, 2])  # grey repeated over channels
+    train = load_data("digits", seed=0, image_size=(20, 24)).train
+    assert torch.equal(b.inputs[:, :1], torch.stack([train[i][0] for i in range(6)]))
+    # at the native 8x8 size, straight from scikit-learn: pixel/16 mapped to [-1, 1]
     from sklearn.datasets import load_digits
 
-    first = torch.randperm(1797, generator=torch.Generator().manual_seed(0))[0]
-    native = load_batch("digits", (1, 8, 8), 1, seed=0).inputs[0, 0]
-    assert torch.allclose(native, torch.as_tensor(load_digits().images[first], dtype=torch.float32) / 8.0 - 1.0)
+    native = load_batch("digits", (1, 8, 8), 2, seed=0).inputs
+    first = load_data("digits", seed=0, image_size=(8, 8)).split_indices["train"][:2]
+    expect = torch.as_tensor(load_digits().images[first], dtype=torch.float32)[:, None] / 16.0 * 2 - 1
+    assert torch.allclose(native, expect)
 
 
 def test_folder_batch(tmp_path):
@@ -238,12 +269,20 @@ def test_folder_batch(tmp_path):
 
     for cls, value in (("a", 0), ("b", 255)):
         (tmp_path / cls).mkdir()
-        for i in range(2):
+        for i in range(3):
             Image.new("RGB", (10 + i, 7), (value, value, value)).save(tmp_path / cls / f"{i}.png")
-    b = load_batch(f"folder:{tmp_path}", (3, 5, 6), 3)
-    assert b.inputs.shape == (3, 3, 5, 6)
-    assert torch.all(b.inputs[:2] == -1.0) and torch.all(b.inputs[2] == 1.0)  # sorted: a/0, a/1, b/0
-    assert "first 3 of 4 images" in b.description
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no images"):
-        load_batch(f"folder:{tmp_path / 'empty'}", (3, 5, 6), 3)
+    b = load_batch(f"folder:{tmp_path}", (3, 5, 6), 8)
+    assert b.inputs.shape == (6, 3, 5, 6)  # the whole source: 6 images
+    per_image = b.inputs.flatten(1)
+    assert torch.all(per_image.min(1).values == per_image.max(1).values)  # flat images stay flat
+    assert sorted(per_image[:, 0].tolist()) == [-1.0] * 3 + [1.0] * 3
+    assert "fewer than batch=8" in b.description
+    with pytest.raises(ValueError, match="is not a folder"):
+        load_batch(f"folder:{tmp_path / 'nope'}", (3, 5, 6), 3)
+    with pytest.raises(ValueError, match=r"needs \(C, H, W\)"):
+        load_batch("digits", (64,), 3)
+
+
+def test_missing_torchvision_set_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="mnist"):
+        load_batch("mnist", (1, 28, 28), 2, root=tmp_path)

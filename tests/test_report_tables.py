@@ -171,3 +171,56 @@ def test_diverged_runs_count_with_what_they_reached(tmp_path):
 def test_missing_database(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results database"):
         rp.load_runs(tmp_path / "nope.db")
+
+
+def test_where_restricts_the_tables(db, tmp_path):
+    rep = rp.write_report(db, tmp_path / "w", figures=False, where={"optimizer": ["adam"], "lr": ["0.001"]})
+    t3 = rep.table("table3_optimizer_method").data
+    assert list(t3["optimizer"].unique()) == ["adam"] and set(t3["setting"]) == {"data=B"}
+    cell = t3[t3["method"] == "xavier"].iloc[0]
+    values = [100 * best_val("A", "xavier", "adam", 1e-3, s) for s in SEEDS] + \
+             [100 * best_val("B", "xavier", "adam", 1e-3, s) for s in SEEDS]
+    # data still varies: the cell takes the better dataset (B) by mean validation accuracy
+    assert cell["mean"] == pytest.approx(statistics.mean(values[3:]))
+    md = (tmp_path / "w" / "report.md").read_text()
+    assert "Only the runs with optimizer in adam; lr in 0.001" in md and "14 runs in the database" in md
+    with pytest.raises(ValueError, match="where: unknown key 'optimiser'; valid: .*optimizer"):
+        rp.write_report(db, tmp_path / "w2", where={"optimiser": ["adam"]})
+
+
+def test_probe_frames_become_figures(tmp_path):
+    from probe_frames import make_frame
+
+    db = tmp_path / "p.db"
+    with Store(db) as s:
+        for method in ("xavier", "asv-backward"):
+            key = ("A", method, "adam", 1e-3, 0)
+            run_dir = tmp_path / "runs" / rid(*key)
+            run_dir.mkdir(parents=True)
+            init = make_frame(methods=(method,)).drop(columns=["method"]).assign(step=0)
+            later = init.assign(step=50, layer="later." + init["layer"])  # a second probe, after training
+            pd.concat([init, later]).to_parquet(run_dir / "probe.parquet")
+            s.claim(rid(*key), cfg(*key))
+            s.set_run_dir(rid(*key), run_dir)
+            s.finish(SimpleNamespace(run_id=rid(*key), status="finished", history=[
+                {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5}],
+                best_epoch=1, test={}, diverged_epoch=None, error=None, checkpoint=None))
+    ((name, frame),) = rp._probe_frames(rp.load_runs(db))
+    assert name == "A · plain34" and set(frame["method"]) == {"xavier", "asv-backward"}
+    assert set(frame["step"]) == {0} and not frame["layer"].str.startswith("later.").any()
+    rep = rp.write_report(db, tmp_path / "out")
+    probes = [p for _, p in rep.figures if p.name.startswith("probe_")]
+    assert sorted(p.name.split("_")[1] for p in probes) == ["activation", "depth", "gradient"]
+    assert all(p.is_file() for p in probes)
+    assert (tmp_path / "out" / "report.html").read_text().count("data:image/png;base64,") == 4
+
+
+def test_only_failed_runs(tmp_path):
+    db = tmp_path / "f.db"
+    with Store(db) as s:
+        s.claim("a", cfg("A", "xavier", "adam", 1e-3, 0))
+        s.fail("a", "Traceback (most recent call last):\nValueError: bad")
+    rep = rp.write_report(db, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.count("No finished or diverged runs yet.") == 3 and "1 run in the database: 0 finished" in md
+    assert "`a`: ValueError: bad" in md and not rep.figures

@@ -117,6 +117,15 @@ def test_example_configs_parse():
         assert SweepConfig.from_toml(path).expand(), path
 
 
+def test_demo_toml_is_the_demo_sweep(tmp_path):
+    from initscope.experiments.runner import DEMO_METHODS, demo_sweep
+
+    code = demo_sweep(tmp_path)
+    assert [r.run_id for r in code.expand()] == [r.run_id for r in SweepConfig.from_toml(
+        ROOT / "examples" / "demo_digits.toml").expand()]
+    assert code.grid["method"] == list(DEMO_METHODS) and len(DEMO_METHODS) == 7
+
+
 # -- the runner with a stand-in train ------------------------------------------------------------------
 
 
@@ -221,7 +230,7 @@ def test_real_sweep_on_synthetic_end_to_end(tmp_path):
     sweep = SweepConfig(grid={"data": ["synthetic"], "method": ["xavier", "asv-backward"]},
                         fixed={"width": 4, "epochs": 2, "batch_size": 32, "limit": 64},
                         db=tmp_path / "r.db", out=tmp_path / "runs", name="e2e")
-    summary = run_sweep(sweep, progress=False)
+    summary = run_sweep(sweep, progress=False, threads=1)
     assert summary.ran == {"finished": 2}, summary.line()
     with Store(sweep.db) as s:
         for r in s.runs():
@@ -266,8 +275,8 @@ def test_killed_cli_sweep_resumes(tmp_path):
     """A sweep killed with SIGKILL mid-run (no chance to clean up) is resumed by the same command."""
     db = tmp_path / "r.db"
     cmd = [sys.executable, "-m", "initscope.cli", "sweep", "--data", "synthetic", "--methods", "xavier,asv-forward",
-           "--seeds", "0,1", "--width", "4", "--epochs", "2", "--batch-size", "32", "--limit", "64",
-           "--db", str(db), "--out", str(tmp_path / "runs")]
+           "--seeds", "0", "--width", "4", "--epochs", "2", "--batch-size", "32", "--limit", "64",
+           "--db", str(db), "--out", str(tmp_path / "runs"), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     done = 0
@@ -293,6 +302,6 @@ def test_killed_cli_sweep_resumes(tmp_path):
     with Store(db) as s:
         assert s.integrity_check() == "ok"
         runs = s.runs()
-        assert len(runs) == 4 and all(r["status"] == "finished" for r in runs)
+        assert len(runs) == 2 and all(r["status"] == "finished" for r in runs)
         # the killed run was taken over once, nothing else repeated
         assert sum(r["attempts"] for r in runs) == len(runs) + orphaned

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 
 
@@ -33,15 +35,21 @@ def train_cmd(
     out: Path = typer.Option(Path("runs"), "--out", help="folder for checkpoints and result.json"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue a killed run from its last epoch"),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default); 1 on a shared machine"),
 ) -> None:
     """Train one model with one initialization; print the per-epoch history and the test metrics."""
     from rich.console import Console
     from rich.table import Table
 
     from initscope.errors import InitscopeError
+    from initscope.experiments.preflight import PreflightError, check_output
     from initscope.experiments.train import RunConfig, train
 
     console = Console()
+    if threads > 0:
+        # On a machine whose cores other processes also use, OpenMP threads spin-waiting on each other can
+        # slow every step many times over; one thread each avoids it.
+        torch.set_num_threads(threads)
     try:
         steps = tuple(int(s) for s in step_epochs.replace(" ", "").split(",") if s)
     except ValueError:
@@ -52,10 +60,13 @@ def train_cmd(
                            step_gamma=step_gamma, epochs=epochs, batch_size=batch_size, seed=seed,
                            image_size=image_size, normalize=normalize, weight_decay=weight_decay, limit=limit,
                            device=device, probe_every=probe_every)
+        check_output(out)  # an unwritable folder or a full disk: an error now, not at the first checkpoint
         result = train(config, out_dir=out, progress=progress, resume=resume)
-    except (InitscopeError, ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+    except (InitscopeError, ValueError, TypeError, FileNotFoundError, RuntimeError, PreflightError) as exc:
         console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for all
+        return
     table = Table("epoch", "lr", "train loss", "train acc", "val loss", "val acc", "s",
                   title=f"{config.model} · {config.method} · {config.optimizer} lr {config.lr:g} · {config.data}")
     for h in result.history:

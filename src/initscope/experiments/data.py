@@ -26,7 +26,6 @@ stratified, seeded subset of that many train images (validation and test are kep
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import warnings
@@ -158,10 +157,44 @@ def _size(image_size: int | Sequence[int] | None, default: tuple[int, int]) -> t
     return (int(image_size[0]), int(image_size[1]))
 
 
+def _require_finite(source: str, x: torch.Tensor, files: list[str] | None) -> None:
+    """Refuse images holding NaN or inf: every run on them would end ``diverged``, blaming the initialization."""
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        what = files[first] if files else f"image {first}"
+        raise ValueError(f"{source}: {int(bad.sum())} image(s) hold NaN or inf values, the first is {what}; "
+                         "fix or remove them before training")
+
+
+def min_per_class(fractions: Sequence[float]) -> int:
+    """The fewest images a class needs so that every split with a nonzero fraction gets one of them."""
+    for n in range(1, 1000):
+        if all(c >= 1 for c, f in zip(_class_counts(n, fractions), fractions) if f > 0):
+            return n
+    raise ValueError(f"split {tuple(fractions)}: no class size up to 1000 gives every split an image")
+
+
+def _require_every_class_in_every_split(source: str, y: torch.Tensor, class_names: list[str],
+                                        fractions: Sequence[float]) -> None:
+    """Refuse a folder whose smallest classes cannot appear in every split: a class missing from validation
+    or test would make the macro scores average over a class with no samples (a silently wrong number)."""
+    need = min_per_class(fractions)
+    counts = torch.bincount(y, minlength=len(class_names)).tolist()
+    small = [f"{name!r} ({n})" for name, n in zip(class_names, counts) if n < need]
+    if small:
+        raise ValueError(f"{source}: class folder(s) with too few readable images: {', '.join(small)}; a "
+                         f"{'/'.join(f'{round(100 * f)}' for f in fractions)} split needs at least {need} per class to "
+                         "put one in each of train, validation and test. Add images or remove those folders")
+
+
 def _assemble(source: str, x01: torch.Tensor, y: torch.Tensor, parts: list[list[int]], *, normalize: str,
               limit: int | None, seed: int, class_names: list[str], files: list[str] | None = None,
               skipped: list[str] | None = None, tests: tuple[torch.Tensor, torch.Tensor] | None = None) -> DataSplits:
     """DataSplits from images in [0, 1] (N, C, H, W), labels and index parts [train, val(, test)]."""
+    _require_finite(source, x01, files)
+    if tests is not None:
+        _require_finite(f"{source} (test split)", tests[0], None)
     train_idx = parts[0]
     if limit is not None:
         sub = stratified_subset(y[train_idx], limit, seed)
@@ -347,13 +380,22 @@ def load_data(source: str, *, root: str | Path | None = None, seed: int = 0, ima
         raise ValueError(f"unknown normalize {normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
     if in_channels not in (None, 1, 3):
         raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
-    key_size = None if image_size is None else _size(image_size, (0, 0))
-    return _load_cached(source, None if root is None else str(root), int(seed), key_size, normalize,
-                        tuple(float(f) for f in split), limit, in_channels, progress)
+    key = (source, None if root is None else str(root), int(seed),
+           None if image_size is None else _size(image_size, (0, 0)), normalize, tuple(float(f) for f in split),
+           limit, in_channels)
+    if key not in _CACHE:
+        _CACHE[key] = _load(*key, progress=progress)
+        while len(_CACHE) > _CACHE_SIZE:  # the oldest goes first
+            _CACHE.pop(next(iter(_CACHE)))
+    return _CACHE[key]
 
 
-@functools.lru_cache(maxsize=4)
-def _load_cached(source, root, seed, image_size, normalize, split, limit, in_channels, progress) -> DataSplits:
+# A sweep runs many configs on the same data: loading (a folder's decoding above all) happens once.
+_CACHE: dict[tuple, DataSplits] = {}
+_CACHE_SIZE = 4
+
+
+def _load(source, root, seed, image_size, normalize, split, limit, in_channels, *, progress: bool) -> DataSplits:
     common = dict(normalize=normalize, limit=limit, seed=seed)
     if source == "digits":
         x, y, names = _digits(image_size)
@@ -367,6 +409,7 @@ def _load_cached(source, root, seed, image_size, normalize, split, limit, in_cha
         return _assemble(source, x, y, [train_idx, val_idx], class_names=names, tests=test, **common)
     if source.startswith("folder:") and len(source) > len("folder:"):
         x, y, names, files, skipped = _folder(source[len("folder:"):], image_size, in_channels, progress)
+        _require_every_class_in_every_split(source, y, names, split)
         return _assemble(source, x, y, stratified_split(y, split, seed), class_names=names, files=files,
                          skipped=skipped, **common)
     raise ValueError(f"unknown data source {source!r}; valid: {', '.join(SOURCES)}")

@@ -25,7 +25,7 @@ import html
 import json
 import math
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,12 +324,16 @@ class Report:
         raise KeyError(f"no table {key!r}; have: {', '.join(t.key for t in self.tables)}")
 
 
+def _seeds_note(table: pd.DataFrame) -> str:
+    ns = sorted({int(n) for n in table["n"]}) if len(table) else [0]
+    if len(ns) == 1:
+        return f"mean ± std over {ns[0]} seed{'s' if ns[0] != 1 else ''}"
+    return f"mean ± std over {ns[0]}-{ns[-1]} seeds per cell (n in the CSV)"
+
+
 def build_tables(runs: pd.DataFrame) -> list[Table]:
     """The three tables of the report, from :func:`load_runs`' frame."""
     tables = []
-    counted = _counted(runs)
-    n_seeds = counted["cfg_seed"].nunique() if "cfg_seed" in counted else 1
-    seeds_note = f"mean ± std over {n_seeds} seed{'s' if n_seeds != 1 else ''}"
     for key, rows, title in (("table1_dataset_method", "data",
                               "Table 1 (ASV poster): best validation accuracy (%) by dataset × method"),
                              ("table3_optimizer_method", "optimizer",
@@ -337,19 +341,19 @@ def build_tables(runs: pd.DataFrame) -> list[Table]:
         t = accuracy_table(runs, rows, "method")
         headers, grid, labels = _accuracy_grid(t, rows, "method")
         other = sorted(set(t["setting"])) if len(t) else []
-        caption = f"{seeds_note}; best per row in bold."
+        caption = f"{_seeds_note(t)}; best per row in bold."
         if any(other):
             caption += " Each cell: the setting of the other varied keys with the best mean (see CSV: setting)."
         tables.append(Table(key, title, caption, t, AXIS_LABELS[rows], headers, grid, labels))
     t = test_metrics_table(runs, ("model", "method"))
     headers, grid, labels = _metrics_grid(t, ("model", "method"))
     tables.append(Table("table_model_method_test", "Table 1 (Glorot/He paper): test metrics by model × method",
-                        f"checkpoint of best validation accuracy; macro precision, recall, F1; {seeds_note}; "
+                        f"checkpoint of best validation accuracy; macro precision, recall, F1; {_seeds_note(t)}; "
                         "best per column in bold (lowest loss).", t, "model, method", headers, grid, labels))
     return tables
 
 
-def _curve_frames(runs: pd.DataFrame, epochs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+def _curve_frames(runs: pd.DataFrame, epochs: pd.DataFrame) -> list[tuple[str, pd.DataFrame, int]]:
     """One history frame per group of runs that differ only in method and seed; ``label`` = method,
     values averaged over seeds epoch by epoch."""
     counted = _counted(runs)
@@ -372,7 +376,7 @@ def _curve_frames(runs: pd.DataFrame, epochs: pd.DataFrame) -> list[tuple[str, p
         fixed = [f"{first['cfg_data']}", f"{first['cfg_model']}", f"{first['cfg_optimizer']}", f"lr {first['cfg_lr']:g}"]
         name = " · ".join(dict.fromkeys(fixed + [f"{k}={v}" for k, v in zip(group_keys, key)
                                                  if k not in ("data", "model", "optimizer", "lr")]))
-        out.append((name, mean))
+        out.append((name, mean, int(g["cfg_seed"].nunique()) if "cfg_seed" in g else 1))
     return out[:MAX_CURVE_FIGURES]
 
 
@@ -408,7 +412,8 @@ def _slug(text: str) -> str:
 def _what_was_run(db: Path, runs: pd.DataFrame, epochs: pd.DataFrame) -> dict[str, Any]:
     sweeps = load_sweeps(db)
     planned = {rid for s in sweeps for rid in s["run_ids"]}
-    present = set(runs["run_id"])
+    with _connect(db) as conn:
+        present = {r[0] for r in conn.execute("SELECT run_id FROM runs")}
     counts = runs["status"].value_counts().to_dict()
     failed = runs[runs["status"] == "failed"]
     errors = [(r["run_id"], (r["error"] or "").strip().splitlines()[-1:] or [""]) for r in failed.to_dict("records")]
@@ -429,7 +434,11 @@ def _what_was_run(db: Path, runs: pd.DataFrame, epochs: pd.DataFrame) -> dict[st
 
 def _summary_markdown(s: dict[str, Any]) -> str:
     c = s["counts"]
-    lines = [f"{s['total']} runs in the database: {c['finished']} finished, {c['diverged']} diverged, "
+    lines = []
+    if s.get("where"):
+        lines += ["Only the runs with " + "; ".join(f"{k} in {', '.join(v)}" for k, v in s["where"].items())
+                  + " (the sweeps below list everything that was asked for).", ""]
+    lines += [f"{s['total']} run{'s' if s['total'] != 1 else ''} in the database: {c['finished']} finished, {c['diverged']} diverged, "
              f"{c['failed']} failed, {c['running']} running or interrupted"
              + (f"; {s['not_started']} of the sweeps' runs not started yet" if s["not_started"] else "")
              + f". Training time, summed over runs: {s['train_seconds'] / 60:.1f} min.", ""]
@@ -486,23 +495,51 @@ text-align:right}th{background:#f4f4f4}tbody th{text-align:left}caption{caption-
 color:#555;text-align:left;padding-top:4px}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}"""
 
 
+def select_runs(runs: pd.DataFrame, where: Mapping[str, Sequence[Any]]) -> pd.DataFrame:
+    """The runs whose config matches ``where`` (key -> accepted values, compared as text)."""
+    keys = [c[4:] for c in runs.columns if c.startswith("cfg_")]
+    for key, values in where.items():
+        if key not in keys:
+            raise ValueError(f"where: unknown key {key!r}; valid: {', '.join(keys)}")
+        accepted = {str(v) for v in values}
+        col = runs[f"cfg_{key}"]
+        # 1e-3 and 0.001 are one learning rate: compare numbers as numbers where both sides are
+        nums = pd.to_numeric(col, errors="coerce")
+        num_accepted = {float(v) for v in accepted if _is_number(v)}
+        runs = runs[col.astype(str).isin(accepted) | nums.isin(num_accepted)]
+    return runs
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = None,
-                 figures: bool = True) -> Report:
+                 figures: bool = True, where: Mapping[str, Sequence[Any]] | None = None) -> Report:
     """Render the tables (Markdown, HTML, CSV) and the curves of a results database into ``out_dir``.
 
     Writes ``report.md``, ``report.html`` (self-contained: figures embedded as base64 PNG), one CSV per
     table (long form, with ``std``, ``n`` and the chosen ``setting``), ``runs.csv`` (every run) and the
-    figures as PNG and SVG under ``figures/``.
+    figures as PNG and SVG under ``figures/``. ``where`` keeps only the runs whose config matches
+    (``{"optimizer": ["adam"]}``), for a table restricted as a paper's was.
     """
     db, out_dir = Path(db), Path(out_dir)
     runs = load_runs(db)
+    if where:
+        runs = select_runs(runs, where)
     epochs = load_epochs(db)
+    epochs = epochs[epochs["run_id"].isin(runs["run_id"])]
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = build_tables(runs) if len(runs) else []
     report = Report(out_dir, tables)
     report.summary = _what_was_run(db, runs, epochs) if len(runs) else {
         "sweeps": load_sweeps(db), "counts": dict.fromkeys(("finished", "diverged", "failed", "running"), 0),
         "not_started": 0, "total": 0, "varying": {}, "fixed": {}, "failed": [], "train_seconds": 0.0}
+    report.summary["where"] = {k: [str(v) for v in vs] for k, vs in (where or {}).items()}
 
     for t in tables:
         path = out_dir / f"{t.key}.csv"
@@ -518,9 +555,9 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
         from initscope.plotting.curves import plot_training_curves
 
         fig_dir = out_dir / "figures"
-        for name, frame in _curve_frames(runs, epochs):
+        for name, frame, n in _curve_frames(runs, epochs):
             png = fig_dir / f"curves_{_slug(name)}.png"
-            plot_training_curves(frame, path=png, title=f"{name} (mean over seeds)")
+            plot_training_curves(frame, path=png, title=f"{name} (mean over {n} seed{'s' if n != 1 else ''})")
             report.figures.append((f"Training curves: {name}; training dashed, validation solid.", png))
         report.figures.extend(_write_probe_figures(runs, fig_dir))
         report.files.extend(p for _, p in report.figures)
@@ -560,9 +597,15 @@ def _write_probe_figures(runs: pd.DataFrame, fig_dir: Path) -> list[tuple[str, P
     return [(c, p) for c, p in made if p is not None]
 
 
+_NO_RUNS = "No finished or diverged runs yet."
+
+
 def _render_markdown(report: Report, heading: str) -> str:
     parts = [f"# {heading}", "", "## What was run", "", _summary_markdown(report.summary), ""]
     for t in report.tables:
+        if t.data.empty:
+            parts += [f"## {t.title}", "", _NO_RUNS, ""]
+            continue
         parts += [f"## {t.title}", "", t.markdown(), "", f"*{t.caption}* CSV: `{t.key}.csv`.", ""]
     if report.figures:
         parts += ["## Figures", ""]
@@ -575,6 +618,9 @@ def _render_markdown(report: Report, heading: str) -> str:
 def _render_html(report: Report, heading: str) -> str:
     body = [f"<h1>{html.escape(heading)}</h1>", "<h2>What was run</h2>", _md_to_html_list(_summary_markdown(report.summary))]
     for t in report.tables:
+        if t.data.empty:
+            body += [f"<h2>{html.escape(t.title)}</h2>", f"<p>{_NO_RUNS}</p>"]
+            continue
         table = t.html().replace("<table>", f"<table><caption>{html.escape(t.caption)}</caption>", 1)
         body += [f"<h2>{html.escape(t.title)}</h2>", table]
     if report.figures:

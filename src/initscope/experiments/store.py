@@ -10,7 +10,8 @@ Tables:
     from), ``diverged_epoch``, ``error`` (a failed run's traceback), ``run_dir``, the grid keys
     copied out of the JSON for plain SQL (``data``, ``model``, ``method``, ``optimizer``, ``lr``,
     ``seed``), and the bookkeeping of who ran it: ``started_at``, ``finished_at``, ``heartbeat_at``,
-    ``attempts``, ``host``, ``pid``.
+    ``attempts``, ``host``, ``pid``; ``notes``: what happened to the run besides its result, one line
+    per event (a Ray worker lost and the run retried), added to older databases on open.
 ``epochs``
     ``(run_id, epoch)`` primary key; ``train_loss``, ``train_accuracy``, ``val_loss``,
     ``val_accuracy``, ``lr``, ``seconds``.
@@ -53,7 +54,7 @@ CREATE TABLE IF NOT EXISTS runs (
     best_epoch INTEGER, best_val_accuracy REAL, diverged_epoch INTEGER, error TEXT, run_dir TEXT,
     data TEXT, model TEXT, method TEXT, optimizer TEXT, lr REAL, seed INTEGER,
     started_at TEXT, finished_at TEXT, heartbeat_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0, host TEXT, pid INTEGER
+    attempts INTEGER NOT NULL DEFAULT 0, host TEXT, pid INTEGER, notes TEXT
 );
 CREATE TABLE IF NOT EXISTS epochs (
     run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
@@ -136,6 +137,15 @@ class Store:
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.executescript(_SCHEMA)  # IF NOT EXISTS throughout: opening an existing store changes nothing
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns newer than a database's schema (ADD COLUMN keeps every row; a no-op when present)."""
+        have = {r["name"] for r in self.conn.execute("PRAGMA table_info(runs)")}
+        if "notes" not in have:
+            with self._write() as c:
+                if "notes" not in {r["name"] for r in c.execute("PRAGMA table_info(runs)")}:  # another opener won
+                    c.execute("ALTER TABLE runs ADD COLUMN notes TEXT")
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -165,7 +175,7 @@ class Store:
         """Record what a sweep asked for (again on every re-run; the first record stays)."""
         with self._write() as c:
             c.execute("INSERT OR IGNORE INTO sweeps (sweep_id, name, grid, run_ids, created_at) VALUES (?,?,?,?,?)",
-                      (sweep_id, name, json.dumps(dict(grid), sort_keys=True), json.dumps(list(run_ids)), _now()))
+                      (sweep_id, name, json.dumps(dict(grid)), json.dumps(list(run_ids)), _now()))
 
     def sweeps(self) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM sweeps ORDER BY created_at, sweep_id").fetchall()
@@ -259,6 +269,13 @@ class Store:
         """Mark a run ``failed`` with the error text (a traceback); the sweep goes on."""
         with self._write() as c:
             c.execute("UPDATE runs SET status='failed', error=?, finished_at=? WHERE run_id=?", (error, _now(), run_id))
+
+    def add_note(self, run_id: str, text: str, *, new_attempt: bool = False) -> None:
+        """Append a line to the run's ``notes``; ``new_attempt`` also counts one more attempt (a retry that
+        the claim did not see, such as Ray re-running a task whose worker died)."""
+        with self._write() as c:
+            c.execute("UPDATE runs SET notes=CASE WHEN notes IS NULL OR notes='' THEN ? ELSE notes || char(10) || ? END,"
+                      " attempts=attempts+? WHERE run_id=?", (text, text, int(new_attempt), run_id))
 
     def set_run_dir(self, run_id: str, run_dir: str | Path) -> None:
         with self._write() as c:

@@ -94,6 +94,8 @@ def _check_model(value: Any) -> None:
 
 def _check_data(value: Any) -> None:
     if isinstance(value, str) and value.startswith("folder:") and len(value) > len("folder:"):
+        if not Path(value[len("folder:"):]).is_dir():  # every run would fail on it: say so before the first
+            raise SweepConfigError(f"data: {value}: no such directory (relative paths start where the sweep runs)")
         return
     _check_choice("data", value, SOURCES)
 

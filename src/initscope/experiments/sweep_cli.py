@@ -23,12 +23,12 @@ def _error(msg: str, code: int = 2) -> typer.Exit:
 
 def sweep_cmd(
     config: Optional[Path] = typer.Argument(None, help="a sweep TOML file (see docs/experiments.md); flags override it"),
-    data: Optional[str] = typer.Option(None, "--data", help="digits, synthetic, mnist, fashion-mnist, cifar10, cifar100, folder:PATH (comma-separated for several) [default: digits]"),
-    model: Optional[str] = typer.Option(None, "--model", help="model name(s), comma-separated [default: plain34]"),
-    methods: Optional[str] = typer.Option(None, "--methods", help=f"comma-separated [default: {PAPER_METHODS}]"),
-    optimizers: Optional[str] = typer.Option(None, "--optimizers", help="comma-separated: sgd, sgd-nesterov, adadelta, adagrad, rmsprop, adam, adamw [default: adam]"),
-    lrs: Optional[str] = typer.Option(None, "--lrs", help="learning rates, comma-separated [default: 1e-3]"),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated [default: 0]"),
+    data: Optional[str] = typer.Option(None, "--data", help="digits, synthetic, mnist, fashion-mnist, cifar10, cifar100, folder:PATH (comma-separated for several) (default: digits)"),
+    model: Optional[str] = typer.Option(None, "--model", help="model name(s), comma-separated (default: plain34)"),
+    methods: Optional[str] = typer.Option(None, "--methods", help=f"comma-separated (default: {PAPER_METHODS})"),
+    optimizers: Optional[str] = typer.Option(None, "--optimizers", help="comma-separated: sgd, sgd-nesterov, adadelta, adagrad, rmsprop, adam, adamw (default: adam)"),
+    lrs: Optional[str] = typer.Option(None, "--lrs", help="learning rates, comma-separated (default: 1e-3)"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated (default: 0)"),
     width: Optional[int] = typer.Option(None, "--width", help="base width of initscope's nets"),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
@@ -39,14 +39,18 @@ def sweep_cmd(
     image_size: Optional[int] = typer.Option(None, "--image-size"),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="where mnist, fashion-mnist, cifar lie"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda"),
-    probe_every: Optional[int] = typer.Option(None, "--probe-every", help="probe every N epochs (0: off)"),
-    db: Optional[Path] = typer.Option(None, "--db", help="the results database [default: runs.db]"),
-    out: Optional[Path] = typer.Option(None, "--out", help="folder for the runs' files [default: runs]"),
+    probe_every: Optional[int] = typer.Option(None, "--probe-every", help="probe the layers every N training steps (0: off); the report draws the probe figures"),
+    db: Optional[Path] = typer.Option(None, "--db", help="the results database (default: runs.db)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for the runs' files (default: runs)"),
     name: Optional[str] = typer.Option(None, "--name", help="the sweep's name in the database"),
     report: Optional[Path] = typer.Option(None, "--report", help="write the report to this folder afterwards"),
     retry_failed: bool = typer.Option(True, "--retry-failed/--no-retry-failed", help="train failed runs again"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is often fastest on a shared machine)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and exit"),
+    engine: str = typer.Option("local", "--engine", help="local (one run after another, here) or ray (each run a Ray task; pip install 'initscope[ray]')"),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: an existing cluster (auto, host:6379, ray://host:10001) (default: a local Ray)"),
+    cpus_per_run: float = typer.Option(1.0, "--cpus-per-run", help="ray: CPUs each run asks for"),
+    gpus_per_run: Optional[float] = typer.Option(None, "--gpus-per-run", help="ray: GPUs each run asks for (default: 1 for a run on CUDA)"),
 ) -> None:
     """Train every combination of data × model × method × optimizer × lr × seed; results go to an
     SQLite database. Run it again to resume: finished and diverged runs are skipped."""
@@ -89,15 +93,28 @@ def sweep_cmd(
     except (SweepConfigError, ValueError, TypeError) as exc:
         raise _error(str(exc)) from None
 
-    axes = ", ".join(f"{k} ({len(v)})" for k, v in sweep.grid.items())
+    axes = ", ".join(f"{k} ({sum(map(len, v.values())) if isinstance(v, dict) else len(v)})"
+                     for k, v in sweep.grid.items())
     console.print(f"sweep {sweep.name or sweep.sweep_id}: {len(runs)} runs over {axes}; db {sweep.db}; out {sweep.out}")
     if dry_run:
         for r in runs:
             d = r.to_dict()
             console.print(f"{r.run_id}  " + " ".join(f"{k}={d[k]}" for k in sweep.grid))
         return
+    from initscope.experiments.preflight import PreflightError
+
+    if engine not in ("local", "ray"):
+        raise _error(f"--engine: unknown engine {engine!r}; valid: local, ray")
     try:
-        summary = run_sweep(sweep, retry_failed=retry_failed, threads=threads)
+        if engine == "ray":
+            from initscope.experiments.ray_engine import run_sweep_ray
+
+            summary = run_sweep_ray(sweep, address=address, retry_failed=retry_failed, cpus_per_run=cpus_per_run,
+                                    gpus_per_run=gpus_per_run)
+        else:
+            summary = run_sweep(sweep, retry_failed=retry_failed, threads=threads)
+    except (PreflightError, ImportError) as exc:
+        raise _error(str(exc)) from None
     except KeyboardInterrupt:
         console.print("interrupted: the current run was given back; run the same command again to resume")
         raise typer.Exit(130) from None
@@ -112,17 +129,24 @@ def report_cmd(
     db: Path = typer.Argument(..., help="a results database written by `initscope sweep`"),
     out: Path = typer.Option(Path("report"), "--out", help="folder for report.md, report.html, CSVs, figures"),
     title: Optional[str] = typer.Option(None, "--title"),
+    where: Optional[list[str]] = typer.Option(None, "--where", help="keep runs with KEY=V1,V2 (repeatable), e.g. optimizer=adam"),
 ) -> None:
     """Render the papers' tables (Markdown, HTML, CSV) and the training curves from a results database."""
-    _write(db, out, title)
+    selected: dict[str, list[str]] = {}
+    for item in where or []:
+        key, eq, values = item.partition("=")
+        if not eq or not key.strip() or not values.strip():
+            raise _error(f"--where {item!r}: write it as KEY=VALUE[,VALUE...], e.g. optimizer=adam")
+        selected[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+    _write(db, out, title, selected)
 
 
-def _write(db: Path, out: Path, title: Optional[str]) -> None:
+def _write(db: Path, out: Path, title: Optional[str], where: Optional[dict[str, list[str]]] = None) -> None:
     from initscope.experiments.report import write_report
 
     try:
-        rep = write_report(db, out, title=title)
-    except FileNotFoundError as exc:
+        rep = write_report(db, out, title=title, where=where)
+    except (FileNotFoundError, ValueError) as exc:
         raise _error(str(exc)) from None
     c = rep.summary["counts"]
     console.print(f"{rep.summary['total']} runs ({c['finished']} finished, {c['diverged']} diverged, "

@@ -10,10 +10,15 @@ A run is repeatable to the bit on the CPU: ``torch.manual_seed(seed)`` before th
 initialization drawn from its own ``torch.Generator``, the shuffling from another, and
 deterministic algorithms on during the run. On a GPU (``device="auto"`` with CUDA there) the run uses
 automatic mixed precision (``torch.autocast`` to float16 and a ``GradScaler``).
+
+Under ``torchrun --nproc_per_node=N`` the run is data-parallel (DistributedDataParallel, gloo on the
+CPU, NCCL on GPUs): rank 0 plans the initialization and broadcasts it, each rank trains on its shard of
+every epoch, and only rank 0 writes; see :mod:`initscope.experiments.distributed`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -189,8 +194,9 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int, amp: bool = Fals
     model.eval()
     out = []
     step = max(batch_size, 256)  # no gradients kept: larger batches cost no more memory than training
+    autocast = torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
     for s in range(0, len(x), step):
-        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        with autocast:
             out.append(model(x[s:s + step]).float())
     return torch.cat(out)
 
@@ -241,40 +247,46 @@ def train(config: RunConfig, *, out_dir: Path | None = None, progress: bool = Tr
     from initscope.experiments.checkpoint import load_state, load_weights, save_state, save_weights
     from initscope.experiments.data import load_data
     from initscope.experiments.metrics import classification_metrics
+    from initscope.experiments import distributed
     from initscope.experiments.optim import lr_at, make_optimizer
 
     deterministic_before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    dist_env = distributed.DistEnv()
     try:
         # -- setup: device, seeds, data ------------------------------------------------------------
         config.check()
         run_id = config.run_id
         run_dir = Path(out_dir) / run_id if out_dir is not None else None
-        device = resolve_device(config.device)
+        # under torchrun: join the process group; this rank's device; only rank 0 writes (see distributed.py)
+        dist_env, device = distributed.setup(resolve_device(config.device))
         amp = device.type == "cuda"  # float16 autocast + loss scaling on a GPU; full precision on the CPU
+        if device.type == "cpu":  # bit-for-bit repeatable; on a GPU it would cost cuDNN its fastest kernels
+            torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.seed)
         shuffle = torch.Generator().manual_seed(config.seed)
         data = load_data(config.data, root=config.data_root, seed=config.seed, image_size=config.image_size,
                          normalize=config.normalize, limit=config.limit, progress=progress)
-        if run_dir is not None and data.files:
+        if run_dir is not None and data.files and dist_env.is_main:
             data.save_split(run_dir / "split.json")
         x_train, y_train = _split_tensors(data.train, device)
         x_val, y_val = _split_tensors(data.val, device)
 
         # -- setup: model, initialization, optimizer ------------------------------------------------
         model = build_model(config, data.in_channels, data.num_classes)
-        initscope.init_(model, config.method, input_shape=data.input_shape,
-                        generator=torch.Generator().manual_seed(config.seed))
+        if dist_env.is_main:  # planned once; the other ranks get these weights by broadcast below
+            initscope.init_(model, config.method, input_shape=data.input_shape,
+                            generator=torch.Generator().manual_seed(config.seed))
         model.to(device)
         opt = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=amp)
-        probe = _probe_callback(config, run_dir)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
+        probe = _probe_callback(config, run_dir) if dist_env.is_main else None
 
         # -- resume: the state after the last finished epoch, if a killed run left one ----------------
         history: list[dict[str, float]] = []
         best_epoch, best_acc, best_state, start = None, -math.inf, None, 0
         state_path = run_dir / "state.pt" if run_dir is not None else None
-        best_path = run_dir / "best.safetensors" if run_dir is not None else None
+        best_path = run_dir / "best.safetensors" if run_dir is not None and dist_env.is_main else None
         if resume and state_path is not None and state_path.exists():
             st = load_state(state_path)
             model.load_state_dict(st["model"])
@@ -283,14 +295,16 @@ def train(config: RunConfig, *, out_dir: Path | None = None, progress: bool = Tr
             shuffle.set_state(st["shuffle"])
             torch.set_rng_state(st["torch_rng"])
             history, best_epoch, best_acc, start = st["history"], st["best_epoch"], st["best_acc"], st["epoch"]
+        distributed.broadcast_module(model, dist_env)
+        net = distributed.wrap(model, dist_env, device)  # DDP for the training steps; `model` for the rest
 
         status, diverged_epoch = "finished", None
-        steps_per_epoch = max(1, math.ceil(len(x_train) / config.batch_size))
+        steps_per_epoch = max(1, math.ceil(len(x_train) // dist_env.world_size / config.batch_size))
         bar_every = max(1, steps_per_epoch // _BAR_UPDATES_PER_EPOCH)
         step = start * steps_per_epoch
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("loss {task.fields[loss]}  {task.fields[rate]} img/s"), TimeElapsedColumn(),
-                      disable=not progress, transient=True) as bar:
+                      disable=not progress or not dist_env.is_main, transient=True) as bar:
             task = bar.add_task(f"{run_id} epoch {start + 1}/{config.epochs}", total=steps_per_epoch,
                                 loss="-", rate="-")
             if probe is not None and start == 0:  # step 0: the initialization itself
@@ -309,14 +323,20 @@ def train(config: RunConfig, *, out_dir: Path | None = None, progress: bool = Tr
                 loss_sum = torch.zeros((), device=device)
                 hits = torch.zeros((), device=device, dtype=torch.long)
                 seen = 0
-                for i, (xb, yb) in enumerate(batches(x_train, y_train, config.batch_size, shuffle)):
-                    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                        logits = model(xb)
+                epoch_batches = (distributed.shard_batches(x_train, y_train, config.batch_size, shuffle, dist_env)
+                                 if dist_env.enabled else batches(x_train, y_train, config.batch_size, shuffle))
+                for i, (xb, yb) in enumerate(epoch_batches):
+                    with autocast:
+                        logits = net(xb)
                         loss = F.cross_entropy(logits, yb)
                     opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
+                    if amp:  # float16 gradients underflow without loss scaling
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        opt.step()
                     loss_sum += loss.detach() * len(yb)
                     hits += (logits.detach().argmax(1) == yb).sum()
                     seen += len(yb)
@@ -327,10 +347,15 @@ def train(config: RunConfig, *, out_dir: Path | None = None, progress: bool = Tr
                         # .item() syncs the device: only on bar updates. A NaN or inf in any step
                         # makes the running sum non-finite, so this also catches divergence.
                         mean_loss = loss_sum.item() / seen
-                        if not math.isfinite(mean_loss):
+                        if not math.isfinite(mean_loss) and not dist_env.enabled:  # ranks must step alike
                             break
                         bar.update(task, completed=i + 1, loss=f"{mean_loss:.4f}",
                                    rate=f"{seen / (time.perf_counter() - t0):.0f}")
+                if dist_env.enabled:  # the epoch's numbers over every rank's shard
+                    loss_sum, hits, seen_all = distributed.all_sum(dist_env, loss_sum, hits,
+                                                                   torch.tensor(seen, device=device))
+                    seen = int(seen_all)
+                    distributed.sync_buffers(model, dist_env)  # rank 0's BatchNorm statistics, as DDP uses them
                 train_loss, train_acc = loss_sum.item() / max(1, seen), hits.item() / max(1, seen)
 
                 # -- validate --
@@ -353,12 +378,12 @@ def train(config: RunConfig, *, out_dir: Path | None = None, progress: bool = Tr
                                                         "val_accuracy": val_acc})
                     else:
                         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if state_path is not None:
+                if state_path is not None and dist_env.is_main:
                     save_state({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "scaler": scaler.state_dict(), "shuffle": shuffle.get_state(),
                                 "torch_rng": torch.get_rng_state(), "history": history, "best_epoch": best_epoch,
                                 "best_acc": best_acc, "epoch": epoch + 1, "config": config.to_dict()}, state_path)
-                if on_epoch is not None:
+                if on_epoch is not None and dist_env.is_main:
                     on_epoch(dict(row))
 
         if probe is not None:
@@ -366,9 +391,14 @@ def train(config: RunConfig, *, out_dir: Path | None = None, progress: bool = Tr
                 probe.save(run_dir / "probe.parquet")
             probe.close()
 
-        # -- test: the best-validation weights on the test split --
+        if dist_env.enabled:  # every rank must hold rank 0's weights now; rank 0 records the check
+            digests = distributed.check_in_sync(model, dist_env)
+            if run_dir is not None and dist_env.is_main:
+                distributed.write_sync_record(run_dir, dist_env, digests)
+
+        # -- test: the best-validation weights on the test split (rank 0's job under torchrun) --
         test: dict[str, float] = {}
-        if best_epoch is not None:
+        if best_epoch is not None and dist_env.is_main:
             if best_path is not None:
                 load_weights(model, best_path)
             else:
@@ -379,7 +409,7 @@ def train(config: RunConfig, *, out_dir: Path | None = None, progress: bool = Tr
         result = RunResult(run_id=run_id, config=config, status=status, diverged_epoch=diverged_epoch,
                            history=history, best_epoch=best_epoch, test=test,
                            checkpoint=best_path if best_epoch is not None else None)
-        if run_dir is not None:
+        if run_dir is not None and dist_env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             tmp = run_dir / ".result.json.tmp"
             tmp.write_text(json.dumps(result.to_dict(), indent=1))
@@ -387,3 +417,4 @@ def train(config: RunConfig, *, out_dir: Path | None = None, progress: bool = Tr
         return result
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
+        distributed.teardown(dist_env)

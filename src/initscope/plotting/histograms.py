@@ -54,6 +54,7 @@ def plot_histograms(
         max_layers: at most this many columns; deeper nets show layers evenly spaced from the first to
             the last (the title says so).
         log: counts on a log scale (a ReLU's exact zeros would flatten everything else on a linear one).
+            Each row shares one count axis.
         path: if given, the figure is also saved there as PNG and SVG.
         title: the figure's title.
 
@@ -77,8 +78,11 @@ def plot_histograms(
     # Fixed margins in inches: tight_layout measures every tick label of every panel, seconds on a big grid.
     fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.35 / height, top=1 - 0.75 / height,
                         wspace=0.35, hspace=0.35)
-    axes = fig.subplots(len(methods), len(shown), squeeze=False)
+    # One count axis per row (a method), labelled on the first panel only: tick labels are most of the
+    # drawing time of a grid this size.
+    axes = fig.subplots(len(methods), len(shown), squeeze=False, sharey="row")
     for mi, method in enumerate(methods):
+        top = 0
         for li, layer in enumerate(shown):
             ax = axes[mi, li]
             row = rows.get((method, layer))
@@ -89,18 +93,25 @@ def plot_histograms(
             edges = np.linspace(float(row["hist_lo"]), float(row["hist_hi"]), len(counts) + 1)
             patch = ax.stairs(counts, edges, fill=True, color=colors[method], alpha=0.8)
             patch.set_gid(f"hist|{method}|{layer}")
-            if log and counts.max() > 0:
-                ax.set_yscale("log")
-                ax.set_ylim(0.7, counts.max() * 1.5)
-                ax.yaxis.set_major_locator(LogLocator(numticks=4))
-                ax.yaxis.set_major_formatter(_PLAIN)  # mathtext 10^k labels cost more than the bars
-            ax.yaxis.set_minor_locator(NullLocator())
+            top = max(top, int(counts.max()))
             ax.xaxis.set_major_locator(MaxNLocator(3))
             ax.tick_params(labelsize=6)
+            ax.xaxis.get_offset_text().set_fontsize(6)
             if mi == 0:
                 ax.set_title(layer, fontsize=7)
-            if li == 0 and method:
-                ax.set_ylabel(method, fontsize=8)
+        first = axes[mi, 0]
+        if method:
+            first.set_ylabel(method, fontsize=8)
+        if top > 0:
+            if log:
+                first.set_yscale("log")
+                first.set_ylim(0.7, top * 1.5)
+                first.yaxis.set_major_locator(LogLocator(numticks=4))
+                first.yaxis.set_major_formatter(_PLAIN)  # mathtext 10^k labels cost more than the bars
+            else:
+                first.set_ylim(0, top * 1.05)
+                first.yaxis.set_major_locator(MaxNLocator(3))
+        first.yaxis.set_minor_locator(NullLocator())
     what = LABELS[quantity]
     head = title or f"histograms of {what}"
     if len(shown) < len(layers):

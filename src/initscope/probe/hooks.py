@@ -71,9 +71,9 @@ def _kind(module: nn.Module) -> str:
 
 
 def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-        pass
-    elif not (node.op == "call_method" and node.target in _ADD_METHODS):
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS)
+    if not is_add:
         return False
     # A residual add joins two computed values; x + 1 or a sum of sizes is not one.
     return len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2])
@@ -109,7 +109,7 @@ def trace_adds(model: nn.Module) -> tuple[fx.Graph, dict[str, str]]:
 def candidates(model: nn.Module) -> list[str]:
     """Names of the modules a probe can watch (weight layers, activations, pooling, norms)."""
     kinds = WEIGHTED + ACTIVATIONS + POOLING + NORMS
-    return [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
+    return [n for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
 def select(model: nn.Module, layers: str | Sequence[str]) -> Selection:
@@ -123,7 +123,7 @@ def select(model: nn.Module, layers: str | Sequence[str]) -> Selection:
     named = dict(model.named_modules())
     if isinstance(layers, str):
         if layers == "weighted":
-            return Selection([n for n, m in named.items() if n and isinstance(m, WEIGHTED)])
+            return Selection([n for n, m in named.items() if isinstance(m, WEIGHTED)])
         if layers == "all":
             mods = candidates(model)
             try:
@@ -140,8 +140,8 @@ def select(model: nn.Module, layers: str | Sequence[str]) -> Selection:
     wanted = list(layers)
     if not wanted or not all(isinstance(n, str) for n in wanted):
         raise ValueError(f"layers must be 'weighted', 'all' or a non-empty list of layer names, got {layers!r}")
-    mods = [n for n in wanted if n and n in named]
-    rest = [n for n in wanted if not (n and n in named)]
+    mods = [n for n in wanted if n in named]
+    rest = [n for n in wanted if n not in named]
     graph, adds = None, {}
     if rest:
         try:

@@ -116,16 +116,27 @@ def _hist(values: np.ndarray, lo: float, hi: float, bins: int) -> tuple[float, f
 _ROW = 4096
 
 
-def _sum_of_squares(flat: torch.Tensor) -> float:
-    """``Σx²`` of a 1-d float tensor: float32 dot products of 4096-entry rows (one batched matmul), summed in float64.
+def _sums(flat: torch.Tensor) -> tuple[float, float, float, float]:
+    """``(Σx, Σx², min, max)`` of a 1-d float tensor, one pass per statistic.
 
-    A single float32 dot product or ``vector_norm`` over ~1.7e7 entries is off by ~1e-3; rows keep each
-    float32 accumulation short (relative error ~1e-7 here) at the speed of one pass.
+    ``Σx²`` is float32 dot products over 4096-entry rows, the rows' results summed in float64: a single
+    float32 accumulation over ~1.7e7 entries (``torch.dot``, ``vector_norm``) is off by ~1e-3, short rows
+    keep it near 1e-7; ``Σx`` is numpy's pairwise sum. On the CPU numpy does it, single-threaded: with
+    other work on the cores, torch's (and BLAS's) parallel reductions cost five to ten times the time.
     """
     m = flat.numel() // _ROW * _ROW
-    rows = flat[:m].view(-1, 1, _ROW)
-    tail = flat[m:]
-    return float(torch.bmm(rows, rows.transpose(1, 2)).sum(dtype=torch.float64)) + float(torch.dot(tail, tail))
+    if flat.device.type == "cpu":
+        a = flat.numpy()
+        rows, tail = a[:m].reshape(-1, _ROW), a[m:]
+        total = float(a.sum(dtype=a.dtype))  # numpy's pairwise summation: error ~ eps·log2(n)
+        sumsq = float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64)) + float(np.dot(tail, tail))
+        return total, sumsq, float(a.min()), float(a.max())
+    rows, tail = flat[:m].view(-1, _ROW), flat[m:]
+    total = float((rows @ torch.ones(_ROW, dtype=flat.dtype, device=flat.device)).sum(dtype=torch.float64)) + float(tail.sum())
+    r3 = rows.unsqueeze(1)
+    sumsq = float(torch.bmm(r3, r3.transpose(1, 2)).sum(dtype=torch.float64)) + float(torch.dot(tail, tail))
+    lo, hi = torch.aminmax(flat)
+    return total, sumsq, float(lo), float(hi)
 
 
 def summarize(x: torch.Tensor, *, bins: int = DEFAULT_BINS, quantiles: bool = True, histograms: bool = True,
@@ -134,8 +145,7 @@ def summarize(x: torch.Tensor, *, bins: int = DEFAULT_BINS, quantiles: bool = Tr
 
     Moments are single-pass sums: ``mean = Σx / n``, ``second_moment = Σx² / n`` and
     ``var = max(second_moment - mean², 0)``, summed in float64 for tensors of at most ``sample`` entries
-    and above that in float32 (torch's cascade sum for ``Σx``, dot products of short rows for ``Σx²``;
-    relative error ~1e-7); a tensor whose sums
+    and above that in float32 with short accumulations (relative error ~1e-7, see ``_sums``); a tensor whose sums
     are not finite takes a float64 pass over its finite entries instead, which also counts the others.
     Quantiles and the histogram: see the module docstring for the subsample and its error bound.
 
@@ -181,8 +191,7 @@ def summarize(x: torch.Tensor, *, bins: int = DEFAULT_BINS, quantiles: bool = Tr
         return _finish(ordered, values.size, nonfinite, mean, var, second, float(ordered[0]), float(ordered[-1]),
                        zero_frac, bins, quantiles, histograms, values.size)
 
-    total = float(flat.sum())
-    sumsq = _sum_of_squares(flat)
+    total, sumsq, lo, hi = _sums(flat)
     if math.isfinite(total) and math.isfinite(sumsq):
         nonfinite = 0
         count = n
@@ -190,8 +199,6 @@ def summarize(x: torch.Tensor, *, bins: int = DEFAULT_BINS, quantiles: bool = Tr
         mean = total / n
         second = sumsq / n
         var = max(second - mean * mean, 0.0)
-        lo_t, hi_t = torch.aminmax(flat)
-        lo, hi = float(lo_t), float(hi_t)
     else:
         # Some entry is NaN or inf (or the float32 sum of squares overflowed): a float64 pass over the finite ones.
         mask = torch.isfinite(flat)

@@ -12,7 +12,8 @@ def compare_cmd(
     model: str = typer.Option(..., "--model", "-m", help="torchvision name (resnet18), initscope name (plain34, resnet18-nobn) or module:callable"),
     methods: str = typer.Option(..., "--methods", help="comma-separated, e.g. xavier,kaiming-forward,asv-backward (see `initscope methods`)"),
     input_shape: str = typer.Option("3,224,224", "--input-shape", help="one sample's shape, no batch dim"),
-    data: Optional[str] = typer.Option(None, "--data", help="digits (scikit-learn's) or folder:PATH (an ImageFolder tree); default: Gaussian N(0, 1)"),
+    data: Optional[str] = typer.Option(None, "--data", help="digits, synthetic, mnist, fashion-mnist, cifar10, cifar100 or folder:PATH (an ImageFolder tree); default: Gaussian N(0, 1)"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="where the torchvision sets lie (default ./data)"),
     batch: int = typer.Option(16, "--batch", help="inputs probed, the same for every method"),
     seed: int = typer.Option(0, "--seed", help="seed of every copy's weights and of the Gaussian batch"),
     out: Path = typer.Option(..., "--out", help="folder for index.html, stats.parquet and the figures"),
@@ -44,7 +45,8 @@ def compare_cmd(
             bar.update(task, description=description)
 
         try:
-            result = compare(model, names, input_shape=shape, batch=batch, seed=seed, data=data, out_dir=out,
+            result = compare(model, names, input_shape=shape, batch=batch, seed=seed, data=data,
+                             data_root=data_root, out_dir=out,
                              progress=step)
         except (InitscopeError, ValueError, TypeError) as exc:
             console.print(f"[red]error:[/red] {exc}", highlight=False)

@@ -103,6 +103,7 @@ def compare(
     batch: int = 16,
     seed: int = 0,
     data: str | None = None,
+    data_root: str | Path | None = None,
     out_dir: str | Path,
     max_hist_layers: int = 8,
     progress: Callable[[str], None] | None = None,
@@ -116,9 +117,12 @@ def compare(
         input_shape: one sample's shape, e.g. ``(3, 224, 224)``.
         batch: inputs probed (the same batch for every method).
         seed: seeds the weights of every copy (the same for every method) and the Gaussian batch.
-        data: None for i.i.d. N(0, 1) inputs; ``digits`` (scikit-learn's) or ``folder:PATH``. With real
-            data, each plan is made from the batch itself (``example_input``), so its predictions are
-            for those inputs.
+        data: None for i.i.d. N(0, 1) inputs, or a source of :func:`initscope.experiments.data.load_data`
+            (``digits``, ``synthetic``, ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``,
+            ``folder:PATH``): the first ``batch`` images of its seeded train split, resized to the input
+            shape, in [-1, 1]. With real data each plan is made from the batch itself
+            (``example_input``), so its predictions are for those inputs.
+        data_root: where the torchvision sets lie (``load_data``'s ``root``).
         out_dir: written: ``index.html``, ``stats.parquet`` (or ``.csv``), one PNG and SVG per figure.
         max_hist_layers: histogram grids show at most this many layers, evenly spaced.
         progress: called with a description before each method and before the report is drawn.
@@ -142,7 +146,7 @@ def compare(
         raise ValueError(f"batch={batch} must be at least 1")
     check_source(data)
     build, model_name = _factory(model_name_or_factory)
-    inputs = load_batch(data, shape, batch, seed)
+    inputs = load_batch(data, shape, batch, seed, root=data_root)
     out_dir = Path(out_dir)
 
     frames, plans = [], {}

@@ -102,7 +102,7 @@ def check_table(frame: pd.DataFrame, method: str) -> str:
     for r in first.to_dict("records"):
         bad = int(nonfinite.get(r["layer"], 0))
         flagged = bool(r.get("flagged", False)) or bad > 0
-        out.append(f'<tr class="flag">' if flagged else "<tr>")
+        out.append('<tr class="flag">' if flagged else "<tr>")
         out.append(f"<td>{int(r['index'])}</td><td class=\"name\">{_e(r['layer'])}</td><td class=\"name\">{_e(r['kind'])}</td>")
         out.append(f"<td>{_num(r.get('pred_out_var'))}</td><td>{_num(r.get('meas_out_var'))}</td>")
         out.append(_ratio_cell(r.get("out_ratio")))
