@@ -12,13 +12,7 @@ OWN = ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "plain34", "plain50
        "resnet34", "resnet50"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machine's cores are shared; one thread avoids OpenMP spin-waiting against other processes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weights(model):

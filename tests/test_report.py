@@ -269,14 +269,14 @@ def test_folder_batch(tmp_path):
 
     for cls, value in (("a", 0), ("b", 255)):
         (tmp_path / cls).mkdir()
-        for i in range(3):
+        for i in range(4):  # a 60/20/20 split needs 4 per class
             Image.new("RGB", (10 + i, 7), (value, value, value)).save(tmp_path / cls / f"{i}.png")
-    b = load_batch(f"folder:{tmp_path}", (3, 5, 6), 8)
-    assert b.inputs.shape == (6, 3, 5, 6)  # the whole source: 6 images
+    b = load_batch(f"folder:{tmp_path}", (3, 5, 6), 10)
+    assert b.inputs.shape == (8, 3, 5, 6)  # the whole source: 8 images
     per_image = b.inputs.flatten(1)
     assert torch.all(per_image.min(1).values == per_image.max(1).values)  # flat images stay flat
-    assert sorted(per_image[:, 0].tolist()) == [-1.0] * 3 + [1.0] * 3
-    assert "fewer than batch=8" in b.description
+    assert sorted(per_image[:, 0].tolist()) == [-1.0] * 4 + [1.0] * 4
+    assert "fewer than batch=10" in b.description
     with pytest.raises(ValueError, match="is not a folder"):
         load_batch(f"folder:{tmp_path / 'nope'}", (3, 5, 6), 3)
     with pytest.raises(ValueError, match=r"needs \(C, H, W\)"):

@@ -19,13 +19,7 @@ from initscope.experiments.train import RunConfig, RunResult, train
 TINY = dict(data="synthetic", image_size=16, limit=200, batch_size=32, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machine's cores are shared; one thread avoids OpenMP spin-waiting against other processes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _no_seconds(history):

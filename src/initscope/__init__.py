@@ -5,7 +5,7 @@ for any traceable model, and see, layer by layer, the forward and gradient secon
 is predicted to give.
 """
 
-from initscope import rules  # noqa: F401  (registers the built-in rules)
+from initscope import models, rules  # noqa: F401  (rules: registers the built-in rules)
 from initscope.api import init_, plan
 from initscope.errors import InitscopeError, PlanMismatchError, TraceError, UnknownOpError
 from initscope.methods import METHODS
@@ -35,6 +35,7 @@ __all__ = [
     "UnknownOpError",
     "WeightRule",
     "init_",
+    "models",
     "plan",
     "plan_of",
     "probe",
