@@ -23,7 +23,6 @@ instead of finding it all reserved.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import socket
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from initscope.experiments.preflight import check_output
-from initscope.experiments.runner import SweepSummary, TrainFn, _default_train, _label, _result_note
+from initscope.experiments.runner import SweepSummary, TrainFn, _default_train, _label, _result_note, resolve_sweep
 from initscope.experiments.store import DEFAULT_LEASE_S, Store
 from initscope.experiments.sweep import SweepConfig
 
@@ -66,25 +65,6 @@ def _run_on_worker(config: Any, out: str, train_fn: TrainFn, events: Any, thread
         events.put({"run_id": run_id, "event": "epoch", "row": dict(row)})
 
     return train_fn(config, out_dir=Path(out), progress=False, on_epoch=on_epoch, resume=True)
-
-
-def resolve_sweep(sweep: SweepConfig | Sequence[Any], *, db: str | Path | None, out_dir: str | Path | None,
-                  name: str | None) -> tuple[list[Any], Path, Path, str, dict[str, Any], str | None, list[str]]:
-    """The runs, database, output folder, sweep id, grid record, name and label axes of ``sweep``, as
-    :func:`initscope.experiments.runner.run_sweep` reads them (a SweepConfig's ``db`` and ``out`` unless given)."""
-    if isinstance(sweep, SweepConfig):
-        runs = sweep.expand()
-        db = Path(db) if db is not None else sweep.db
-        out = Path(out_dir) if out_dir is not None else sweep.out
-        label_keys = [k for k, v in sweep.grid.items() if len(v) > 1 or isinstance(v, dict)]
-        return runs, db, out, sweep.sweep_id, sweep.to_dict(), name or sweep.name, label_keys
-    runs = list(sweep)
-    if db is None:
-        raise ValueError("run_sweep_ray: db= is required when the sweep is a list of RunConfigs")
-    db = Path(db)
-    out = Path(out_dir) if out_dir is not None else db.with_suffix("")
-    sweep_id = hashlib.sha1(",".join(r.run_id for r in runs).encode()).hexdigest()[:12]
-    return runs, db, out, sweep_id, {"grid": {}, "run": {}}, name, ["data", "model", "method", "optimizer", "lr", "seed"]
 
 
 def _gpus_for(config: Any, gpus_per_run: float | None, cluster_gpus: float) -> float:

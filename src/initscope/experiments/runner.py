@@ -63,6 +63,25 @@ def _label(cfg: Any, keys: Sequence[str]) -> str:
     return " ".join(f"{k}={d[k]}" if k in ("lr", "seed") else str(d[k]) for k in keys if k in d)
 
 
+def resolve_sweep(sweep: SweepConfig | Sequence[Any], *, db: str | Path | None, out_dir: str | Path | None,
+                  name: str | None) -> tuple[list[Any], Path, Path, str, dict[str, Any], str | None, list[str]]:
+    """The runs, database, output folder, sweep id, grid record, name and label axes of ``sweep``
+    (a SweepConfig's ``db`` and ``out`` unless given); shared by the local and the Ray engine."""
+    if isinstance(sweep, SweepConfig):
+        runs = sweep.expand()
+        db = Path(db) if db is not None else sweep.db
+        out = Path(out_dir) if out_dir is not None else sweep.out
+        label_keys = [k for k, v in sweep.grid.items() if len(v) > 1 or isinstance(v, dict)]
+        return runs, db, out, sweep.sweep_id, sweep.to_dict(), name or sweep.name, label_keys
+    runs = list(sweep)
+    if db is None:
+        raise ValueError("db= is required when the sweep is a list of RunConfigs")
+    db = Path(db)
+    out = Path(out_dir) if out_dir is not None else db.with_suffix("")
+    sweep_id = hashlib.sha1(",".join(r.run_id for r in runs).encode()).hexdigest()[:12]
+    return runs, db, out, sweep_id, {"grid": {}, "run": {}}, name, ["data", "model", "method", "optimizer", "lr", "seed"]
+
+
 def run_sweep(
     sweep: SweepConfig | Sequence[Any],
     *,
@@ -94,20 +113,7 @@ def run_sweep(
     Returns:
         A :class:`SweepSummary`. Ctrl-C releases the current run and re-raises KeyboardInterrupt.
     """
-    if isinstance(sweep, SweepConfig):
-        runs = sweep.expand()
-        db = Path(db) if db is not None else sweep.db
-        out = Path(out_dir) if out_dir is not None else sweep.out
-        sweep_id, grid, name = sweep.sweep_id, sweep.to_dict(), name or sweep.name
-        label_keys = [k for k, v in sweep.grid.items() if len(v) > 1 or isinstance(v, dict)]
-    else:
-        runs = list(sweep)
-        if db is None:
-            raise ValueError("run_sweep: db= is required when the sweep is a list of RunConfigs")
-        db, out = Path(db), Path(out_dir) if out_dir is not None else Path(db).with_suffix("")
-        sweep_id = hashlib.sha1(",".join(r.run_id for r in runs).encode()).hexdigest()[:12]
-        grid = {"grid": {}, "run": {}}
-        label_keys = ["data", "model", "method", "optimizer", "lr", "seed"]
+    runs, db, out, sweep_id, grid, name, label_keys = resolve_sweep(sweep, db=db, out_dir=out_dir, name=name)
     check_output(out, db)  # an unwritable folder or a full disk is an error now, not after the first run
     train_fn = train_fn or _default_train()
     summary = SweepSummary(db=db, out=out, total=len(runs))

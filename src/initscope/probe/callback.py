@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from initscope.plan import InitPlan, plan_of
-from initscope.probe.hooks import QUANTITIES, Recorder, Selection, select
+from initscope.probe.hooks import QUANTITIES, Recorder, Selection, check_quantities, select
 from initscope.probe.probe import COLUMNS, Probe, build, probe, save_frame
 from initscope.probe.summary import DEFAULT_BINS, DEFAULT_SAMPLE
 
@@ -59,9 +59,7 @@ class ProbeCallback:
                  plan: InitPlan | None = None, tag: str = "probe") -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        bad = [q for q in quantities if q not in QUANTITIES]
-        if bad:
-            raise ValueError(f"unknown quantities {bad}: choose from {', '.join(QUANTITIES)}")
+        check_quantities(quantities)
         self.every = every
         self.layers = layers
         self.quantities = tuple(quantities)

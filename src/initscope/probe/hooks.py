@@ -160,6 +160,13 @@ def select(model: nn.Module, layers: str | Sequence[str]) -> Selection:
     return Selection(mods, graph if adds else None, adds)
 
 
+def check_quantities(quantities: Sequence[str]) -> None:
+    """Refuse names that are not among :data:`QUANTITIES`, listing the valid ones."""
+    bad = [q for q in quantities if q not in QUANTITIES]
+    if bad:
+        raise ValueError(f"unknown quantities {bad}: choose from {', '.join(QUANTITIES)}")
+
+
 class Recorder:
     """Hooks that take statistics of the selected layers during one forward and backward pass.
 
@@ -170,9 +177,7 @@ class Recorder:
     def __init__(self, model: nn.Module, selection: Selection, *, quantities: Sequence[str] = QUANTITIES,
                  bins: int = DEFAULT_BINS, quantiles: bool = True, histograms: bool = True,
                  sample: int = DEFAULT_SAMPLE, seed: int = 0) -> None:
-        bad = [q for q in quantities if q not in QUANTITIES]
-        if bad:
-            raise ValueError(f"unknown quantities {bad}: choose from {', '.join(QUANTITIES)}")
+        check_quantities(quantities)
         self.model = model
         self.selection = selection
         self.quantities = frozenset(quantities)
