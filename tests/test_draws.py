@@ -21,11 +21,18 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
     [("asv-backward", {}), ("orthogonal", {}), ("default", {}), ("kaiming-forward", {"distribution": "truncated_normal"}),
      ("xavier", {"distribution": "uniform"})],
 )
-def test_init_writes_what_plan_then_apply_writes(method, options):
+@pytest.mark.parametrize("remembered", [False, True], ids=["drawn-ahead", "plan-cached"])
+def test_init_writes_what_plan_then_apply_writes(method, options, remembered):
+    # Not remembered: init_ propagates the plan and draws in a thread meanwhile. Remembered (the plan
+    # cache has it): init_ draws in place at once. Both must write what plan + apply writes.
     model = create_model("resnet18-nobn")
     twin = copy.deepcopy(model)
+    initscope.clear_plan_cache()
+    if remembered:
+        initscope.plan(model, method, input_shape=(3, 32, 32), **options)
     g, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     initscope.init_(model, method, input_shape=(3, 32, 32), generator=g, **options)
+    assert initscope.cache_info().hits == int(remembered)
     initscope.plan(twin, method, input_shape=(3, 32, 32), **options).apply(twin, generator=g2)
     assert _same(model, twin)
     assert torch.equal(g.get_state(), g2.get_state())

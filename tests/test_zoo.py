@@ -71,3 +71,37 @@ def test_table_and_dict():
     assert {"name", "kind", "std", "fan_in", "fan_out", "eps", "tau_in", "gamma", "clamped",
             "pred_out_var", "pred_in_grad_var"} <= set(d["layers"][0])
     __import__("json").dumps(d)
+
+
+def test_norm_knobs_are_planned_as_written_so_planning_is_idempotent():
+    # The scale policy writes each branch's last BatchNorm weight (and zeroes its bias). A second
+    # init_ used to plan from the weight the first one wrote and undo it (0.48 -> 1.0 -> 0.48).
+    from torchvision.models import resnet18
+
+    model = resnet18()
+    first = initscope.init_(model, "asv-backward", input_shape=(3, 32, 32))
+    assert first.norm_scales and any(abs(a - 1.0) > 0.1 for a in first.norm_scales.values())
+    second = initscope.init_(model, "asv-backward", input_shape=(3, 32, 32))
+    assert second.norm_scales == pytest.approx(first.norm_scales, rel=1e-9)
+    assert [l.std for l in second.layers] == pytest.approx([l.std for l in first.layers], rel=1e-9)
+
+    # Whatever a knob holds (a trained model), the plan is the fresh model's.
+    trained = resnet18()
+    with torch.no_grad():
+        for m in trained.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(0.3)
+                m.bias.fill_(0.2)
+    fresh = resnet18()
+    with torch.no_grad():
+        for m in fresh.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(0.3)
+                m.bias.fill_(0.2)
+        for name in first.norm_scales:
+            fresh.get_submodule(name).weight.fill_(1.0)
+            fresh.get_submodule(name).bias.zero_()
+    a = initscope.plan(trained, "asv-backward", input_shape=(3, 32, 32))
+    b = initscope.plan(fresh, "asv-backward", input_shape=(3, 32, 32))
+    assert a.norm_scales == pytest.approx(b.norm_scales, rel=1e-9)
+    assert [l.pred_out_var for l in a.layers] == pytest.approx([l.pred_out_var for l in b.layers], rel=1e-9)

@@ -11,6 +11,7 @@ from initscope.errors import InitscopeError, PlanMismatchError, TraceError, Unkn
 from initscope.methods import METHODS
 from initscope.options import Options
 from initscope.plan import InitPlan, LayerPlan, plan_of
+from initscope.plan_cache import cache_info, clear_plan_cache
 from initscope.probe import Probe, ProbeCallback, probe
 from initscope.rules import Context, Rule, WeightRule, register_rule, unregister_rule
 from initscope.sampling import sample_
@@ -34,6 +35,8 @@ __all__ = [
     "TraceError",
     "UnknownOpError",
     "WeightRule",
+    "cache_info",
+    "clear_plan_cache",
     "init_",
     "models",
     "plan",

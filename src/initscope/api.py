@@ -20,6 +20,7 @@ def plan(
     *,
     input_shape: Any = None,
     example_input: Any = None,
+    cache: bool = True,
     **options: Any,
 ) -> InitPlan:
     r"""Plan an initialization of every weight layer of ``model``; no weight is changed.
@@ -41,6 +42,9 @@ def plan(
         input_shape: the shape of one input sample, without the batch dim, e.g. ``(3, 224, 224)``.
         example_input: a real batch instead of ``input_shape``: its statistics (second moments,
             marginal, correlations) replace the i.i.d. N(0, 1) input.
+        cache: reuse the plan of an identical network planned before in this process (same graph,
+            hyperparameters, normalization parameters, method, options and input shape; see
+            :mod:`initscope.plan_cache`). Planning again gives the same plan; ``False`` recomputes it.
         **options: see :class:`initscope.options.Options` (``distribution``, ``max_std_ratio``, ``fan``,
             ``residual``, ``residual_growth``, ``on_unknown``, ``max_cov_positions``).
 
@@ -49,7 +53,7 @@ def plan(
         >>> p = initscope.plan(torchvision.models.resnet18(), "asv-backward", input_shape=(3, 224, 224))
         >>> print(p.to_table())
     """
-    return build_plan(model, method, input_shape, example_input, Options.make(**options))
+    return build_plan(model, method, input_shape, example_input, Options.make(**options), cache=cache)
 
 
 def init_(
@@ -59,6 +63,7 @@ def init_(
     input_shape: Any = None,
     example_input: Any = None,
     generator: torch.Generator | None = None,
+    cache: bool = True,
     **options: Any,
 ) -> InitPlan:
     """Plan an initialization of ``model`` (see :func:`plan`) and write it; returns the plan.
@@ -67,12 +72,18 @@ def init_(
         >>> initscope.init_(model, "asv-forward", input_shape=(3, 64, 64), generator=torch.Generator().manual_seed(0))
     """
     opts = Options.make(**options)
-    # The random part of the draw does not depend on the plan: make it while the plan is computed.
+    # The random part of the draw does not depend on the plan: when the plan has to be propagated
+    # (it is not in the cache), draw the weights in a thread meanwhile. A remembered plan is written
+    # at once, drawing in place, which is cheaper than drawing into buffers and copying.
     ahead = None
-    if isinstance(model, nn.Module) and method in METHODS:
-        ahead = Prefetch(model, planned_distribution(METHODS[method], opts), method == "default", generator)
+
+    def draw_ahead() -> None:
+        nonlocal ahead
+        if isinstance(model, nn.Module) and method in METHODS:
+            ahead = Prefetch(model, planned_distribution(METHODS[method], opts), method == "default", generator)
+
     try:
-        p = build_plan(model, method, input_shape, example_input, opts)
+        p = build_plan(model, method, input_shape, example_input, opts, cache=cache, on_propagate=draw_ahead)
     except BaseException:
         if ahead is not None:
             ahead.discard()

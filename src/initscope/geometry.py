@@ -70,6 +70,11 @@ class Axis:
     def out(self) -> int:
         return conv_out_length(self.length, self.kernel, self.stride, self.dilation, self.pad_lo, self.pad_hi)
 
+    @cached_property
+    def identity(self) -> bool:
+        """Each output reads exactly its own input position (a 1-wide kernel, stride 1, no padding)."""
+        return self.kernel == 1 and self.stride == 1 and self.pad_lo == 0 and self.pad_hi == 0
+
     def tap_count(self) -> int:
         """Number of (output, tap) pairs that read a real input: the per-axis factor of ε.
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from initscope import plan_cache
 from initscope.errors import InitscopeError
 from initscope.graph.propagate import Pass, Resolved, WeightHook
 from initscope.graph.trace import trace
@@ -245,6 +246,24 @@ def _layer_infos(resolved: Resolved, local: Pass) -> list[LayerInfo]:
     return list(infos.values())
 
 
+def _mark_norm_knobs(resolved: Resolved, adds: list) -> bool:
+    """Mark the normalizations that scale a residual branch; True if any holds other than γ = 1, β = 0."""
+    changed = False
+    for ra in adds:
+        for b in ra.branches:
+            if b.knob_kind != "norm":
+                continue
+            b.knob.meta["initscope_knob"] = True
+            module = resolved.modules.get(b.knob)
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            with torch.no_grad():
+                if weight is not None and not bool((weight == 1).all()):
+                    changed = True
+                if bias is not None and not bool((bias == 0).all()):
+                    changed = True
+    return changed
+
+
 def _run(resolved, inputs, hook, opts: Options, residual: ResidualPolicy | None) -> Pass:
     return Pass(resolved, inputs, hook, max_cov=opts.max_cov_positions, on_unknown=opts.on_unknown,
                 residual=residual).forward().backward()
@@ -263,7 +282,14 @@ def build_plan(
     input_shape: Any = None,
     example_input: Any = None,
     options: Options | None = None,
+    cache: bool = True,
+    on_propagate: Callable[[], None] | None = None,
 ) -> InitPlan:
+    """The plan of ``model`` (see :func:`initscope.plan`).
+
+    ``on_propagate`` is called once the plan is known to need propagating (it was not in the cache),
+    before the propagation starts: :func:`initscope.init_` starts drawing the weights there.
+    """
     opts = options or Options()
     m: Method = get_method(method)
     if opts.distribution is not None and m.distribution in (None, "uniform") and m.name in ("orthogonal", "default"):
@@ -274,6 +300,12 @@ def build_plan(
     _check_model(model)
     full_inputs, local_inputs, shape = make_inputs(input_shape, example_input, opts.max_cov_positions)
     resolved = Resolved.of(trace(model))
+    key = plan_cache.plan_key(resolved, m.name, opts.to_dict(), shape) if cache and example_input is None else None
+    remembered = plan_cache.lookup(key)
+    if remembered is not None:
+        return remembered
+    if on_propagate is not None:
+        on_propagate()
 
     # The paper's model: τ and γ of every layer.
     try:
@@ -282,14 +314,18 @@ def build_plan(
         raise
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
         raise ValueError(f"the model does not run on input_shape={shape!r}: {exc}") from exc
+    adds = find_residual_adds(resolved, local)
+    policy = opts.residual or m.residual
+    if policy != "none" and _mark_norm_knobs(resolved, adds):
+        # Some knob holds a weight or bias the plan will overwrite: plan the paper's model again as
+        # it will be after applying, so that planning twice gives the same plan.
+        local = Pass(resolved, local_inputs, _Unit(), local=True, plane=True, on_unknown=opts.on_unknown).forward().backward()
     infos = _layer_infos(resolved, local)
     if not infos:
         raise ValueError(
             f"{type(model).__name__} has no Conv1d/2d/3d or Linear layer reached by its forward pass: nothing to initialize"
         )
     by_node = {i.node: i for i in infos}
-    adds = find_residual_adds(resolved, local)
-    policy = opts.residual or m.residual
 
     # Stds from formulas (the exact variants start from the paper's).
     stds, clamped = {}, set()
@@ -392,7 +428,7 @@ def build_plan(
     for info in infos:
         if info.calls > 1:
             notes.append(f"{info.name} is called {info.calls} times; its first call is described")
-    return InitPlan(
+    result = InitPlan(
         method=m.name,
         options=opts.to_dict(),
         input_shape=shape,
@@ -402,3 +438,5 @@ def build_plan(
                   "scaled": len(residual.alphas)},
         notes=notes,
     )
+    plan_cache.store(key, result)
+    return result

@@ -51,6 +51,10 @@ class Activation:
         return _probe(key, fn)
 
     def deriv(self, x: Tensor) -> Tensor:
+        if self.slope is not None:
+            # The ReLU family: 1 above zero, the slope at and below it (as autograd gives for relu
+            # and leaky_relu), without an autograd pass.
+            return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, self.slope))
         x = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad(self.fn(x).sum(), x)
@@ -169,11 +173,33 @@ def _key(value: float) -> float:
     return float(f"{value:.4g}")
 
 
-def _on_grid(curve: Tensor, r: Tensor) -> Tensor:
-    pos = (r.clamp(-1.0, 1.0) + 1.0) / 2.0 * (len(_R) - 1)
-    lo = pos.floor().long().clamp(0, len(_R) - 2)
+def _on_grid(curve: Tensor, r: Tensor | float) -> Tensor | float:
+    """Linear interpolation of ``curve`` (given on the ρ grid ``_R``) at ``r``: a tensor, or one float."""
+    n = len(_R)
+    if isinstance(r, float):
+        # One correlation (rho, xcorr): plain Python, a dozen tensor ops would cost 50x more.
+        pos = (min(max(r, -1.0), 1.0) + 1.0) / 2.0 * (n - 1)
+        lo = min(max(int(math.floor(pos)), 0), n - 2)
+        frac = pos - lo
+        values = _curve_values(curve)
+        return values[lo] * (1 - frac) + values[lo + 1] * frac
+    pos = (r.clamp(-1.0, 1.0) + 1.0) * ((n - 1) / 2.0)
+    lo = pos.floor().clamp_(0, n - 2)
     frac = pos - lo
-    return curve[lo] * (1 - frac) + curve[lo + 1] * frac
+    lo = lo.long()
+    return torch.lerp(curve[lo], curve[lo + 1], frac)
+
+
+_CURVE_VALUES: dict[int, tuple[Tensor, list[float]]] = {}
+
+
+def _curve_values(curve: Tensor) -> list[float]:
+    """``curve`` as a Python list, kept per tensor (the curves are cached and never change)."""
+    hit = _CURVE_VALUES.get(id(curve))
+    if hit is None or hit[0] is not curve:
+        hit = (curve, curve.tolist())
+        _CURVE_VALUES[id(curve)] = hit
+    return hit[1]
 
 
 @lru_cache(maxsize=1024)
@@ -225,7 +251,7 @@ def apply_activation(act: Activation, x: Signal) -> _Applied:
     return _Applied(per_m2, per_dm2, unit, base.mean, base.map(lambda t: act.fn(scale * t)).standardized())
 
 
-def _map_corr(act: Activation, applied: _Applied, rho: Tensor, inp_m2: float, scale: float) -> Tensor:
+def _map_corr(act: Activation, applied: _Applied, rho: Tensor | float, inp_m2: float, scale: float) -> Tensor | float:
     """Non-centered output correlation for non-centered input correlation ``rho`` (same-scale pair)."""
     mu = applied.inp_mean
     var = max(1.0 - mu * mu, 1e-12)
@@ -237,7 +263,7 @@ def _map_corr(act: Activation, applied: _Applied, rho: Tensor, inp_m2: float, sc
     else:
         cf, _ = _centered_duals(act, _key(mu / math.sqrt(var)), _key(scale * math.sqrt(var)))
     if o.m2 <= 0:
-        return torch.zeros_like(rho)
+        return 0.0 if isinstance(rho, float) else torch.zeros_like(rho)
     return (o.mean**2 + out_var * _on_grid(cf, r)) / o.m2
 
 
@@ -280,8 +306,8 @@ class ElementwiseRule(Rule):
             s = m_out.sqrt()
             cov = (out_corr * torch.outer(s, s)).reshape(x.cov.shape)
         elif x.positions > 1:
-            rho = float(_map_corr(act, applied, torch.tensor([x.rho], dtype=DTYPE), x.mean_m2, scale))
-        xcorr = float(_map_corr(act, applied, torch.tensor([x.xcorr], dtype=DTYPE), x.mean_m2, scale))
+            rho = float(_map_corr(act, applied, float(x.rho), x.mean_m2, scale))
+        xcorr = float(_map_corr(act, applied, float(x.xcorr), x.mean_m2, scale))
         monotone = act.monotone
         return Signal(
             x.shape,

@@ -78,6 +78,11 @@ class ConvSpec:
     def out_spatial(self) -> tuple[int, ...]:
         return tuple(a.out for a in self.axes)
 
+    @cached_property
+    def pointwise(self) -> bool:
+        """A 1x1 (stride 1, unpadded) conv: positions pass one to one, only channels mix."""
+        return all(a.identity for a in self.axes)
+
     @property
     def kernel_size(self) -> int:
         return prod(a.kernel for a in self.axes)
@@ -120,12 +125,15 @@ def conv_forward_unit(ctx: Context, x: Signal, spec: ConvSpec) -> Signal:
     if ctx.local:
         return Signal.unit(out_shape)
     m = _group_sum(x.m2, x.shape, spec.c_in, spec.groups)
-    m2 = _per_channel(apply_axes(m, [a.counts for a in spec.axes]), spec.c_out, spec.groups)
+    if not spec.pointwise:
+        m = apply_axes(m, [a.counts for a in spec.axes])
+    m2 = _per_channel(m, spec.c_out, spec.groups)
     cov, rho = None, x.rho
     out_positions = prod(spec.out_spatial)
     if ctx.keep_cov(out_positions) and x.positions <= 16 * ctx.max_cov:
         scale = spec.c_in // spec.groups
-        cov = scale * tied_taps(x.full(), [a.taps for a in spec.axes])
+        k = x.full()
+        cov = scale * (k if spec.pointwise else tied_taps(k, [a.taps for a in spec.axes]))
     elif x.cov is not None:
         rho = x.mean_corr()
     return Signal(out_shape, m2, cov=cov, rho=rho, xcorr=x.xcorr)
@@ -135,10 +143,16 @@ def conv_backward_unit(ctx: Context, x: Signal, spec: ConvSpec, grad: Grad) -> G
     if ctx.local:
         return Grad.unit(x.shape)
     g = _group_sum(grad.total(), grad.shape, spec.c_out, spec.groups)
-    m2 = _per_channel(apply_axes_t(g, [a.counts for a in spec.axes]), spec.c_in, spec.groups)
+    if not spec.pointwise:
+        g = apply_axes_t(g, [a.counts for a in spec.axes])
+    m2 = _per_channel(g, spec.c_in, spec.groups)
     cov = None
     if grad.cov is not None and ctx.keep_cov(x.positions):
-        cov = (spec.c_out // spec.groups) * tied_taps_t(grad.cov, [a.taps for a in spec.axes], [a.length for a in spec.axes])
+        scale = spec.c_out // spec.groups
+        if spec.pointwise:
+            cov = scale * grad.cov
+        else:
+            cov = scale * tied_taps_t(grad.cov, [a.taps for a in spec.axes], [a.length for a in spec.axes])
     return Grad(x.shape, m2, cov)
 
 

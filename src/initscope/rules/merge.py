@@ -44,16 +44,22 @@ def broadcast_shape(*shapes: torch.Size) -> torch.Size:
 def reduce_to(m2: Tensor, out_shape: torch.Size, in_shape: torch.Size) -> Tensor:
     """Send an elementwise gradient map back to a broadcast input: sum over the dims it was spread on.
 
-    The summed gradients are taken as uncorrelated.
+    The summed gradients are taken as uncorrelated. Dims the map holds at size 1 stay so (a sum of
+    equal terms is a product), so a channel-uniform map stays channel-uniform.
     """
-    m = compact(m2, out_shape).expand(out_shape)
+    m = compact(m2, out_shape)
     lead = len(out_shape) - len(in_shape)
+    factor = 1
+    for i, o in enumerate(out_shape):
+        n = in_shape[i - lead] if i >= lead else 1
+        if n == 1 and o != 1:
+            if m.shape[i] == 1:
+                factor *= o
+            else:
+                m = m.sum(dim=i, keepdim=True)
     if lead:
-        m = m.sum(dim=tuple(range(lead)))
-    dims = tuple(i for i, (o, n) in enumerate(zip(m.shape, in_shape)) if n == 1 and o != 1)
-    if dims:
-        m = m.sum(dim=dims, keepdim=True)
-    return m
+        m = m.reshape(m.shape[lead:])
+    return m * factor if factor != 1 else m
 
 
 def _mean_map(x: Signal) -> Tensor:

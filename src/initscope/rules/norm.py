@@ -122,7 +122,12 @@ class _NormRule(Rule):
         raise NotImplementedError
 
     def forward(self, ctx: Context, x: Signal, *args, **kwargs) -> Signal:
-        return _forward(ctx, x, self.norm(ctx, x, *args, **kwargs))
+        norm = self.norm(ctx, x, *args, **kwargs)
+        if ctx.node.meta.get("initscope_knob"):
+            # A residual branch's knob: applying the plan writes its weight (the branch's scale) and
+            # zeroes its bias, so it is planned as it will be, whatever it holds now.
+            norm.w2, norm.b2 = norm._affine(None, 1.0), norm._affine(None, 0.0)
+        return _forward(ctx, x, norm)
 
     def backward(self, ctx: Context, grad: Grad) -> dict:
         x = ctx.args[0]

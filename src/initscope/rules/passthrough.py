@@ -23,7 +23,7 @@ from torch import nn
 from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE
-from initscope.stats.signal import Grad, Signal, compact
+from initscope.stats.signal import Grad, Signal, compact, shrink
 
 try:  # torchvision is optional for the core
     from torchvision.ops import stochastic_depth as _stochastic_depth
@@ -115,7 +115,7 @@ class ShapeRule(Rule):
         keep_cov = _keeps_layout(ctx, sigs[0]) if sigs else False
         result = {}
         for s, g in zip(primals, got):
-            g = torch.zeros(s.shape, dtype=DTYPE) if g is None else g.detach()
+            g = torch.zeros((), dtype=DTYPE) if g is None else shrink(g.detach())
             cov = None
             if keep_cov and not isinstance(grad, (tuple, list)) and grad.cov is not None:
                 cov = grad.cov
@@ -134,7 +134,7 @@ def _wrap(out, x: Signal):
     if isinstance(out, torch.Tensor):
         shape = torch.Size(out.shape)
         same_layout = len(shape) == len(x.shape) and shape[2:] == x.shape[2:]
-        return Signal(shape, out, cov=x.cov if same_layout else None, rho=x.rho, xcorr=x.xcorr, dist=x.dist)
+        return Signal(shape, shrink(out), cov=x.cov if same_layout else None, rho=x.rho, xcorr=x.xcorr, dist=x.dist)
     if isinstance(out, (tuple, list)):
         return type(out)(_wrap(o, x) for o in out)
     return out
@@ -170,7 +170,7 @@ class PadRule(ShapeRule):
         if mode != "constant":
             raise ValueError(f"F.pad with mode={mode!r} at {ctx.where!r} is not modelled; only constant padding is")
         out = F.pad(_materialize(x), pad, "constant", float(value or 0.0) ** 2)
-        return Signal(torch.Size(out.shape), out, rho=x.rho, xcorr=x.xcorr, dist=x.dist)
+        return Signal(torch.Size(out.shape), shrink(out), rho=x.rho, xcorr=x.xcorr, dist=x.dist)
 
 
 @register_rule(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
@@ -178,7 +178,7 @@ class PadModule(ShapeRule):
     def forward(self, ctx: Context, x):
         m = ctx.module
         out = F.pad(_materialize(x), m.padding, "constant", float(m.value) ** 2)
-        return Signal(torch.Size(out.shape), out, rho=x.rho, xcorr=x.xcorr, dist=x.dist)
+        return Signal(torch.Size(out.shape), shrink(out), rho=x.rho, xcorr=x.xcorr, dist=x.dist)
 
     def call(self, ctx: Context, x):
         return F.pad(x, ctx.module.padding, "constant", 0.0)

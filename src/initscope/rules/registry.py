@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 _MODULES: dict[type, "Rule"] = {}
 _FUNCTIONS: dict[Any, "Rule"] = {}
 _METHODS: dict[str, "Rule"] = {}
+# Bumped on every change, so that plans remembered under other rules are dropped.
+_version = 0
 
 R = TypeVar("R")
 
@@ -65,6 +67,7 @@ def register_rule(*targets: Any, overwrite: bool = False) -> Callable[[R], R]:
                     "pass overwrite=True to replace it"
                 )
             table[target] = rule
+        _bump()
         return cls
 
     return decorate
@@ -86,6 +89,17 @@ def unregister_rule(*targets: Any) -> None:
     """Remove the rules for ``targets`` (for tests and for replacing a built-in rule by hand)."""
     for target in targets:
         _table_for(target).pop(target, None)
+    _bump()
+
+
+def _bump() -> None:
+    global _version
+    _version += 1
+
+
+def version() -> int:
+    """A counter that changes whenever a rule is registered or removed."""
+    return _version
 
 
 def module_rule(module: nn.Module) -> "Rule | None":

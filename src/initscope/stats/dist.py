@@ -51,8 +51,9 @@ class Dist:
 
     @staticmethod
     def of(x: Tensor, w: Tensor, bins: int = BINS) -> "Dist":
-        order = torch.argsort(x)
-        return Dist(x[order], w[order] / w.sum()).compress(bins)
+        # Stable, so that tied points (all the zeros after a ReLU) keep one order on every machine.
+        x, order = torch.sort(x, stable=True)
+        return Dist(x, w[order] / w.sum()).compress(bins)
 
     @staticmethod
     def gaussian(n: int = 8000) -> "Dist":
@@ -131,41 +132,58 @@ class Dist:
 
         Negative, zero and positive points are compressed apart, so the probability of each sign
         (what a ReLU mask sees) is kept exactly. Within a sign, points fall into equal-mass bins; each
-        bin becomes two points with the bin's mass, mean and variance, both inside the bin's range.
+        bin becomes two points inside the bin's range with the bin's mass, mean and variance.
         """
         if self.x.numel() <= bins:
             return self
-        parts_x, parts_w = [], []
-        total = float(self.w.sum())
-        for mask in (self.x < 0, self.x == 0, self.x > 0):
-            x, w = self.x[mask], self.w[mask]
-            if x.numel() == 0:
+        x, w = self.x, self.w
+        total = float(w.sum())
+        # The points are sorted, so each sign is a contiguous run; all three are binned in one pass,
+        # each with its own bins (offset so that they never share one).
+        zero = torch.zeros(1, dtype=x.dtype)
+        i0 = int(torch.searchsorted(x, zero))
+        i1 = int(torch.searchsorted(x, zero, right=True))
+        idx_parts, binned, kept, offset = [], [], [], 0
+        for lo_i, hi_i in ((0, i0), (i0, i1), (i1, x.numel())):
+            count = hi_i - lo_i
+            if count == 0:
                 continue
-            n = max(1, int(round(bins * float(w.sum()) / total / 2)))
-            if x.numel() <= 2 * n:
-                parts_x.append(x)
-                parts_w.append(w)
+            wg = w[lo_i:hi_i]
+            mass = float(wg.sum())
+            n = max(1, int(round(bins * mass / total / 2)))
+            if count <= 2 * n:
+                kept.append((x[lo_i:hi_i], wg))  # few enough points: kept as they are
                 continue
-            cum = torch.cumsum(w, 0) / w.sum()
-            idx = ((cum - 0.5 * w / w.sum()) * n).long().clamp(0, n - 1)
-            mass = torch.zeros(n, dtype=DTYPE).index_add_(0, idx, w)
-            mean = torch.zeros(n, dtype=DTYPE).index_add_(0, idx, w * x)
-            sq = torch.zeros(n, dtype=DTYPE).index_add_(0, idx, w * x * x)
-            lo = torch.full((n,), float("inf"), dtype=DTYPE).scatter_reduce(0, idx, x, "amin")
-            keep = mass > 0
-            mass, mean, sq, lo = mass[keep], mean[keep] / mass[keep], sq[keep] / mass[keep], lo[keep]
-            var = (sq - mean**2).clamp(min=0.0)
-            sd = var.sqrt()
-            # Symmetric two points where they stay in range, else one at the bin's minimum.
-            sym = mean - sd >= lo
-            gap = (mean - lo).clamp(min=1e-300)
-            hi_pt = torch.where(sym, mean + sd, mean + var / gap)
-            lo_pt = torch.where(sym, mean - sd, lo)
-            p_hi = torch.where(sym, torch.full_like(mean, 0.5), gap / (hi_pt - lo_pt).clamp(min=1e-300))
-            p_hi = torch.where(var > 0, p_hi, torch.ones_like(p_hi))
-            parts_x += [lo_pt, hi_pt]
-            parts_w += [mass * (1 - p_hi), mass * p_hi]
-        x, w = torch.cat(parts_x), torch.cat(parts_w)
-        keep = w > 0
-        order = torch.argsort(x[keep])
-        return Dist(x[keep][order], w[keep][order])
+            cum = torch.cumsum(wg, 0) / mass
+            idx_parts.append(((cum - 0.5 * wg / mass) * n).long().clamp_(0, n - 1) + offset)
+            binned.append(slice(lo_i, hi_i))
+            offset += n
+        if not binned:
+            return Dist(torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept]))
+        xb = torch.cat([x[s] for s in binned])
+        wb = torch.cat([w[s] for s in binned])
+        idx = torch.cat(idx_parts)
+        sums = torch.zeros(3, offset, dtype=DTYPE).index_add_(1, idx, torch.stack((wb, wb * xb, wb * xb * xb)))
+        lo = torch.full((offset,), float("inf"), dtype=DTYPE).scatter_reduce_(0, idx, xb, "amin")
+        hi = torch.full((offset,), float("-inf"), dtype=DTYPE).scatter_reduce_(0, idx, xb, "amax")
+        keep = sums[0] > 0
+        mass = sums[0][keep]
+        mean, sq, lo, hi = sums[1][keep] / mass, sums[2][keep] / mass, lo[keep], hi[keep]
+        mean = torch.minimum(torch.maximum(mean, lo), hi)  # against rounding
+        # A two-point law inside [lo, hi] with this mean and variance exists since the bin's own points
+        # are one (var <= (mean - lo)(hi - mean), Bhatia-Davis): symmetric where it fits, else pinned
+        # to the end it would cross. Staying inside the bin keeps each sign's mass exact.
+        var = torch.minimum((sq - mean**2).clamp(min=0.0), (mean - lo) * (hi - mean))
+        sd = var.sqrt()
+        below, above = mean - sd < lo, mean + sd > hi
+        lo_pt = torch.where(below, lo, torch.where(above, mean - var / (hi - mean).clamp(min=1e-300), mean - sd))
+        hi_pt = torch.where(above, hi, torch.where(below, mean + var / (mean - lo).clamp(min=1e-300), mean + sd))
+        lo_pt, hi_pt = torch.maximum(lo_pt, lo), torch.minimum(hi_pt, hi)
+        width = hi_pt - lo_pt
+        p_hi = torch.where(width > 0, (mean - lo_pt) / width.clamp(min=1e-300), torch.ones_like(mean))
+        x_out = torch.cat((lo_pt, hi_pt, *(k[0] for k in kept)))
+        w_out = torch.cat((mass * (1 - p_hi), mass * p_hi, *(k[1] for k in kept)))
+        nonzero = w_out > 0
+        x_out, w_out = x_out[nonzero], w_out[nonzero]
+        x_out, order = torch.sort(x_out, stable=True)
+        return Dist(x_out, w_out[order])

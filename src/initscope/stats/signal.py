@@ -21,6 +21,7 @@ Beyond the elementwise second moment a Signal carries what the paper's rules sil
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,6 +56,21 @@ def compact(m2: Tensor, shape: torch.Size) -> Tensor:
     m = torch.as_tensor(m2, dtype=DTYPE)
     while m.ndim < len(shape):
         m = m.unsqueeze(0)
+    return m
+
+
+def shrink(m: Tensor) -> Tensor:
+    """``m`` with every dim along which it is constant cut to size 1 (still broadcasts to the same map).
+
+    Rules that run the real op on a materialized map (reshapes, their vector-Jacobian products) hand
+    back full-size maps; shrinking them keeps later rules working on one value per position instead of
+    one per (channel, position).
+    """
+    for dim in range(m.ndim):
+        if m.shape[dim] > 1:
+            first = m.narrow(dim, 0, 1)
+            if torch.equal(m, first.expand_as(m)):
+                m = first
     return m
 
 
@@ -101,8 +117,9 @@ class Signal:
     def positions(self) -> int:
         return int(torch.Size(self.spatial).numel())
 
-    @property
+    @cached_property
     def mean_m2(self) -> float:
+        # Cached: Signals are immutable and rules ask for this many times.
         return mean_of(self.m2)
 
     @property
@@ -202,7 +219,7 @@ class Grad:
         """The part an activation in front of this tensor can pass."""
         return self.m2 if self.pre is None else self.m2 + self.pre
 
-    @property
+    @cached_property
     def mean_m2(self) -> float:
         return mean_of(self.total())
 
