@@ -112,3 +112,43 @@ def test_linear_after_flatten_matches_monte_carlo():
     for layer in p.layers:
         assert abs(math.log2(me.out_var[layer.name] / layer.pred_out_var)) < 0.2, layer.name
         assert abs(math.log2(me.in_grad_var[layer.name] / layer.pred_in_grad_var)) < 0.2, layer.name
+
+
+@pytest.mark.parametrize("size, kernel, padding", [(2, 3, 1), (4, 3, 1), (3, 5, 2), (8, 3, 1)])
+def test_batchnorm_removes_the_pooled_mean_share(size, kernel, padding):
+    # BatchNorm subtracts each channel's mean over samples and positions. After a conv on a small
+    # padded map that mean is a smaller share of the second moment than the per-position one
+    # (xcorr, 1/π for a ReLU input): each position's offset is made of other taps.
+    from initscope import planner
+
+    # 2048 output channels and 6 draws: the share's draw-to-draw scatter (a square of one Gaussian per
+    # channel) averages to ~1 %.
+    c_in, c_out, batch = 64, 2048, 128
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, c_out, kernel, padding=padding, bias=False),
+                          nn.BatchNorm2d(c_out), nn.ReLU(), nn.Conv2d(c_out, 4, 1, bias=False))
+    seen = {}
+    original = planner._run
+
+    def keep(*args, **kwargs):
+        seen["pass"] = original(*args, **kwargs)
+        return seen["pass"]
+
+    planner._run = keep
+    try:
+        initscope.plan(model, "kaiming-forward", input_shape=(c_in, size, size), cache=False)
+    finally:
+        planner._run = original
+    conv = next(n for n in seen["pass"].r.traced.nodes if n.target == "1")
+    predicted = seen["pass"].values[conv].pooled
+    g = torch.Generator().manual_seed(0)
+    shares = []
+    with torch.no_grad():
+        for _ in range(6):
+            nn.init.normal_(model[1].weight, generator=g)
+            u = model[1](torch.relu(torch.randn(batch, c_in, size, size, generator=g)))
+            shares.append(float((u.mean(dim=(0, 2, 3)) ** 2).mean() / (u**2).mean()))
+    measured = sum(shares) / len(shares)
+    # The batch mean also carries sampling noise of relative size ~1/(batch * positions), far below this.
+    assert measured == pytest.approx(predicted, rel=0.03)
+    if padding:
+        assert predicted < 1 / math.pi - 0.01  # the border matters on these maps

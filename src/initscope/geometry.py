@@ -117,6 +117,11 @@ class Axis:
         return s[:, :, : self.length]
 
     @cached_property
+    def reads(self) -> Tensor:
+        """``(K, L)`` float64: how many outputs read input i through tap k."""
+        return self.selection.sum(1)
+
+    @cached_property
     def counts(self) -> Tensor:
         """``(O, L)`` float64: how many taps join output o to input i (the ones-kernel conv, as a matrix)."""
         return self.selection.sum(0)

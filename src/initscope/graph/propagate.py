@@ -70,7 +70,8 @@ def finish_weight_forward(unit: Signal, var: float, bias_m2: float) -> Signal:
     share = (lambda c: (c * m + bias_m2) / total) if total > 0 else (lambda c: c)
     cov = None if unit.cov is None else unit.cov * var + bias_m2
     return Signal(unit.shape, unit.m2 * var + bias_m2, cov=cov, rho=share(unit.rho), xcorr=share(unit.xcorr),
-                  logvar=unit.logvar, fresh=unit.fresh, base_logvar=unit.base_logvar)
+                  logvar=unit.logvar, fresh=unit.fresh, base_logvar=unit.base_logvar,
+                  pooled=None if unit.pooled is None else share(unit.pooled))
 
 
 def _fresh(unit: Signal, inputs: list[Signal], channels: int) -> Signal:

@@ -136,7 +136,26 @@ def conv_forward_unit(ctx: Context, x: Signal, spec: ConvSpec) -> Signal:
         cov = scale * (k if spec.pointwise else tied_taps(k, [a.taps for a in spec.axes]))
     elif x.cov is not None:
         rho = x.mean_corr()
-    return Signal(out_shape, m2, cov=cov, rho=rho, xcorr=x.xcorr)
+    return Signal(out_shape, m2, cov=cov, rho=rho, xcorr=x.xcorr, pooled=_pooled_share(x, spec))
+
+
+def _pooled_share(x: Signal, spec: ConvSpec) -> float | None:
+    r"""The share of the output's second moment in each channel's mean over samples and positions.
+
+    Output channel c's mean is ``Σ_t w_t Σ_p μ_{p+t}`` (taps on padding read nothing), so the weights
+    of one tap are summed over only the positions where that tap is valid: with μ the inputs' mean map
+    (``sqrt(xcorr m2)`` per position) the share is ``Σ_t (Σ_p μ_{p+t})² / (P Σ_p Σ_t E[x²_{p+t}])``,
+    ``xcorr`` itself on a map without borders. On a 2×2 map under a 3×3 kernel it is 9/16 of ``xcorr``.
+    """
+    if spec.pointwise or x.xcorr <= 0 or not spec.axes:
+        return None
+    m = x.channel_map()
+    per_tap = apply_axes(m.sqrt(), [a.reads for a in spec.axes])
+    total = float(apply_axes(m, [a.counts for a in spec.axes]).sum())
+    positions = prod(spec.out_spatial)
+    if total <= 0:
+        return None
+    return x.xcorr * float((per_tap**2).sum()) / (positions * total)
 
 
 def conv_backward_unit(ctx: Context, x: Signal, spec: ConvSpec, grad: Grad) -> Grad:

@@ -25,6 +25,7 @@ from torch import Tensor
 from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
+from initscope.stats.gaussian import normal_cdf
 from initscope.stats.signal import Grad, Signal, compact
 
 
@@ -155,22 +156,32 @@ def _shortcut_grad(s: Signal, other: Any, other_factor: float, grad: Grad, out: 
 
     With ``y = relu(s + other)``, the gradient reaches ``s`` only where ``s + other > 0``, and ``s``'s
     own ReLU passes it only where ``z > 0``. The two events are correlated (``s + other = z + other``
-    wherever ``z > 0``): for zero-mean Gaussian ``z`` and ``other``, independent,
-    ``P(z > 0, z + other > 0) = 1/4 + asin(sqrt(q_z / (q_z + q_o))) / (2π)``. The gradient is handed
-    over as ``pre`` (already through ``s``'s ReLU), so that ReLU adds it without halving it again.
+    wherever ``z > 0``); for ``other`` a zero-mean Gaussian independent of z,
+    ``P(z > 0, z + other > 0) = E[1(z > 0) Φ(z / σ_other)]``: for Gaussian z that is
+    ``1/4 + asin(sqrt(q_z / (q_z + q_o))) / (2π)``, and for the marginal z has after earlier residual
+    sums (a non-negative shortcut plus a branch, mostly positive) it is summed over z's points. The
+    gradient is handed over as ``pre`` (already through ``s``'s ReLU), so that ReLU adds it without
+    halving it again.
     """
     if grad.masked_by is None or grad.masked_by is not out or grad.unmasked is None:
         return None
-    if s.act is None or s.act.slope != 0.0 or s.pre is None or s.pre.dist is not None:
+    if s.act is None or s.act.slope != 0.0 or s.pre is None:
         return None
-    if not isinstance(other, Signal) or other.const is not None or other.mean_fraction != 0.0:
+    if not isinstance(other, Signal) or other.const is not None or other.dist is not None:
         return None
     if tuple(s.shape) != tuple(grad.shape):
         return None
-    qz, qo = s.pre.mean_m2, other.mean_m2 * other_factor
+    qz, qo = s.pre.mean_m2, max(other.mean_m2 * other_factor, 0.0)
     if qz <= 0:
         return None
-    p = 0.25 + math.asin(math.sqrt(qz / (qz + max(qo, 0.0)))) / (2 * math.pi)
+    z = s.pre.dist
+    if z is None:
+        p = 0.25 + math.asin(math.sqrt(qz / (qz + qo))) / (2 * math.pi)
+    elif qo == 0:
+        p = float(z.w[z.x > 0].sum())
+    else:
+        positive = z.x > 0
+        p = float((z.w[positive] * normal_cdf(z.x[positive] * math.sqrt(qz / qo))).sum())
     arrived = compact(grad.total(), s.shape) * own
     live = (compact(grad.unmasked, s.shape) * own * p).minimum(arrived)
     return Grad(s.shape, torch.zeros_like(live), None, pre=live, logvar=grad.logvar, dead=arrived - live)

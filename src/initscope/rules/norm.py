@@ -81,7 +81,8 @@ class _Norm:
         """Fraction of the second moment the subtracted mean carries."""
         if self.kind == "instance":
             return max(0.0, x.mean_corr()) if x.positions > 1 else 1.0
-        return max(0.0, min(x.xcorr, 1.0 - 1e-9))
+        share = x.xcorr if x.pooled is None or self.kind != "batch" else x.pooled
+        return max(0.0, min(share, 1.0 - 1e-9))
 
 
 def _forward(ctx: Context, x: Signal, norm: _Norm) -> Signal:

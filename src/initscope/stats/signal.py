@@ -13,6 +13,9 @@ Beyond the elementwise second moment a Signal carries what the paper's rules sil
 * ``rho``: the same as one off-diagonal correlation, for maps too large for ``cov``.
 * ``xcorr``: the correlation with elements that share no weights (other samples, other channels);
   it is the fraction of the second moment that BatchNorm's mean subtraction removes.
+* ``pooled``: the fraction of the second moment carried by each channel's mean over samples *and
+  positions*, which is what a BatchNorm subtracts; None when it is ``xcorr``. A conv on a small
+  padded map makes it smaller than ``xcorr``: each position's offset is made of other taps.
 * ``dist``: the standardized marginal when it is not a zero-mean Gaussian.
 * ``act``/``pre``: for ``f(u)`` with u Gaussian, the activation and the Signal of u, which max pooling
   needs (the max of ``relu(u_i)`` is ``relu(max u_i)``).
@@ -97,6 +100,7 @@ class Signal:
     logvar: float = 0.0
     fresh: int = 0
     base_logvar: float = 0.0
+    pooled: float | None = None
 
     @staticmethod
     def unit(shape: torch.Size, m2: float = 1.0) -> "Signal":
