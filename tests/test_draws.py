@@ -12,6 +12,12 @@ import initscope
 from initscope.models import create_model
 
 
+@pytest.fixture(autouse=True)
+def draw_ahead_on_any_machine(monkeypatch):
+    # init_ draws ahead only with a spare core; these tests are about that path, so always take it.
+    monkeypatch.setattr("initscope.draws.MIN_CORES", 1)
+
+
 def _same(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 

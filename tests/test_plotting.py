@@ -93,6 +93,14 @@ def test_boxes_methods_side_by_side_in_order(frame):
         assert xs == sorted(xs) and xs[-1] - xs[0] < 1.0  # within the layer's slot, in method order
 
 
+def test_boxes_scale_per_panel():
+    frame = make_frame(n_layers=4)
+    fig = plot_boxes(frame, quantities=("weight", "weight_grad"), yscale={"weight_grad": "symlog"})
+    assert [ax.get_yscale() for ax in fig.axes[:2]] == ["linear", "symlog"]
+    with pytest.raises(ValueError, match="'log'"):
+        plot_boxes(frame, quantities=("weight",), yscale={"weight": "log"})
+
+
 def test_boxes_single_probe_and_missing_quantiles():
     single = make_frame(methods=("x",), n_layers=4).drop(columns="method")
     fig = plot_boxes(single, quantities=("output",), yscale="symlog")

@@ -86,18 +86,17 @@ def test_norm_knobs_are_planned_as_written_so_planning_is_idempotent():
     assert [l.std for l in second.layers] == pytest.approx([l.std for l in first.layers], rel=1e-9)
 
     # Whatever a knob holds (a trained model), the plan is the fresh model's.
-    trained = resnet18()
+    def every_norm_at(gamma: float, beta: float) -> nn.Module:
+        net = resnet18()
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.fill_(gamma)
+                    m.bias.fill_(beta)
+        return net
+
+    trained, fresh = every_norm_at(0.3, 0.2), every_norm_at(0.3, 0.2)
     with torch.no_grad():
-        for m in trained.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.fill_(0.3)
-                m.bias.fill_(0.2)
-    fresh = resnet18()
-    with torch.no_grad():
-        for m in fresh.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.fill_(0.3)
-                m.bias.fill_(0.2)
         for name in first.norm_scales:
             fresh.get_submodule(name).weight.fill_(1.0)
             fresh.get_submodule(name).bias.zero_()

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from initscope import draws
 from initscope.draws import Prefetch
 from initscope.methods import METHODS
 from initscope.options import Options
@@ -79,7 +80,7 @@ def init_(
 
     def draw_ahead() -> None:
         nonlocal ahead
-        if isinstance(model, nn.Module) and method in METHODS:
+        if isinstance(model, nn.Module) and method in METHODS and draws.spare_core():
             ahead = Prefetch(model, planned_distribution(METHODS[method], opts), method == "default", generator)
 
     try:

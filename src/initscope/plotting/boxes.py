@@ -8,7 +8,7 @@ A box spans the 25 and 75 % quantiles, the line in it is the median, the whisker
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from matplotlib.collections import LineCollection, PolyCollection
 from matplotlib.figure import Figure
@@ -45,7 +45,7 @@ def plot_boxes(
     *,
     quantities: Sequence[str] = ("weight", "activation", "weight_grad"),
     whiskers: str = "1-99",
-    yscale: str = "linear",
+    yscale: str | Mapping[str, str] = "linear",
     path: str | Path | None = None,
     title: str | None = None,
 ) -> Figure:
@@ -56,7 +56,8 @@ def plot_boxes(
         quantities: one panel each, top to bottom; any of the table's quantities.
         whiskers: ``"1-99"`` (``q01``/``q99``) or ``"5-95"`` (``q05``/``q95``).
         yscale: ``"linear"`` or ``"symlog"`` (linear within the smallest box's half-height of zero,
-            logarithmic beyond: for nets whose layers differ by orders of magnitude).
+            logarithmic beyond: for nets whose layers differ by orders of magnitude), for every panel,
+            or a mapping from quantity to scale (panels not named are linear).
         path: if given, the figure is also saved there as PNG and SVG (see :func:`save_figure`).
         title: the figure's title; the whisker convention is appended to it.
 
@@ -66,8 +67,10 @@ def plot_boxes(
     values can be read back (tests do) and found in the SVG. A box sits within half a unit of its
     layer's position (0, 1, ... in forward order), methods left to right in the frame's order.
     """
-    if yscale not in ("linear", "symlog"):
-        raise ValueError(f"yscale={yscale!r} is not one of ('linear', 'symlog')")
+    scales = dict(yscale) if isinstance(yscale, Mapping) else {q: yscale for q in quantities}
+    for scale in scales.values():
+        if scale not in ("linear", "symlog"):
+            raise ValueError(f"yscale={scale!r} is not one of ('linear', 'symlog')")
     if whiskers not in WHISKERS:
         raise ValueError(f"whiskers={whiskers!r} is not one of {tuple(WHISKERS)}")
     for q in quantities:
@@ -118,7 +121,7 @@ def plot_boxes(
             ax.add_collection(LineCollection(medians, colors="k", linewidths=1.0, gid=f"medians|{method}"))
         ax.autoscale_view()
         positive = [d for d in spreads if d > 0]
-        if yscale == "symlog" and positive:
+        if scales.get(quantity, "linear") == "symlog" and positive:
             ax.set_yscale("symlog", linthresh=min(positive) / 2)
         ax.set_title(f"{LABELS[quantity]}, by layer in forward order", fontsize=10, loc="left")
         ax.axhline(0.0, color="0.7", lw=0.6, zorder=0)

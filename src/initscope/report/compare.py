@@ -211,7 +211,9 @@ def _draw(frame: pd.DataFrame, out_dir: Path, model: str, shape: tuple[int, ...]
 
     where = f"{model}, input {'×'.join(map(str, shape))}"
     made = {}
-    fig = plot_boxes(frame, title=where)
+    # Weight gradients differ by orders of magnitude between methods (ASV's dwarf Xavier's): a
+    # linear panel would show only the largest.
+    fig = plot_boxes(frame, title=where, yscale={"weight_grad": "symlog"})
     made["boxes"] = save_figure(fig, out_dir / "boxes")
     for quantity in ("activation", "output_grad"):
         name = f"histograms_{quantity}"
