@@ -353,9 +353,8 @@ class ElementwiseRule(Rule):
             corr = correlation(x.full(), d)
             mask = _map_mask(act, applied, corr, scale) * float(applied.out.dm2)
             cov = grad.cov * mask.reshape(grad.cov.shape)
-        if act.slope == 0.0 and grad.pre is None:
-            return {x: Grad(x.shape, m2, cov, masked_by=x, unmasked=grad.m2)}
-        return {x: Grad(x.shape, m2, cov)}
+        # Both parts went through this mask: the pre part was handed over as already through it.
+        return {x: Grad(x.shape, m2, cov, masked_by=x if act.slope == 0.0 else None)}
 
 
 # -- which nodes are activations -------------------------------------------------------------------

@@ -156,34 +156,43 @@ def _shortcut_grad(s: Signal, other: Any, other_factor: float, grad: Grad, out: 
 
     With ``y = relu(s + other)``, the gradient reaches ``s`` only where ``s + other > 0``, and ``s``'s
     own ReLU passes it only where ``z > 0``. The two events are correlated (``s + other = z + other``
-    wherever ``z > 0``); for ``other`` a zero-mean Gaussian independent of z,
-    ``P(z > 0, z + other > 0) = E[1(z > 0) Φ(z / σ_other)]``: for Gaussian z that is
-    ``1/4 + asin(sqrt(q_z / (q_z + q_o))) / (2π)``, and for the marginal z has after earlier residual
-    sums (a non-negative shortcut plus a branch, mostly positive) it is summed over z's points. The
-    gradient is handed over as ``pre`` (already through ``s``'s ReLU), so that ReLU adds it without
-    halving it again.
+    wherever ``z > 0``). The gradient that arrives here has been through the mask of ``s + other``;
+    of it, ``s``'s ReLU passes the share ``P(z > 0 | s + other > 0)``. Taking the share of the masked
+    gradient, not the joint probability of the unmasked one, is what keeps a chain of blocks right:
+    the gradient from above is itself larger where ``s + other > 0`` (the next mask agrees), and
+    ``z``'s mask depends on what is above only through that event.
+
+    For ``other`` a zero-mean Gaussian independent of z, ``P(z > 0, z + other > 0) =
+    E[1(z > 0) Φ(z / σ_other)]``: for Gaussian z that is ``1/4 + asin(sqrt(q_z / (q_z + q_o))) / (2π)``,
+    and for the marginal z has after earlier residual sums (a non-negative shortcut plus a branch,
+    mostly positive) it is summed over z's points. The gradient is handed over as ``pre`` (already
+    through ``s``'s ReLU), so that ReLU adds it without masking it again.
     """
-    if grad.masked_by is None or grad.masked_by is not out or grad.unmasked is None:
+    if grad.masked_by is None or grad.masked_by is not out:
         return None
     if s.act is None or s.act.slope != 0.0 or s.pre is None:
         return None
     if not isinstance(other, Signal) or other.const is not None or other.dist is not None:
         return None
-    if tuple(s.shape) != tuple(grad.shape):
+    if not isinstance(out, Signal) or tuple(s.shape) != tuple(grad.shape):
         return None
     qz, qo = s.pre.mean_m2, max(other.mean_m2 * other_factor, 0.0)
     if qz <= 0:
         return None
     z = s.pre.dist
     if z is None:
-        p = 0.25 + math.asin(math.sqrt(qz / (qz + qo))) / (2 * math.pi)
+        joint = 0.25 + math.asin(math.sqrt(qz / (qz + qo))) / (2 * math.pi)
     elif qo == 0:
-        p = float(z.w[z.x > 0].sum())
+        joint = float(z.w[z.x > 0].sum())
     else:
         positive = z.x > 0
-        p = float((z.w[positive] * normal_cdf(z.x[positive] * math.sqrt(qz / qo))).sum())
+        joint = float((z.w[positive] * normal_cdf(z.x[positive] * math.sqrt(qz / qo))).sum())
+    # P(s + other > 0): the mask the arriving gradient went through.
+    passed = 0.5 if out.dist is None else float(out.dist.w[out.dist.x > 0].sum())
+    if passed <= 0:
+        return None
     arrived = compact(grad.total(), s.shape) * own
-    live = (compact(grad.unmasked, s.shape) * own * p).minimum(arrived)
+    live = arrived * min(joint / passed, 1.0)
     return Grad(s.shape, torch.zeros_like(live), None, pre=live, logvar=grad.logvar, dead=arrived - live)
 
 

@@ -194,11 +194,10 @@ class Grad:
     cov: Tensor | None = None
     pre: Tensor | None = None
     logvar: float = 0.0
-    # Set by a ReLU's backward: the Signal whose mask was applied, and the gradient before it. A sum
-    # that feeds the ReLU and has a ReLU output among its summands (an identity shortcut) uses them:
-    # the two masks are correlated, and where the summand is zero its own ReLU passes nothing.
+    # Set by a ReLU's backward: the Signal whose mask this whole gradient went through. A sum that
+    # feeds the ReLU and has a ReLU output among its summands (an identity shortcut) uses it: the two
+    # masks are correlated, and where the summand is zero its own ReLU passes nothing.
     masked_by: "Signal | None" = None
-    unmasked: Tensor | None = None
     # Gradient that sits where the activation producing this tensor is inactive: it is measured here,
     # but that activation's backward passes none of it.
     dead: Tensor | None = None
@@ -244,7 +243,6 @@ class Grad:
             None if self.pre is None else self.pre * factor,
             self.logvar,
             self.masked_by,
-            None if self.unmasked is None else self.unmasked * factor,
             None if self.dead is None else self.dead * factor,
         )
 
