@@ -58,33 +58,31 @@ def sixteen_runs(root: Path, runs: int) -> SweepConfig:
     return sweep
 
 
-def one_local(runs: int) -> dict[str, float]:
-    from initscope.experiments.runner import run_sweep
-
+def _timed_sweep(runs: int, engine) -> dict[str, float]:
+    """Run the first ``runs`` runs with ``engine(runs, db, out, train_fn)``; wall time and time in training."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         sweep = sixteen_runs(root, runs)
         timed = TimedTrain(root / "times")
         t0 = time.perf_counter()
-        summary = run_sweep(sweep.expand()[:runs], db=sweep.db, out_dir=sweep.out, train_fn=timed,
-                            progress=False, threads=1)
+        summary = engine(sweep.expand()[:runs], sweep.db, sweep.out, timed)
         wall = time.perf_counter() - t0
         assert summary.ran == {"finished": runs}, summary.line()
         return {"wall": wall, "train": timed.total()}
+
+
+def one_local(runs: int) -> dict[str, float]:
+    from initscope.experiments.runner import run_sweep
+
+    return _timed_sweep(runs, lambda cfgs, db, out, fn: run_sweep(cfgs, db=db, out_dir=out, train_fn=fn,
+                                                                  progress=False, threads=1))
 
 
 def _ray_sweep(runs: int) -> dict[str, float]:
     from initscope.experiments.ray_engine import run_sweep_ray
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        sweep = sixteen_runs(root, runs)
-        timed = TimedTrain(root / "times")
-        t0 = time.perf_counter()
-        summary = run_sweep_ray(sweep.expand()[:runs], db=sweep.db, out=sweep.out, train_fn=timed, progress=False)
-        wall = time.perf_counter() - t0
-        assert summary.ran == {"finished": runs}, summary.line()
-        return {"wall": wall, "train": timed.total()}
+    return _timed_sweep(runs, lambda cfgs, db, out, fn: run_sweep_ray(cfgs, db=db, out=out, train_fn=fn,
+                                                                      progress=False))
 
 
 def one_ray(runs: int, cpus: int) -> dict[str, float]:

@@ -264,6 +264,16 @@ def _mark_norm_knobs(resolved: Resolved, adds: list) -> bool:
     return changed
 
 
+def _paper_model(resolved: Resolved, inputs: list[Signal], opts: Options, shape: Any) -> Pass:
+    """The paper's model (every weight layer's output reset to i.i.d. N(0, 1)), forward and backward."""
+    try:
+        return Pass(resolved, inputs, _Unit(), local=True, plane=True, on_unknown=opts.on_unknown).forward().backward()
+    except InitscopeError:
+        raise
+    except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+        raise ValueError(f"the model does not run on input_shape={shape!r}: {exc}") from exc
+
+
 def _run(resolved, inputs, hook, opts: Options, residual: ResidualPolicy | None) -> Pass:
     return Pass(resolved, inputs, hook, max_cov=opts.max_cov_positions, on_unknown=opts.on_unknown,
                 residual=residual).forward().backward()
@@ -308,18 +318,13 @@ def build_plan(
         on_propagate()
 
     # The paper's model: τ and γ of every layer.
-    try:
-        local = Pass(resolved, local_inputs, _Unit(), local=True, plane=True, on_unknown=opts.on_unknown).forward().backward()
-    except InitscopeError:
-        raise
-    except (ValueError, RuntimeError, IndexError, TypeError) as exc:
-        raise ValueError(f"the model does not run on input_shape={shape!r}: {exc}") from exc
+    local = _paper_model(resolved, local_inputs, opts, shape)
     adds = find_residual_adds(resolved, local)
     policy = opts.residual or m.residual
     if policy != "none" and _mark_norm_knobs(resolved, adds):
         # Some knob holds a weight or bias the plan will overwrite: plan the paper's model again as
         # it will be after applying, so that planning twice gives the same plan.
-        local = Pass(resolved, local_inputs, _Unit(), local=True, plane=True, on_unknown=opts.on_unknown).forward().backward()
+        local = _paper_model(resolved, local_inputs, opts, shape)
     infos = _layer_infos(resolved, local)
     if not infos:
         raise ValueError(
