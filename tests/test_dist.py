@@ -83,6 +83,26 @@ def test_add_gaussian_keeps_moments_of_the_sum():
     assert abs(_sign_masses(d)[2] - mc) < 2e-3
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.05, 5.0))
+def test_add_gaussian_is_exact_for_what_a_relu_reads(seed, s):
+    # P(Y > 0), E[relu(Y)] and E[relu(Y)²] for Y = X + sZ, against the closed forms summed over X's points.
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(3000, generator=g, dtype=DTYPE)) + 0.3 * torch.randn(3000, generator=g, dtype=DTYPE)
+    base = Dist.of(x, torch.rand(3000, generator=g, dtype=DTYPE) + 0.1)
+    d = base.add_gaussian(s)
+    a = base.x / s
+    cdf = 0.5 * torch.erfc(-a / math.sqrt(2))
+    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    p = float((base.w * cdf).sum())
+    relu1 = float((base.w * (base.x * cdf + s * pdf)).sum())
+    relu2 = float((base.w * ((base.x**2 + s * s) * cdf + s * base.x * pdf)).sum())
+    assert math.isclose(_sign_masses(d)[2], p, rel_tol=1e-12, abs_tol=1e-14)
+    assert math.isclose(d.expect(torch.relu), relu1, rel_tol=1e-10)
+    assert math.isclose(d.expect(lambda t: torch.relu(t) ** 2), relu2, rel_tol=1e-10)
+    assert math.isclose(d.m2, base.m2 + s * s, rel_tol=1e-10)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.integers(0, 2**31 - 1), st.data())
 def test_shrink_is_the_same_map(shape, seed, data):

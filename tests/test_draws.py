@@ -89,3 +89,41 @@ def test_failed_plan_leaves_weights_and_generator_alone():
         initscope.init_(model, "asv-forward", input_shape=(3, 2), generator=g)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(state, g.get_state())
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["planned", "plan-failed"])
+def test_torch_threads_come_back(fails):
+    # While the draws run, the propagation keeps torch to one intra-op thread; after init_, planned
+    # or failed, the user's setting is back.
+    model = create_model("plain34", width=8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        if fails:
+            with pytest.raises(ValueError):
+                initscope.init_(model, "asv-forward", input_shape=(3, 2), cache=False)
+        else:
+            initscope.init_(model, "asv-forward", input_shape=(3, 32, 32), cache=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_propagation_runs_on_one_thread_while_drawing(monkeypatch):
+    seen = []
+    from initscope.graph import propagate
+
+    real = propagate.Pass.forward
+
+    def forward(self):
+        seen.append(torch.get_num_threads())
+        return real(self)
+
+    monkeypatch.setattr(propagate.Pass, "forward", forward)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        initscope.init_(create_model("plain34", width=8), "kaiming-forward", input_shape=(3, 32, 32), cache=False)
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}

@@ -85,9 +85,8 @@ def init_(
 
     try:
         p = build_plan(model, method, input_shape, example_input, opts, cache=cache, on_propagate=draw_ahead)
-    except BaseException:
+        p.apply(model, generator=generator, _prefetch=ahead)
+    finally:
         if ahead is not None:
-            ahead.discard()
-        raise
-    p.apply(model, generator=generator, _prefetch=ahead)
+            ahead.discard()  # joins the thread and gives back torch's threads, whatever happened
     return p

@@ -24,9 +24,10 @@ from initscope.sampling import unit_draw_
 WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Drawing ahead keeps a second copy of every weight until the plan is written: not for huge models.
 MAX_BYTES = 2 << 30
-# The thread needs a core of its own: on two cores it slows the propagation more than it saves
-# (ResNet-50, init_ without the plan cache: 4.9x the loop with it, 4.4x without).
-MIN_CORES = 4
+# The thread needs a core of its own. Two are enough once the propagation keeps to one (see
+# Prefetch): torch's draw kernels are serial, and the propagation's ops are too small to gain from
+# intra-op threads.
+MIN_CORES = 2
 
 
 def spare_core() -> bool:
@@ -59,10 +60,20 @@ class Prefetch:
         size = 0 if lazy else sum(w.numel() * w.element_size() for _, w, _ in self.layers)
         self.enabled = bool(self.layers) and not lazy and size <= MAX_BYTES and all(w.device.type == "cpu" for _, w, _ in self.layers)
         self.enabled = self.enabled and (generator is None or generator.device.type == "cpu")
+        # Elementwise laws only: an orthogonal draw is a QR, whose last bits depend on how many
+        # threads LAPACK runs, and the propagation beside it keeps torch to one.
+        self.enabled = self.enabled and distribution != "orthogonal"
         self.draws: dict[str, tuple[Tensor, Tensor | None]] = {}
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._threads: int | None = None
         if self.enabled:
+            # While drawing, the calling thread (the propagation) runs its ops on one intra-op
+            # thread: OpenMP workers it would wake spin on after each op and take the draws' core
+            # (ResNet-50 on two cores: the propagation took 1.6x as long beside the draws).
+            self._threads = torch.get_num_threads()
+            if self._threads > 1:
+                torch.set_num_threads(1)
             self._copy = torch.Generator()
             self._copy.set_state(_rng_state(generator))
             self._thread = threading.Thread(target=self._run, args=(distribution,), daemon=True)
@@ -93,6 +104,7 @@ class Prefetch:
         if self._thread is None:
             return None
         self._thread.join()
+        self._restore_threads()
         if self.error is not None or order != self.order():
             return None
         return self.draws
@@ -104,4 +116,10 @@ class Prefetch:
     def discard(self) -> None:
         if self._thread is not None:
             self._thread.join()
+        self._restore_threads()
         self.draws = {}
+
+    def _restore_threads(self) -> None:
+        if self._threads is not None and self._threads > 1:
+            torch.set_num_threads(self._threads)
+        self._threads = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 from torch import Tensor
@@ -75,6 +75,17 @@ class Axis:
         """Each output reads exactly its own input position (a 1-wide kernel, stride 1, no padding)."""
         return self.kernel == 1 and self.stride == 1 and self.pad_lo == 0 and self.pad_hi == 0
 
+    @staticmethod
+    @lru_cache(maxsize=4096)
+    def of(length: int, kernel: int, stride: int = 1, dilation: int = 1, pad_lo: int = 0, pad_hi: int = 0,
+           mode: str = "zeros") -> "Axis":
+        """The Axis with these parameters, one object per process: its tap tables are built once.
+
+        Networks repeat a few geometries many times (ResNet-50's 53 convs use 11 axes), and every
+        plan traces the model anew; sharing the Axis shares its cached selection and count matrices.
+        """
+        return Axis(length, kernel, stride, dilation, pad_lo, pad_hi, mode)
+
     def tap_count(self) -> int:
         """Number of (output, tap) pairs that read a real input: the per-axis factor of ε.
 
@@ -89,6 +100,10 @@ class Axis:
         hi = torch.div(self.length - 1 + self.pad_lo - k * self.dilation, self.stride, rounding_mode="floor")
         n = hi.clamp(max=self.out - 1) - lo.clamp(min=0) + 1
         return int(n.clamp(min=0).sum())
+
+    @cached_property
+    def _tap_count(self) -> int:
+        return self.tap_count()
 
     @cached_property
     def taps(self) -> Tensor:

@@ -376,9 +376,12 @@ class ActivationModule(ElementwiseRule):
             a = float(slopes.reshape(-1)[0])
             return Activation.probe(f"PReLU({a!r})", lambda t: F.leaky_relu(t, a))
         if hasattr(m, "inplace"):
-            # Rebuilt without in-place, since the rule feeds it tensors of its own.
+            # Rebuilt without in-place, since the rule feeds it tensors of its own (once per kind:
+            # building a module costs more than the rest of the rule).
             kwargs = _init_kwargs(m)
-            return Activation.probe(f"{type(m).__name__}{sorted(kwargs.items())}", type(m)(**kwargs))
+            key = f"{type(m).__name__}{sorted(kwargs.items())}"
+            known = _ACTIVATIONS.get(key)
+            return known if known is not None else Activation.probe(key, type(m)(**kwargs))
         return Activation.probe(repr(m), m)
 
 

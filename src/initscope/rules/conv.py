@@ -69,7 +69,7 @@ class ConvSpec:
         stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
         pads = _padding(padding, kernel, dilation)
         axes = tuple(
-            Axis(int(in_shape[2 + i]), kernel[i], stride[i], dilation[i], pads[i][0], pads[i][1], padding_mode)
+            Axis.of(int(in_shape[2 + i]), kernel[i], stride[i], dilation[i], pads[i][0], pads[i][1], padding_mode)
             for i in range(dims)
         )
         return ConvSpec(c_in, c_out, groups, axes)
@@ -88,7 +88,7 @@ class ConvSpec:
         return prod(a.kernel for a in self.axes)
 
     def eps(self) -> int:
-        return self.c_out * (self.c_in // self.groups) * prod(a.tap_count() for a in self.axes)
+        return self.c_out * (self.c_in // self.groups) * prod(a._tap_count for a in self.axes)
 
     def geometry(self, kind: str, weight_shape) -> LayerGeometry:
         k = self.kernel_size
