@@ -93,6 +93,11 @@ class Axis:
         for ``o`` in ``[ceil((p - k d)/s), floor((L - 1 + p - k d)/s)]``; the count is a closed form per tap.
         The other padding modes read a real (reflected, replicated, wrapped) input at every tap.
         """
+        return self._tap_count
+
+    @cached_property
+    def _tap_count(self) -> int:
+        # Computed once per Axis (axes are shared, see Axis.of).
         if self.mode != "zeros":
             return self.out * self.kernel
         k = torch.arange(self.kernel, dtype=torch.int64)
@@ -100,10 +105,6 @@ class Axis:
         hi = torch.div(self.length - 1 + self.pad_lo - k * self.dilation, self.stride, rounding_mode="floor")
         n = hi.clamp(max=self.out - 1) - lo.clamp(min=0) + 1
         return int(n.clamp(min=0).sum())
-
-    @cached_property
-    def _tap_count(self) -> int:
-        return self.tap_count()
 
     @cached_property
     def taps(self) -> Tensor:

@@ -88,7 +88,7 @@ class ConvSpec:
         return prod(a.kernel for a in self.axes)
 
     def eps(self) -> int:
-        return self.c_out * (self.c_in // self.groups) * prod(a._tap_count for a in self.axes)
+        return self.c_out * (self.c_in // self.groups) * prod(a.tap_count() for a in self.axes)
 
     def geometry(self, kind: str, weight_shape) -> LayerGeometry:
         k = self.kernel_size

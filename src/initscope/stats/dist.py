@@ -173,7 +173,7 @@ class Dist:
         # found by a search of the bin edges and summed segment by segment.
         i0 = int(np.searchsorted(x, 0.0, side="left"))
         i1 = int(np.searchsorted(x, 0.0, side="right"))
-        bin_starts, cuts, kept = [], [], []
+        bin_starts, sign_ends, kept = [], [], []
         for lo_i, hi_i in ((0, i0), (i0, i1), (i1, x.size)):
             count = hi_i - lo_i
             if count == 0:
@@ -187,13 +187,14 @@ class Dist:
             mid = (np.cumsum(wg) - 0.5 * wg) * (n / mass)
             bounds = np.concatenate(([0], np.searchsorted(mid, np.arange(1, n), side="left"), [count]))
             bin_starts.append(lo_i + bounds[:-1][bounds[:-1] < bounds[1:]])  # empty bins dropped
-            cuts.append(np.array([hi_i]))  # this sign's last bin ends here
+            sign_ends.append(hi_i)  # this sign's last bin ends here
         if not bin_starts:
             return Dist(torch.from_numpy(np.concatenate([k[0] for k in kept])),
                         torch.from_numpy(np.concatenate([k[1] for k in kept])))
-        # Sum over segments between consecutive cuts; the segments that start a bin are the bins.
+        # Cut the points where a bin starts or a sign ends and sum each segment; the segments that
+        # start a bin are the bins (the others hold kept points, or nothing).
         mark = np.zeros(x.size + 1, dtype=np.int8)
-        mark[np.concatenate(cuts)] = 1
+        mark[sign_ends] = 1
         mark[np.concatenate(bin_starts)] = 2
         cuts = np.flatnonzero(mark[:-1])
         is_bin = mark[cuts] == 2
