@@ -15,7 +15,7 @@ the ASV factors τ and γ) and the full prediction.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -77,7 +77,7 @@ def finish_weight_forward(unit: Signal, var: float, bias_m2: float) -> Signal:
 def _fresh(unit: Signal, inputs: list[Signal], channels: int) -> Signal:
     """A weight layer's output: new channel offsets on top of the scatter its input carries."""
     base = combine([s.logvar for s in inputs], [s.mean_m2 for s in inputs]) if inputs else 0.0
-    return replace(unit, logvar=base + offset_scatter(unit.xcorr) / max(channels, 1), fresh=channels,
+    return unit.with_(logvar=base + offset_scatter(unit.xcorr) / max(channels, 1), fresh=channels,
                    base_logvar=base)
 
 
@@ -246,13 +246,13 @@ class Pass:
                 unit = rule.backward_unit(ctx, g)
                 x = rule.input_signal(ctx)
                 arrived = self._arrived(x)
-                unit = replace(unit, logvar=g.logvar)
+                unit = unit.with_(logvar=g.logvar)
                 var = self.weights.backward(node, ctx, unit, arrived)
                 contributions = {x: unit if self.local else unit.scaled(var)}
             else:
                 contributions = rule.backward(ctx, g)
                 contributions = {
-                    sig: cg if cg is None else replace(cg, logvar=rule.grad_fluctuation(ctx, g, sig))
+                    sig: cg if cg is None else cg.with_(logvar=rule.grad_fluctuation(ctx, g, sig))
                     for sig, cg in contributions.items()
                 }
                 if self.residual is not None:

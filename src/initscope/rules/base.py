@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -76,9 +76,9 @@ class Rule:
         if len(inputs) == 1:
             x = inputs[0]
             keep = x.fresh if out.shape[1:2] == x.shape[1:2] else 0
-            return replace(out, logvar=x.logvar, fresh=keep, base_logvar=x.base_logvar)
+            return out.with_(logvar=x.logvar, fresh=keep, base_logvar=x.base_logvar)
         logvar = combine([s.logvar for s in inputs], [s.mean_m2 for s in inputs])
-        return replace(out, logvar=logvar, fresh=0, base_logvar=0.0)
+        return out.with_(logvar=logvar, fresh=0, base_logvar=0.0)
 
     def grad_fluctuation(self, ctx: Context, grad: Grad, x: Signal) -> float:
         """``Var(log g)`` of the gradient this op sends to input ``x``, given ``grad`` at its output."""

@@ -26,7 +26,7 @@ from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.gaussian import normal_cdf
-from initscope.stats.signal import Grad, Signal, compact
+from initscope.stats.signal import Grad, Signal, compact, mean_of
 
 
 def broadcast_shape(*shapes: torch.Size) -> torch.Size:
@@ -85,9 +85,9 @@ def _sum_dist(a: Signal, b: Signal, alpha: float) -> Dist | None:
     sa = math.sqrt(max(a.mean_m2, 0.0))
     sb = alpha * math.sqrt(max(b.mean_m2, 0.0))
     if b.const is not None:
-        return (a.dist or Dist.gaussian()).scale(sa).shift(alpha * float(b.const.mean())).standardized()
+        return (a.dist or Dist.gaussian()).scale(sa).shift(alpha * mean_of(b.const)).standardized()
     if a.const is not None:
-        return (b.dist or Dist.gaussian()).scale(sb).shift(float(a.const.mean())).standardized()
+        return (b.dist or Dist.gaussian()).scale(sb).shift(mean_of(a.const)).standardized()
     if a.dist is None and b.dist is None:
         return None
     if b.dist is None:
@@ -106,19 +106,19 @@ def add_signals(a: Signal, b: Signal, alpha: float = 1.0, same: bool = False) ->
     mua, mub = _mean_map(a), _mean_map(b)
     cross = 2 * alpha * mua * mub
     m2 = (ma + alpha**2 * mb + cross).clamp(min=0)
-    total = max(float(m2.mean()), 1e-300)
-    c = float(torch.as_tensor(cross, dtype=DTYPE).mean())
+    total = max(mean_of(m2), 1e-300)
+    c = mean_of(torch.as_tensor(cross, dtype=DTYPE))
     cov = None
     spatial_a = a.const is None and tuple(a.shape) == tuple(shape)
     spatial_b = b.const is None and tuple(b.shape) == tuple(shape)
     if (a.cov is not None or b.cov is not None) and spatial_a and spatial_b:
         cov = a.full() + alpha**2 * b.full() + c
     elif a.cov is not None and spatial_a and b.positions <= 1:
-        cov = a.cov + alpha**2 * float(mb.mean()) + c
+        cov = a.cov + alpha**2 * mean_of(mb) + c
     elif b.cov is not None and spatial_b and a.positions <= 1:
-        cov = alpha**2 * b.cov + float(ma.mean()) + c
-    rho = (a.rho * float(ma.mean()) + alpha**2 * b.rho * float(mb.mean()) + c) / total
-    xcorr = (a.xcorr * float(ma.mean()) + alpha**2 * b.xcorr * float(mb.mean()) + c) / total
+        cov = alpha**2 * b.cov + mean_of(ma) + c
+    rho = (a.rho * mean_of(ma) + alpha**2 * b.rho * mean_of(mb) + c) / total
+    xcorr = (a.xcorr * mean_of(ma) + alpha**2 * b.xcorr * mean_of(mb) + c) / total
     return Signal(shape, m2, cov=cov, rho=min(rho, 1.0), xcorr=min(xcorr, 1.0), dist=_sum_dist(a, b, alpha))
 
 
@@ -240,7 +240,7 @@ class MulRule(Rule):
         cov = None
         if a.cov is not None and tuple(a.shape) == tuple(shape):
             if not b_spatial:
-                cov = a.cov * float(mb.mean())
+                cov = a.cov * mean_of(mb)
             elif b.cov is not None:
                 cov = a.cov * b.cov
         rho = a.rho * (1.0 if not b_spatial else b.rho)
@@ -262,7 +262,7 @@ class MulRule(Rule):
             g = reduce_to(grad.total() * compact(_const_m2(b), grad.shape), grad.shape, a.shape)
             cov = None
             if grad.cov is not None and tuple(a.shape) == tuple(grad.shape) and not (b.positions > 1):
-                cov = grad.cov * float(_const_m2(b).mean())
+                cov = grad.cov * mean_of(_const_m2(b))
             out[a] = Grad(a.shape, g, cov)
         if b.const is None:
             g = reduce_to(grad.total() * compact(a.m2, grad.shape), grad.shape, b.shape)

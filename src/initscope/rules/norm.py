@@ -15,7 +15,6 @@ BatchNorm is modelled with batch statistics, as in training, whatever the module
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 from typing import Any
 
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE
-from initscope.stats.signal import Grad, Signal, compact
+from initscope.stats.signal import Grad, Signal, compact, mean_of
 
 
 def _param(value: Any) -> Tensor | None:
@@ -64,6 +63,8 @@ class _Norm:
         # A broadcast (size-1) dim averages the same as its expansion, so ``m`` stays compact.
         nd = len(self.shape)
         m = compact(m, self.shape)
+        if m.numel() == 1:  # uniform (the paper's model): every pooled mean is the value itself
+            return m
         spatial = tuple(range(2, nd))
         if self.kind in ("batch", "instance"):
             return m.mean(dim=spatial, keepdim=True) if spatial else m
@@ -85,16 +86,23 @@ class _Norm:
         return max(0.0, min(share, 1.0 - 1e-9))
 
 
+def _versions(module: Any) -> tuple[int, ...] | None:
+    """In-place write counters of a module's affine parameters (a functional norm's are graph constants)."""
+    if module is None:
+        return None
+    return tuple(p._version for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if p is not None)
+
+
 def _forward(ctx: Context, x: Signal, norm: _Norm) -> Signal:
     m = compact(x.m2, x.shape)
     r = norm.removed(x)
     if ctx.local and ctx.plane:
-        m = torch.full_like(m, float(m.mean()))
+        m = torch.full((1,) * m.ndim, mean_of(m), dtype=DTYPE)
     var = norm.pooled_mean(m) * (1 - r) + norm.eps
     ctx.node.meta["initscope_norm"] = (norm, var)
     m2 = norm.w2 * m * (1 - r) / var + norm.b2
-    w2, b2, v = float(norm.w2.mean()), float(norm.b2.mean()), float(var.mean())
-    out_mean = max(float(m2.mean()), 1e-300)
+    w2, b2, v = mean_of(norm.w2), mean_of(norm.b2), mean_of(var)
+    out_mean = max(mean_of(m2), 1e-300)
     cov = None
     if x.cov is not None:
         d = x.positions
@@ -110,20 +118,28 @@ def _forward(ctx: Context, x: Signal, norm: _Norm) -> Signal:
 def _backward(ctx: Context, x: Signal, grad: Grad) -> Grad:
     norm, var = ctx.node.meta["initscope_norm"]
     scale = norm.w2 / var
-    cov = None if grad.cov is None else grad.cov * float(scale.mean())
+    cov = None if grad.cov is None else grad.cov * mean_of(scale)
     return Grad(x.shape, grad.total() * scale, cov)
 
 
 class _NormRule(Rule):
     def fluctuation(self, ctx, inputs, out):
         # Each channel (group, position) is divided by its own scale: no draw-to-draw scatter is left.
-        return replace(out, logvar=0.0, fresh=0, base_logvar=0.0)
+        return out.with_(logvar=0.0, fresh=0, base_logvar=0.0)
 
     def norm(self, ctx: Context, x: Signal, *args, **kwargs) -> _Norm:
         raise NotImplementedError
 
     def forward(self, ctx: Context, x: Signal, *args, **kwargs) -> Signal:
-        norm = self.norm(ctx, x, *args, **kwargs)
+        # Built once per traced node and kept while its parameters are unchanged: a plan runs two or
+        # more passes, and reading the affine parameters costs more than the rule's arithmetic.
+        key = (tuple(x.shape), _versions(ctx.module))
+        cached = ctx.node.meta.get("initscope_norm_of")
+        if cached is not None and cached[0] == key:
+            norm = cached[1]
+        else:
+            norm = self.norm(ctx, x, *args, **kwargs)
+            ctx.node.meta["initscope_norm_of"] = (key, norm)
         if ctx.node.meta.get("initscope_knob"):
             # A residual branch's knob: applying the plan writes its weight (the branch's scale) and
             # zeroes its bias, so it is planned as it will be, whatever it holds now.

@@ -35,7 +35,7 @@ from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.gaussian import max_conditional_mean, max_of_normals
 from initscope.stats.maps import apply_axes, apply_axes_t, diagonal, sandwich, sandwich_t
-from initscope.stats.signal import Grad, Signal, compact
+from initscope.stats.signal import Grad, Signal, compact, mean_of
 
 
 def _tuple(value, dims: int) -> tuple:
@@ -138,7 +138,7 @@ def avg_forward(ctx: Context, x: Signal, spec: PoolSpec) -> Signal:
         t = spec.nominal
         rho = x.rho if ctx.local else x.mean_corr()
         m2 = m.mean() * ((1 - rho) / t + rho) * torch.ones(out_shape[-d:], dtype=DTYPE)
-        return Signal(out_shape, compact(m2, out_shape), rho=rho, xcorr=x.xcorr, dist=_pooled_dist(x, float(m2.mean())))
+        return Signal(out_shape, compact(m2, out_shape), rho=rho, xcorr=x.xcorr, dist=_pooled_dist(x, mean_of(m2)))
     out_positions = prod(spec.out_spatial)
     cov, rho = None, x.rho
     if x.positions <= 16 * ctx.max_cov and (x.cov is not None or ctx.keep_cov(out_positions)):
@@ -153,10 +153,10 @@ def avg_forward(ctx: Context, x: Signal, spec: PoolSpec) -> Signal:
     else:
         rho_in = max(x.rho, -1.0 / (x.positions - 1)) if x.positions > 1 else x.rho
         m2 = ((1 - rho_in) * apply_axes(m, wsq) + rho_in * ps**2).clamp(min=0.0)
-        rho = x.rho * float((ps**2).mean()) / max(float(m2.mean()), 1e-300)
-    xcorr = x.xcorr * float((ps**2).mean()) / max(float(m2.mean()), 1e-300)
+        rho = x.rho * mean_of(ps**2) / max(mean_of(m2), 1e-300)
+    xcorr = x.xcorr * mean_of(ps**2) / max(mean_of(m2), 1e-300)
     return Signal(out_shape, compact(m2, out_shape), cov=cov, rho=min(rho, 1.0), xcorr=min(xcorr, 1.0),
-                  dist=_pooled_dist(x, float(m2.mean())))
+                  dist=_pooled_dist(x, mean_of(m2)))
 
 
 def _pooled_dist(x: Signal, m2_out: float) -> Dist | None:
