@@ -125,7 +125,9 @@ def _graph(resolved: Resolved) -> tuple:
             target = node.target  # the function object itself: hashable, compared by identity
         else:
             target = node.target
-        entries.append((node.op, node.name, target, _value(node.args), _value(node.kwargs)))
+        # The mode a node runs in decides what a dropout does (the graph is traced in eval mode).
+        entries.append((node.op, node.name, target, _value(node.args), _value(node.kwargs),
+                        node.meta.get("initscope_training")))
     return tuple(entries)
 
 

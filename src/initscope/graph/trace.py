@@ -1,8 +1,11 @@
 """Tracing a model into the graph the propagation walks.
 
 Modules that have a rule are leaves (one node each); everything else is traced through, so a custom
-block built from known layers needs no rule. The model is traced in eval mode (so dropout and
-stochastic depth trace as the identity they are modelled as) and its modes are restored afterwards.
+block built from known layers needs no rule. The model is traced in eval mode (so that Python
+branches on ``self.training``, such as auxiliary heads, take one fixed path) and its modes are
+restored afterwards. What the eval-mode trace loses is the mode itself: a functional dropout traces
+with ``training=False`` baked in. Every node is therefore stamped with the mode of the module it runs
+in (``node.meta["initscope_training"]``), which is what the dropout rules read.
 """
 
 from __future__ import annotations
@@ -84,7 +87,22 @@ def _finish(model: nn.Module, graph: fx.Graph) -> Traced:
     for node in nodes:
         if node.op == "get_attr":
             node.meta["initscope_param"] = _fetch(model, node.target)
+        elif node.op in ("call_module", "call_function", "call_method"):
+            node.meta["initscope_training"] = _training(model, node)
     return Traced(model, graph, nodes)
+
+
+def _training(model: nn.Module, node: fx.Node) -> bool:
+    """The mode of the module a node runs in (the module itself for ``call_module``), as the model has it."""
+    if node.op == "call_module":
+        return model.get_submodule(node.target).training
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        try:
+            return model.get_submodule(path).training
+        except AttributeError:
+            continue
+    return model.training
 
 
 def _fetch(model: nn.Module, target: str) -> torch.Tensor:

@@ -220,12 +220,28 @@ def _const_m2(v) -> Tensor:
     return torch.as_tensor(float(v) ** 2, dtype=DTYPE)
 
 
+def _spanning_first(a: Any, b: Any) -> tuple[Any, Any]:
+    """The operands of a product, the one that spans the output's positions first.
+
+    The rule's forward and backward read the first operand as the map ``x`` and the second as the
+    factor ``s`` it is scaled by, broadcast over x's positions (a squeeze-excitation gate, a layer
+    scale). Which one is written first is up to the model: torchvision's SqueezeExcitation returns
+    ``scale * input``. Read in that order, the rule took the gate's ``rho`` (meaningless on a
+    1×1 map) and its missing covariance for the product's, dropping the map's spatial covariance, and
+    sent the gate its gradient without the cross-position terms ``Σ_{p≠q} E[g_p g_q] E[x_p x_q]``.
+    """
+    if not isinstance(a, Signal):
+        return b, a
+    if isinstance(b, Signal) and b.const is None and b.positions > 1 and a.positions <= 1:
+        return b, a
+    return a, b
+
+
 class MulRule(Rule):
     """``a * b`` for a tensor and an independent tensor or constant."""
 
     def forward(self, ctx: Context, a, b) -> Signal:
-        if not isinstance(a, Signal):
-            a, b = b, a
+        a, b = _spanning_first(a, b)
         if isinstance(b, Number) or (isinstance(b, Signal) and b.const is not None and b.const.numel() == 1):
             c = float(b) if isinstance(b, Number) else float(b.const)
             out = a.scaled(c * c)
@@ -250,9 +266,7 @@ class MulRule(Rule):
         return Signal(shape, m2, cov=cov, rho=rho, xcorr=a.xcorr * (b.xcorr if b.const is None else 1.0), dist=dist)
 
     def backward(self, ctx: Context, grad: Grad) -> dict:
-        a, b = ctx.args[0], ctx.args[1]
-        if not isinstance(a, Signal):
-            a, b = b, a
+        a, b = _spanning_first(ctx.args[0], ctx.args[1])
         out = {}
         if isinstance(b, Number) or (b.const is not None and b.const.numel() == 1):
             c = float(b) if isinstance(b, Number) else float(b.const)
