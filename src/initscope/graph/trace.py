@@ -84,25 +84,24 @@ def trace(model: nn.Module, record_stack_traces: bool = False) -> Traced:
 
 def _finish(model: nn.Module, graph: fx.Graph) -> Traced:
     nodes = list(graph.nodes)
+    modes = {name: m.training for name, m in model.named_modules()}
     for node in nodes:
         if node.op == "get_attr":
             node.meta["initscope_param"] = _fetch(model, node.target)
         elif node.op in ("call_module", "call_function", "call_method"):
-            node.meta["initscope_training"] = _training(model, node)
+            node.meta["initscope_training"] = _training(modes, node, model.training)
     return Traced(model, graph, nodes)
 
 
-def _training(model: nn.Module, node: fx.Node) -> bool:
+def _training(modes: dict[str, bool], node: fx.Node, default: bool) -> bool:
     """The mode of the module a node runs in (the module itself for ``call_module``), as the model has it."""
     if node.op == "call_module":
-        return model.get_submodule(node.target).training
+        return modes.get(str(node.target), default)
     stack = node.meta.get("nn_module_stack") or {}
     for path, _ in reversed(list(stack.values())):
-        try:
-            return model.get_submodule(path).training
-        except AttributeError:
-            continue
-    return model.training
+        if path in modes:
+            return modes[path]
+    return default
 
 
 def _fetch(model: nn.Module, target: str) -> torch.Tensor:
