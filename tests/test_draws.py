@@ -127,3 +127,33 @@ def test_propagation_runs_on_one_thread_while_drawing(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {1}
+
+
+def test_draw_buffers_are_kept_for_the_next_call_and_reused_bit_for_bit(monkeypatch):
+    # A second init_ of the same architecture draws into the first call's buffers (no new pages to
+    # fault in); what it writes is still what plan + apply writes. The pool holds at most POOL_BYTES.
+    from initscope import draws
+
+    draws.release_buffers()
+    model = create_model("resnet18-nobn")
+    twin = copy.deepcopy(model)
+    initscope.init_(model, "asv-backward", input_shape=(3, 32, 32), cache=False,
+                    generator=torch.Generator().manual_seed(1))
+    weights = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert draws._pool_bytes == weights
+    kept = {id(t) for ts in draws._pool.values() for t in ts}
+    taken = []
+    real = draws._buffer_like
+    monkeypatch.setattr(draws, "_buffer_like", lambda t: taken.append(real(t)) or taken[-1])
+    initscope.init_(model, "kaiming-forward", input_shape=(3, 32, 32), cache=False,
+                    generator=torch.Generator().manual_seed(2))
+    assert {id(t) for t in taken} == kept  # every draw went into a kept buffer
+    initscope.plan(twin, "kaiming-forward", input_shape=(3, 32, 32)).apply(twin, generator=torch.Generator().manual_seed(2))
+    assert _same(model, twin)
+
+    draws.release_buffers()
+    assert draws._pool_bytes == 0 and not draws._pool
+    monkeypatch.setattr(draws, "POOL_BYTES", weights // 2)
+    initscope.init_(model, "kaiming-forward", input_shape=(3, 32, 32), cache=False)
+    assert 0 < draws._pool_bytes <= weights // 2
+    draws.release_buffers()

@@ -32,7 +32,7 @@ class Options:
     residual: str | None = None
     residual_growth: float = 2.0
     on_unknown: str = "error"
-    max_cov_positions: int = 256
+    max_cov_positions: int = 64
 
     @staticmethod
     def make(**kwargs) -> "Options":

@@ -128,7 +128,7 @@ class Pass:
         *,
         local: bool = False,
         plane: bool = False,
-        max_cov: int = 256,
+        max_cov: int = 64,
         on_unknown: str = "error",
         residual: ResidualHook | None = None,
     ) -> None:

@@ -37,7 +37,7 @@ class Context:
     kwargs: dict
     local: bool = False
     plane: bool = False
-    max_cov: int = 256
+    max_cov: int = 64
     out: Any = None
 
     def keep_cov(self, positions: int) -> bool:
