@@ -30,7 +30,7 @@ from initscope.stats.dist import DTYPE, Dist, normal_grid
 from initscope.stats.gaussian import dual_from_coefficients, hermite_coefficients, normal_cdf
 from initscope.stats.fluctuation import channel_scatter
 from initscope.stats.maps import correlation
-from initscope.stats.signal import Grad, Signal, compact
+from initscope.stats.signal import Grad, Signal, compact, mean_of
 
 _SCALES = torch.logspace(-6, 6, 481, dtype=DTYPE)
 _R = torch.linspace(-1.0, 1.0, 401, dtype=DTYPE)
@@ -268,7 +268,7 @@ def _map_corr(act: Activation, applied: _Applied, rho: Tensor | float, inp_m2: f
     return (o.mean**2 + out_var * _on_grid(cf, r)) / o.m2
 
 
-def _map_mask(act: Activation, applied: _Applied, rho: Tensor, scale: float) -> Tensor:
+def _map_mask(act: Activation, applied: _Applied, rho: Tensor | float, scale: float) -> Tensor | float:
     """``E[f'(x)f'(y)] / E[f'²]`` as a function of the inputs' non-centered correlation."""
     mu = applied.inp_mean
     var = max(1.0 - mu * mu, 1e-12)
@@ -278,7 +278,7 @@ def _map_mask(act: Activation, applied: _Applied, rho: Tensor, scale: float) -> 
     _, cd = _centered_duals(act, *key)
     dvar = max(o.dm2 - o.dmean**2, 0.0)
     if o.dm2 <= 0:
-        return torch.zeros_like(rho)
+        return 0.0 if isinstance(rho, float) else torch.zeros_like(rho)
     return (o.dmean**2 + dvar * _on_grid(cd, r)) / o.dm2
 
 
@@ -342,20 +342,28 @@ class ElementwiseRule(Rule):
             return {}
         stored = ctx.node.meta.get("initscope_applied")
         if stored is None:  # identity on non-negative inputs
-            return {x: Grad(x.shape, grad.live(), grad.cov)}
+            return {x: Grad(x.shape, grad.live(), grad.cov, rho=grad.rho)}
         act, applied = stored
         m2 = grad.m2 * applied.dm2
         if grad.pre is not None:
             m2 = m2 + grad.pre
-        cov = None
+        cov, rho = None, 0.0
         if grad.cov is not None and x.positions > 1:
             d = x.positions
             scale = math.sqrt(max(x.mean_m2, 1e-300))
             corr = correlation(x.full(), d)
             mask = _map_mask(act, applied, corr, scale) * float(applied.out.dm2)
             cov = grad.cov * mask.reshape(grad.cov.shape)
+        elif grad.rho != 0.0 and x.positions > 1:
+            # E[f'_p f'_q g_p g_q] = E[f'_p f'_q] E[g_p g_q]; the pre part is already through the mask.
+            scale = math.sqrt(max(x.mean_m2, 1e-300))
+            through = mean_of(grad.m2 * applied.dm2)
+            kept = float(_map_mask(act, applied, float(x.mean_corr()), scale))
+            pre = 0.0 if grad.pre is None else mean_of(grad.pre)
+            total = through + pre
+            rho = grad.rho * (kept * through + pre) / total if total > 0 else 0.0
         # Both parts went through this mask: the pre part was handed over as already through it.
-        return {x: Grad(x.shape, m2, cov, masked_by=x if act.slope == 0.0 else None)}
+        return {x: Grad(x.shape, m2, cov, masked_by=x if act.slope == 0.0 else None, rho=rho)}
 
 
 # -- which nodes are activations -------------------------------------------------------------------

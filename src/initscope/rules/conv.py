@@ -165,14 +165,18 @@ def conv_backward_unit(ctx: Context, x: Signal, spec: ConvSpec, grad: Grad) -> G
     if not spec.pointwise:
         g = apply_axes_t(g, [a.counts for a in spec.axes])
     m2 = _per_channel(g, spec.c_in, spec.groups)
-    cov = None
+    cov, rho = None, 0.0
     if grad.cov is not None and ctx.keep_cov(x.positions):
         scale = spec.c_out // spec.groups
         if spec.pointwise:
             cov = scale * grad.cov
         else:
             cov = scale * tied_taps_t(grad.cov, [a.taps for a in spec.axes], [a.length for a in spec.axes])
-    return Grad(x.shape, m2, cov)
+    elif x.positions > 1:
+        # Independent weights: E[g'_p g'_q] = v Σ_o Σ_t E[g_{o,p+t} g_{o,q+t}], each pair moved by the
+        # same taps as the diagonal, so the average correlation carries over (borders aside).
+        rho = grad.mean_corr()
+    return Grad(x.shape, m2, cov, rho=rho)
 
 
 class _ConvBase(WeightRule):

@@ -26,7 +26,7 @@ from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.gaussian import normal_cdf
-from initscope.stats.signal import Grad, Signal, compact, mean_of
+from initscope.stats.signal import Grad, Signal, channel_map, compact, mean_of
 
 
 def broadcast_shape(*shapes: torch.Size) -> torch.Size:
@@ -124,8 +124,9 @@ def add_signals(a: Signal, b: Signal, alpha: float = 1.0, same: bool = False) ->
 
 def _grad_for(x: Signal, grad: Grad, factor: float) -> Grad:
     m2 = reduce_to(grad.total() * factor, grad.shape, x.shape)
-    cov = grad.cov * factor if grad.cov is not None and tuple(x.shape) == tuple(grad.shape) else None
-    return Grad(x.shape, m2, cov)
+    same = tuple(x.shape) == tuple(grad.shape)
+    cov = grad.cov * factor if grad.cov is not None and same else None
+    return Grad(x.shape, m2, cov, rho=grad.rho if same else 0.0)
 
 
 class AddRule(Rule):
@@ -193,7 +194,8 @@ def _shortcut_grad(s: Signal, other: Any, other_factor: float, grad: Grad, out: 
         return None
     arrived = compact(grad.total(), s.shape) * own
     live = arrived * min(joint / passed, 1.0)
-    return Grad(s.shape, torch.zeros_like(live), None, pre=live, logvar=grad.logvar, dead=arrived - live)
+    return Grad(s.shape, torch.zeros_like(live), None, pre=live, logvar=grad.logvar, dead=arrived - live,
+                rho=grad.mean_corr())
 
 
 register_rule(operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__")(AddRule)
@@ -237,6 +239,31 @@ def _spanning_first(a: Any, b: Any) -> tuple[Any, Any]:
     return a, b
 
 
+def _gate_pairs(grad: Grad, x: Signal) -> float:
+    """``E[(Σ_p g_p x_p)²] / Σ_p E[g_p²] E[x_p²]`` for the gradient of a factor broadcast over x's map.
+
+    The gate's gradient sums over every pair of positions, not only the diagonal, and a global pool
+    downstream makes the cross-position terms dominant. Exact from the two covariances on small maps;
+    on larger ones each is one average correlation: ``Σ_{p≠q} ρ_g ρ_x s_p s_q`` with
+    ``s_p = sqrt(E[g_p²] E[x_p²])`` (channel averages).
+    """
+    d = x.positions
+    if grad.cov is not None and x.cov is not None:
+        gk, xk = grad.cov.reshape(d, d), x.cov.reshape(d, d)
+        both = float((gk * xk).sum())
+        diag = float((gk.diagonal() * xk.diagonal()).sum())
+        return both / diag if diag > 0 else 1.0
+    corr = grad.mean_corr() * x.mean_corr()
+    if corr == 0.0:
+        return 1.0
+    s = (channel_map(grad.total(), grad.shape) * x.channel_map()).reshape(-1).clamp(min=0.0)
+    diag = float(s.sum())
+    if diag <= 0:
+        return 1.0
+    pairs = float(s.sqrt().sum()) ** 2 - diag
+    return max(1.0 + corr * pairs / diag, 0.0)
+
+
 class MulRule(Rule):
     """``a * b`` for a tensor and an independent tensor or constant."""
 
@@ -274,18 +301,16 @@ class MulRule(Rule):
             return out
         if a.const is None:
             g = reduce_to(grad.total() * compact(_const_m2(b), grad.shape), grad.shape, a.shape)
-            cov = None
-            if grad.cov is not None and tuple(a.shape) == tuple(grad.shape) and not (b.positions > 1):
-                cov = grad.cov * mean_of(_const_m2(b))
-            out[a] = Grad(a.shape, g, cov)
+            cov, rho = None, 0.0
+            if tuple(a.shape) == tuple(grad.shape) and not (b.positions > 1):
+                # A broadcast factor scales every position of one channel alike.
+                cov = None if grad.cov is None else grad.cov * mean_of(_const_m2(b))
+                rho = grad.rho
+            out[a] = Grad(a.shape, g, cov, rho=rho)
         if b.const is None:
             g = reduce_to(grad.total() * compact(a.m2, grad.shape), grad.shape, b.shape)
-            if grad.cov is not None and a.cov is not None and b.positions <= 1:
-                # Σ_p g_p a_p over a broadcast gate: all pairs of positions, not only the diagonal.
-                d = a.positions
-                both = float((grad.cov.reshape(d, d) * a.cov.reshape(d, d)).sum())
-                diag = float((grad.cov.reshape(d, d).diagonal() * a.cov.reshape(d, d).diagonal()).sum())
-                g = g * (both / diag if diag > 0 else 1.0)
+            if b.positions <= 1 and a.positions > 1:
+                g = g * _gate_pairs(grad, a)
             out[b] = Grad(b.shape, g)
         return out
 
@@ -310,7 +335,9 @@ class DivRule(Rule):
         a, b = ctx.args[0], ctx.args[1]
         c = b.const if isinstance(b, Signal) else torch.as_tensor(float(b), dtype=DTYPE)
         g = reduce_to(grad.total() / compact(c**2, grad.shape), grad.shape, a.shape)
-        return {a: Grad(a.shape, g, None if grad.cov is None or c.numel() != 1 else grad.cov / float(c) ** 2)}
+        one = c.numel() == 1
+        cov = None if grad.cov is None or not one else grad.cov / float(c) ** 2
+        return {a: Grad(a.shape, g, cov, rho=grad.rho if one else 0.0)}
 
 
 def _cat_args(tensors, dim) -> tuple[list[Signal], int]:
@@ -356,5 +383,6 @@ class CatRule(Rule):
             part = g.narrow(dim, start, n)
             start += n
             cov = grad.cov if dim == 1 and grad.cov is not None else None
-            out[t] = out[t] + Grad(t.shape, part, cov) if t in out else Grad(t.shape, part, cov)
+            part_grad = Grad(t.shape, part, cov, rho=grad.rho if dim == 1 else 0.0)
+            out[t] = out[t] + part_grad if t in out else part_grad
         return out

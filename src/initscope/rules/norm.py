@@ -119,7 +119,7 @@ def _backward(ctx: Context, x: Signal, grad: Grad) -> Grad:
     norm, var = ctx.node.meta["initscope_norm"]
     scale = norm.w2 / var
     cov = None if grad.cov is None else grad.cov * mean_of(scale)
-    return Grad(x.shape, grad.total() * scale, cov)
+    return Grad(x.shape, grad.total() * scale, cov, rho=grad.mean_corr() if cov is None else 0.0)
 
 
 class _NormRule(Rule):

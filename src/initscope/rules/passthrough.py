@@ -40,7 +40,7 @@ class IdentityRule(Rule):
         return x.with_() if isinstance(x, Signal) else x
 
     def backward(self, ctx: Context, grad: Grad) -> dict:
-        return {ctx.args[0]: Grad(grad.shape, grad.m2, grad.cov, grad.pre)}
+        return {ctx.args[0]: Grad(grad.shape, grad.m2, grad.cov, grad.pre, rho=grad.rho)}
 
 
 _IDENTITY_MODULES = (nn.Identity, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -123,7 +123,7 @@ class DropoutRule(Rule):
         x = ctx.args[0]
         p, unit = self._drop(ctx)
         if p <= 0.0:
-            return {x: Grad(grad.shape, grad.m2, grad.cov, grad.pre)}
+            return {x: Grad(grad.shape, grad.m2, grad.cov, grad.pre, rho=grad.rho)}
         if p >= 1.0:  # every element dropped: no gradient passes
             return {x: grad.scaled(0.0)}
         k = 1.0 - p
@@ -131,7 +131,9 @@ class DropoutRule(Rule):
         cov = grad.cov
         if cov is not None:
             cov = _grow_diagonal(cov, grad.positions, 1.0 / k) if unit == "element" else cov / k
-        return {x: Grad(grad.shape, g.m2, cov, g.pre, dead=g.dead)}
+        # A dropped element's gradient is zero at both ends of a pair: off-diagonal terms keep their size.
+        rho = grad.rho * (k if unit == "element" else 1.0)
+        return {x: Grad(grad.shape, g.m2, cov, g.pre, dead=g.dead, rho=rho)}
 
 
 def _grow_diagonal(cov: torch.Tensor, positions: int, factor: float) -> torch.Tensor:
@@ -205,10 +207,10 @@ class ShapeRule(Rule):
         result = {}
         for s, g in zip(primals, got):
             g = torch.zeros((), dtype=DTYPE) if g is None else shrink(g.detach())
-            cov = None
-            if keep_cov and not isinstance(grad, (tuple, list)) and grad.cov is not None:
-                cov = grad.cov
-            result[s] = Grad(s.shape, g, cov)
+            cov, rho = None, 0.0
+            if keep_cov and not isinstance(grad, (tuple, list)):
+                cov, rho = grad.cov, grad.rho
+            result[s] = Grad(s.shape, g, cov, rho=rho)
         return result
 
 

@@ -178,17 +178,27 @@ def avg_backward(ctx: Context, x: Signal, spec: PoolSpec, grad: Grad) -> Grad:
         return Grad(x.shape, compact(g.mean() / spec.nominal**2 * torch.ones(x.shape[-d:], dtype=DTYPE), x.shape))
     w, wsq = spec.weights(), [p**2 for p in spec.weights()]
     m2 = apply_axes_t(g, wsq)
-    cov = None
+    cov, rho = None, 0.0
     if grad.cov is not None:
         full = sandwich_t(grad.cov, w)
         cross = diagonal(full, _spatial(x, d)) - apply_axes_t(_channel_mean(g, d), wsq)
         m2 = m2 + cross
         if ctx.keep_cov(x.positions):
             cov = full
-    elif x.positions <= ctx.max_cov and prod(spec.out_spatial) == 1 and x.positions > 1:
+        elif x.positions > 1:
+            rho = Grad(x.shape, compact(m2, x.shape), full).mean_corr()
+    elif prod(spec.out_spatial) == 1 and x.positions > 1:
         # Global pooling sends one gradient to every position: fully correlated.
-        cov = sandwich_t(torch.diag(_channel_mean(g, d).reshape(1)).reshape(*(1,) * d, *(1,) * d), w)
-    return Grad(x.shape, compact(m2, x.shape), cov)
+        if x.positions <= ctx.max_cov:
+            cov = sandwich_t(torch.diag(_channel_mean(g, d).reshape(1)).reshape(*(1,) * d, *(1,) * d), w)
+        else:
+            rho = 1.0
+    elif grad.rho != 0.0 and x.positions > 1:
+        # Overlapping windows add ρ Σ_{w≠w'∋p} a_w a_w' E[g²] to each position (nothing when they do not
+        # overlap); pairs of positions in one window are a vanishing share of a large map's pairs.
+        rho = grad.rho
+        m2 = (1 - rho) * m2 + rho * apply_axes_t(g.sqrt(), w) ** 2
+    return Grad(x.shape, compact(m2, x.shape), cov, rho=rho)
 
 
 # -- max pooling -----------------------------------------------------------------------------------
@@ -314,10 +324,16 @@ def max_backward(ctx: Context, x: Signal, spec: PoolSpec, grad: Grad) -> Grad:
         if grad.cov is not None:
             m2 = m2 + _overlap_terms(mi, spec, grad.cov, sizes, scale).reshape(x.shape[-d:])
     m2 = compact(m2, x.shape)
+    # Two positions in different windows both carry gradient only when each is its window's argmax (and,
+    # behind a ReLU, positive): E[1_p 1_q] E[g_w g_w'] against E[1_p] E[g²], which scales the windows'
+    # correlation by the share of the gradient that arrives (f' is 0 or 1 there).
+    rho = 0.0
+    if x.positions > 1 and grad.mean_corr() != 0.0:
+        rho = grad.mean_corr() * min(mean_of(m2) / max(mean_of(g), 1e-300), 1.0)
     if mi.f is not None:
         # Already taken through the activation in front; its backward adds this as it is.
-        return Grad(x.shape, torch.zeros_like(m2), None, m2)
-    return Grad(x.shape, m2)
+        return Grad(x.shape, torch.zeros_like(m2), None, m2, rho=rho)
+    return Grad(x.shape, m2, rho=rho)
 
 
 def _overlap_terms(mi: _MaxInput, spec: PoolSpec, gcov: Tensor, sizes: Tensor, scale: float) -> Tensor:

@@ -226,7 +226,10 @@ class Grad:
     ``pre`` holds the part that a max pool already took through the activation in front of it (its
     argmax is where that activation is positive, so the two cannot be treated apart); the
     activation's own backward adds it without applying its derivative again.
-    ``cov`` is the gradient's spatial covariance on small maps; None means uncorrelated positions.
+    ``cov`` is the gradient's spatial covariance on small maps; on maps too large for it, ``rho`` is
+    its average correlation between two distinct positions of one channel, as for a :class:`Signal`.
+    A global pool sends every position the same gradient, and convolutions keep that correlation: a
+    squeeze-excitation gate's gradient ``Σ_p g_p x_p`` is made mostly of the cross-position terms.
     """
 
     shape: torch.Size
@@ -241,6 +244,7 @@ class Grad:
     # Gradient that sits where the activation producing this tensor is inactive: it is measured here,
     # but that activation's backward passes none of it.
     dead: Tensor | None = None
+    rho: float = 0.0
 
     @staticmethod
     def unit(shape: torch.Size, m2: float = 1.0) -> "Grad":
@@ -273,10 +277,25 @@ class Grad:
         return channel_map(self.m2, self.shape)
 
     def full(self) -> Tensor:
+        """The full spatial covariance, built from ``rho`` when only that is known."""
         if self.cov is not None:
             return self.cov
         d = self.positions
-        return torch.diag(self.channel_map().reshape(d)).reshape(*self.spatial, *self.spatial)
+        s = self.channel_map().reshape(d).sqrt()
+        rho = max(self.rho, -1.0 / (d - 1)) if d > 1 else self.rho
+        k = rho * torch.outer(s, s)
+        k.diagonal().copy_(s**2)
+        return k.reshape(*self.spatial, *self.spatial)
+
+    def mean_corr(self) -> float:
+        """Average correlation between the gradients at two distinct positions of one channel."""
+        if self.cov is None or self.positions < 2:
+            return self.rho
+        d = self.positions
+        k = self.cov.reshape(d, d)
+        s = k.diagonal().clamp(min=1e-300).sqrt()
+        c = k / torch.outer(s, s)
+        return float((c.sum() - c.diagonal().sum()) / (d * d - d))
 
     def scaled(self, factor: float) -> "Grad":
         return Grad(
@@ -287,6 +306,7 @@ class Grad:
             self.logvar,
             self.masked_by,
             None if self.dead is None else self.dead * factor,
+            self.rho,
         )
 
     def __add__(self, other: "Grad") -> "Grad":
@@ -294,6 +314,11 @@ class Grad:
         if self.cov is not None or other.cov is not None:
             cov = self.full() + other.full()
         pre = self.pre if other.pre is None else (other.pre if self.pre is None else self.pre + other.pre)
-        logvar = combine([self.logvar, other.logvar], [self.mean_m2, other.mean_m2])
+        weights = [self.mean_m2, other.mean_m2]
+        logvar = combine([self.logvar, other.logvar], weights)
         dead = self.dead if other.dead is None else (other.dead if self.dead is None else self.dead + other.dead)
-        return Grad(self.shape, self.m2 + other.m2, cov, pre, logvar, dead=dead)
+        # The off-diagonal second moments add as the diagonal ones do (cross terms between the two
+        # are left out of both, as in m2).
+        total = sum(weights)
+        rho = (self.rho * weights[0] + other.rho * weights[1]) / total if total > 0 else 0.0
+        return Grad(self.shape, self.m2 + other.m2, cov, pre, logvar, dead=dead, rho=rho)
