@@ -16,7 +16,7 @@ Gaussian with the marginal's mean and variance; the output correlation is then e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable
 
@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from initscope.rules.base import Context, Rule
+from initscope.rules.merge import concat_signals
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist, normal_grid
 from initscope.stats.gaussian import dual_from_coefficients, hermite_coefficients, normal_cdf
 from initscope.stats.fluctuation import channel_scatter
 from initscope.stats.maps import correlation
-from initscope.stats.signal import Grad, Signal, compact, mean_of
+from initscope.stats.signal import Grad, Signal, cat_maps, compact, matched_cov, mean_of
 
 _SCALES = torch.logspace(-6, 6, 481, dtype=DTYPE)
 _R = torch.linspace(-1.0, 1.0, 401, dtype=DTYPE)
@@ -282,6 +283,38 @@ def _map_mask(act: Activation, applied: _Applied, rho: Tensor | float, scale: fl
     return (o.dmean**2 + dvar * _on_grid(cd, r)) / o.dm2
 
 
+def _map_signal(act: Activation, x: Signal) -> tuple[Signal, _Applied | None]:
+    """The Signal of ``f(x)``, and what applying f gave (None where f is the identity on x)."""
+    if act.slope is not None and x.nonneg:
+        # f is the identity on non-negative inputs (a ReLU after a max pool of ReLUs).
+        return x.with_(), None
+    applied = apply_activation(act, x)
+    scale = math.sqrt(max(x.mean_m2, 1e-300))
+    cov, rho = None, x.rho
+    if x.cov is not None:
+        d = x.positions
+        corr = correlation(x.cov, d)
+        out_corr = _map_corr(act, applied, corr, x.mean_m2, scale)
+        m_out = compact(applied.m2, x.shape).mean(dim=(0, 1)).expand(x.spatial).reshape(d).clamp(min=0)
+        s = m_out.sqrt()
+        cov = (out_corr * torch.outer(s, s)).reshape(x.cov.shape)
+    elif x.positions > 1:
+        rho = float(_map_corr(act, applied, float(x.rho), x.mean_m2, scale))
+    xcorr = float(_map_corr(act, applied, float(x.xcorr), x.mean_m2, scale))
+    monotone = act.monotone
+    out = Signal(
+        x.shape,
+        applied.m2,
+        cov=cov,
+        rho=rho,
+        xcorr=xcorr,
+        dist=applied.dist,
+        act=act if monotone else None,
+        pre=x if monotone else None,
+    )
+    return out, applied
+
+
 class ElementwiseRule(Rule):
     """Any elementwise activation; subclasses say which function a node applies."""
 
@@ -292,34 +325,24 @@ class ElementwiseRule(Rule):
         act = self.activation(ctx, x, *args, **kwargs)
         if x.const is not None:
             return Signal.constant(act.fn(x.const))
-        if act.slope is not None and x.nonneg:
-            # f is the identity on non-negative inputs (a ReLU after a max pool of ReLUs).
-            return x.with_()
-        applied = apply_activation(act, x)
-        ctx.node.meta["initscope_applied"] = (act, applied)
-        scale = math.sqrt(max(x.mean_m2, 1e-300))
-        cov, rho = None, x.rho
-        if x.cov is not None:
-            d = x.positions
-            corr = correlation(x.cov, d)
-            out_corr = _map_corr(act, applied, corr, x.mean_m2, scale)
-            m_out = compact(applied.m2, x.shape).mean(dim=(0, 1)).expand(x.spatial).reshape(d).clamp(min=0)
-            s = m_out.sqrt()
-            cov = (out_corr * torch.outer(s, s)).reshape(x.cov.shape)
-        elif x.positions > 1:
-            rho = float(_map_corr(act, applied, float(x.rho), x.mean_m2, scale))
-        xcorr = float(_map_corr(act, applied, float(x.xcorr), x.mean_m2, scale))
+        if x.parts is None:
+            out, applied = _map_signal(act, x)
+            if applied is not None:
+                ctx.node.meta["initscope_applied"] = (act, applied)
+            return out
+        # A concatenation: each block through f with its own marginal and correlations (after a
+        # BatchNorm a max-pooled ReLU block is recentred and skewed, a conv block Gaussian).
+        outs, dm2 = [], []
+        for part in x.parts:
+            out, applied = _map_signal(act, part)
+            outs.append(out)
+            dm2.append(torch.ones((1,) * len(part.shape), dtype=DTYPE) if applied is None else applied.dm2)
+        whole = apply_activation(act, x)  # the mixture's constants, for the gradient's correlations
+        shapes = [p.shape for p in x.parts]
+        ctx.node.meta["initscope_applied"] = (act, replace(whole, dm2=cat_maps(dm2, shapes, 1)))
+        out = concat_signals(outs, 1)
         monotone = act.monotone
-        return Signal(
-            x.shape,
-            applied.m2,
-            cov=cov,
-            rho=rho,
-            xcorr=xcorr,
-            dist=applied.dist,
-            act=act if monotone else None,
-            pre=x if monotone else None,
-        )
+        return out.with_(act=act if monotone else None, pre=x if monotone else None)
 
     def fluctuation(self, ctx: Context, inputs: list[Signal], out: Signal) -> Signal:
         x = ctx.args[0]
@@ -354,6 +377,10 @@ class ElementwiseRule(Rule):
             corr = correlation(x.full(), d)
             mask = _map_mask(act, applied, corr, scale) * float(applied.out.dm2)
             cov = grad.cov * mask.reshape(grad.cov.shape)
+            if x.parts is not None:
+                # Blocks pass different shares (a recentred max-pooled block more than half): the
+                # mixture's mask gives the correlations, the blocks' shares the diagonal.
+                cov = matched_cov(cov, m2, x.shape)
         elif grad.rho != 0.0 and x.positions > 1:
             # E[f'_p f'_q g_p g_q] = E[f'_p f'_q] E[g_p g_q]; the pre part is already through the mask.
             scale = math.sqrt(max(x.mean_m2, 1e-300))

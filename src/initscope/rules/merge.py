@@ -6,6 +6,8 @@ vanishes, and for two non-negative ones (two ReLU outputs) it is ``E[a] E[b]``. 
 gradient reaches both unchanged.
 
 **Concatenation** stacks second-moment maps; its spatial correlation is the channel-weighted mean.
+Over channels it also keeps its blocks (``Signal.parts``): a BatchNorm or an activation after it
+treats each block with its own statistics (see :func:`concat_signals`).
 
 **Multiplication** ``x * s`` by an independent tensor (a squeeze-excitation gate, a layer scale):
 ``E[x² s²] = E[x²] E[s²]``; the gradient at x is scaled by ``E[s²]``, the gradient at s sums over the
@@ -26,7 +28,7 @@ from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.gaussian import normal_cdf
-from initscope.stats.signal import Grad, Signal, channel_map, compact, mean_of
+from initscope.stats.signal import Grad, Signal, cat_maps, channel_map, compact, matched_cov, mean_of
 
 
 def broadcast_shape(*shapes: torch.Size) -> torch.Size:
@@ -346,43 +348,82 @@ def _cat_args(tensors, dim) -> tuple[list[Signal], int]:
     return tensors, dim % nd
 
 
+def _mixture_dist(tensors: list[Signal], counts: list[int]) -> Dist | None:
+    """The standardized marginal of a concatenation: the channel-weighted mixture of its blocks'."""
+    # Blocks with the same marginal at the same scale to 0.1 % (every Gaussian block after a
+    # BatchNorm, every ReLU of one: they differ by the norm's eps) are one component: a DenseNet layer
+    # concatenates up to 32 blocks, mostly alike, and each mixture costs a re-binning.
+    groups: dict[tuple[int, int], list] = {}
+    for t, n in zip(tensors, counts):
+        key = (id(t.dist), round(1000 * math.log(max(t.mean_m2, 1e-300))))
+        if key in groups:
+            groups[key][1] += n
+        else:
+            groups[key] = [t, n]
+    if len(groups) == 1:
+        return tensors[0].dist
+    parts = [(t.dist or Dist.gaussian()).scale(math.sqrt(max(t.mean_m2, 0.0))) for t, _ in groups.values()]
+    dist = Dist.mixture(parts, [n for _, n in groups.values()]).standardized()
+    if all(t.dist is None for t in tensors) and abs(dist.expect(lambda z: z**4) - 3.0) < 0.05:
+        return None
+    return dist
+
+
+def concat_signals(tensors: list[Signal], dim: int) -> Signal:
+    """The Signal of ``torch.cat(tensors, dim)``.
+
+    The whole tensor is described as the mixture of its blocks: second-moment maps stacked, spatial
+    covariance averaged over channels, ``rho``, ``xcorr`` and ``pooled`` averaged by second moment
+    (each is a share of it), the marginal a channel-weighted mixture. A concatenation over channels
+    also keeps the blocks themselves as ``parts`` (those of a block that is itself a concatenation,
+    flattened), for the ops that treat channels apart.
+    """
+    shapes = [t.shape for t in tensors]
+    m2 = cat_maps([t.m2 for t in tensors], shapes, dim)
+    first = shapes[0]
+    shape = torch.Size((*first[:dim], sum(s[dim] for s in shapes), *first[dim + 1:]))
+    sizes = [s[dim] * max(t.mean_m2, 0.0) for s, t in zip(shapes, tensors)]
+    total = max(sum(sizes), 1e-300)
+    weights = [s / total for s in sizes]
+    counts = [s[dim] for s in shapes]
+    cov = None
+    if dim == 1 and all(t.positions > 1 for t in tensors):
+        if any(t.cov is not None for t in tensors):
+            cov = sum(t.full() * (n / sum(counts)) for t, n in zip(tensors, counts))
+    rho = sum(t.rho * w for t, w in zip(tensors, weights))
+    xcorr = sum(t.xcorr * w for t, w in zip(tensors, weights))
+    pooled = None
+    if any(t.pooled is not None for t in tensors):
+        # What a BatchNorm over the whole would subtract; the blocks' own shares are in ``parts``.
+        pooled = sum((t.xcorr if t.pooled is None else t.pooled) * w for t, w in zip(tensors, weights))
+    dist = _mixture_dist(tensors, counts) if len(tensors) > 1 else tensors[0].dist
+    parts = None
+    if dim == 1 and len(shape) >= 2 and len(tensors) > 1 and all(t.const is None for t in tensors):
+        parts = tuple(p for t in tensors for p in (t.parts if t.parts is not None else (t,)))
+    return Signal(shape, m2, cov=cov, rho=rho, xcorr=xcorr, dist=dist, pooled=pooled, parts=parts)
+
+
 @register_rule(torch.cat, torch.concat, torch.concatenate)
 class CatRule(Rule):
     def forward(self, ctx: Context, tensors, dim=0, **kwargs) -> Signal:
         dim = kwargs.get("axis", dim)
         tensors, dim = _cat_args(tensors, dim)
-        shapes = [t.shape for t in tensors]
-        m2 = torch.cat([compact(t.m2, t.shape).expand(t.shape) for t in tensors], dim=dim)
-        shape = torch.Size(m2.shape)
-        sizes = [s[dim] * max(t.mean_m2, 0.0) for s, t in zip(shapes, tensors)]
-        total = max(sum(sizes), 1e-300)
-        weights = [s / total for s in sizes]
-        counts = [s[dim] for s in shapes]
-        cov = None
-        if dim == 1 and all(t.positions > 1 for t in tensors):
-            if any(t.cov is not None for t in tensors):
-                cov = sum(t.full() * (n / sum(counts)) for t, n in zip(tensors, counts))
-        rho = sum(t.rho * w for t, w in zip(tensors, weights))
-        xcorr = sum(t.xcorr * w for t, w in zip(tensors, weights))
-        dist = None
-        if any(t.dist is not None for t in tensors) or len({round(t.mean_m2, 12) for t in tensors}) > 1:
-            parts = [(t.dist or Dist.gaussian()).scale(math.sqrt(max(t.mean_m2, 0.0))) for t in tensors]
-            dist = Dist.mixture(parts, counts).standardized()
-            if all(t.dist is None for t in tensors) and abs(dist.expect(lambda z: z**4) - 3.0) < 0.05:
-                dist = None
-        return Signal(shape, m2, cov=cov, rho=rho, xcorr=xcorr, dist=dist)
+        return concat_signals(tensors, dim)
 
     def backward(self, ctx: Context, grad: Grad) -> dict:
         tensors = list(ctx.args[0])
         dim = ctx.kwargs.get("axis", ctx.kwargs.get("dim", ctx.args[1] if len(ctx.args) > 1 else 0))
         dim = dim % len(grad.shape)
-        g = compact(grad.total(), grad.shape).expand(grad.shape)
+        g = compact(grad.total(), grad.shape)
         out, start = {}, 0
         for t in tensors:
             n = t.shape[dim]
-            part = g.narrow(dim, start, n)
+            part = g.narrow(dim, start, n) if g.shape[dim] > 1 else g
             start += n
-            cov = grad.cov if dim == 1 and grad.cov is not None else None
+            cov = None
+            if dim == 1 and grad.cov is not None:
+                # The whole's covariance is the channel average; this block's diagonal is its own map.
+                cov = grad.cov if g.shape[1] == 1 else matched_cov(grad.cov, part, t.shape)
             part_grad = Grad(t.shape, part, cov, rho=grad.rho if dim == 1 else 0.0)
             out[t] = out[t] + part_grad if t in out else part_grad
         return out

@@ -9,6 +9,10 @@ divides by the same standard deviation. Two refinements over that:
   weights; for InstanceNorm (pooled over one map) it is the mean spatial correlation.
 * The per-position pattern inside the pooled set survives: a BatchNorm output keeps its input's
   quieter border, rescaled to mean ``γ² + β²``; a LayerNorm over channels equalizes every position.
+* BatchNorm and InstanceNorm pool within a channel, so over a concatenation of blocks with
+  different statistics (``Signal.parts``: a DenseNet layer's input) each block is normalized with its
+  own: its own mean share removed, its own marginal recentred, its own covariance. The output is the
+  concatenation of the normalized blocks, and so are the scales the gradient is divided by.
 
 BatchNorm is modelled with batch statistics, as in training, whatever the module's mode.
 """
@@ -23,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from initscope.rules.base import Context, Rule
+from initscope.rules.merge import concat_signals
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE
-from initscope.stats.signal import Grad, Signal, compact, mean_of
+from initscope.stats.signal import Grad, Signal, cat_maps, channel_blocks, compact, matched_cov, mean_of
 
 
 def _param(value: Any) -> Tensor | None:
@@ -57,6 +62,21 @@ class _Norm:
         if self.kind == "layer":
             return (p**2).reshape((1,) * (nd - p.ndim) + tuple(p.shape))
         return (p**2).reshape(1, -1, *(1,) * (nd - 2))
+
+    @property
+    def per_channel(self) -> bool:
+        """Each channel is normalized by statistics of its own (BatchNorm, InstanceNorm)."""
+        return self.kind in ("batch", "instance")
+
+    def block(self, start: int, count: int, shape: torch.Size) -> "_Norm":
+        """The same normalization restricted to channels ``start .. start + count`` (of shape ``shape``)."""
+        sub = object.__new__(_Norm)
+        sub.__dict__.update(self.__dict__)
+        sub.shape = shape
+        # Per-channel affine parameters are sliced; channel-uniform ones broadcast as they are.
+        sub.w2 = self.w2.narrow(1, start, count) if self.w2.ndim > 1 and self.w2.shape[1] > 1 else self.w2
+        sub.b2 = self.b2.narrow(1, start, count) if self.b2.ndim > 1 and self.b2.shape[1] > 1 else self.b2
+        return sub
 
     def pooled_mean(self, m: Tensor) -> Tensor:
         """Mean of an elementwise map over what one normalization statistic pools (batch excluded)."""
@@ -93,13 +113,13 @@ def _versions(module: Any) -> tuple[int, ...] | None:
     return tuple(p._version for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if p is not None)
 
 
-def _forward(ctx: Context, x: Signal, norm: _Norm) -> Signal:
+def _forward_one(ctx: Context, x: Signal, norm: _Norm) -> tuple[Signal, Tensor]:
+    """The normalized Signal of ``x`` and the variance each element is divided by."""
     m = compact(x.m2, x.shape)
     r = norm.removed(x)
     if ctx.local and ctx.plane:
         m = torch.full((1,) * m.ndim, mean_of(m), dtype=DTYPE)
     var = norm.pooled_mean(m) * (1 - r) + norm.eps
-    ctx.node.meta["initscope_norm"] = (norm, var)
     m2 = norm.w2 * m * (1 - r) / var + norm.b2
     w2, b2, v = mean_of(norm.w2), mean_of(norm.b2), mean_of(var)
     out_mean = max(mean_of(m2), 1e-300)
@@ -112,14 +132,35 @@ def _forward(ctx: Context, x: Signal, norm: _Norm) -> Signal:
     dist = None
     if x.dist is not None:
         dist = x.dist.shift(-x.dist.mean).standardized()
-    return Signal(x.shape, m2, cov=cov, rho=max(min(rho, 1.0), -1.0), xcorr=min(b2 / out_mean, 1.0), dist=dist)
+    out = Signal(x.shape, m2, cov=cov, rho=max(min(rho, 1.0), -1.0), xcorr=min(b2 / out_mean, 1.0), dist=dist)
+    return out, var
+
+
+def _forward(ctx: Context, x: Signal, norm: _Norm) -> Signal:
+    if x.parts is None or not norm.per_channel:
+        out, var = _forward_one(ctx, x, norm)
+        ctx.node.meta["initscope_norm"] = (norm, var)
+        return out
+    outs, variances = [], []
+    for start, count, part in channel_blocks(x):
+        out, var = _forward_one(ctx, part, norm.block(start, count, part.shape))
+        outs.append(out)
+        variances.append(var)
+    var = cat_maps(variances, [p.shape for p in x.parts], 1)
+    ctx.node.meta["initscope_norm"] = (norm, var)
+    return concat_signals(outs, 1)
 
 
 def _backward(ctx: Context, x: Signal, grad: Grad) -> Grad:
     norm, var = ctx.node.meta["initscope_norm"]
     scale = norm.w2 / var
-    cov = None if grad.cov is None else grad.cov * mean_of(scale)
-    return Grad(x.shape, grad.total() * scale, cov, rho=grad.mean_corr() if cov is None else 0.0)
+    m2 = grad.total() * scale
+    cov = None
+    if grad.cov is not None:
+        # A scale that differs between channels (blocks of a concatenation, per-channel γ) scales the
+        # channel-averaged map by the average of the products: match the covariance to the map.
+        cov = grad.cov * mean_of(scale) if scale.numel() == 1 else matched_cov(grad.cov, m2, x.shape)
+    return Grad(x.shape, m2, cov, rho=grad.mean_corr() if cov is None else 0.0)
 
 
 class _NormRule(Rule):

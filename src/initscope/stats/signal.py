@@ -19,6 +19,12 @@ Beyond the elementwise second moment a Signal carries what the paper's rules sil
 * ``dist``: the standardized marginal when it is not a zero-mean Gaussian.
 * ``act``/``pre``: for ``f(u)`` with u Gaussian, the activation and the Signal of u, which max pooling
   needs (the max of ``relu(u_i)`` is ``relu(max u_i)``).
+* ``parts``: for a concatenation over channels, the Signals of its blocks, in channel order. The
+  fields above describe the whole tensor (a mixture of the blocks), which is all a conv needs: its
+  output mixes every channel. An op that treats channels apart (a BatchNorm subtracts each channel's
+  own mean; an activation maps each block's own marginal) reads the blocks instead. DenseNet
+  concatenates a max-pooled ReLU map (mean share ~0.85) with fresh conv outputs (~0.3): one share
+  for all channels misses each block's by up to a bit, and the error compounds through the block.
 """
 
 from __future__ import annotations
@@ -52,6 +58,54 @@ def channel_map(m2: Tensor, shape: torch.Size) -> Tensor:
     elif len(shape) == 1:
         m = m.mean(dim=0)
     return m.expand(spatial_shape(shape))
+
+
+def cat_maps(maps: list[Tensor], shapes: list[torch.Size], dim: int) -> Tensor:
+    """Concatenate elementwise maps along ``dim``, left broadcast along every other dim where all are.
+
+    ``torch.cat`` of the fully expanded maps would turn a few channel-uniform blocks into a
+    ``(1, C, H, W)`` map that every later op pays for.
+    """
+    ms = [compact(m, s) for m, s in zip(maps, shapes)]
+    ndim = len(shapes[0])
+    size = [1] * ndim
+    for m, s in zip(ms, shapes):
+        for i in range(ndim):
+            if i != dim and m.shape[i] > 1:
+                size[i] = s[i]
+    parts = []
+    for m, s in zip(ms, shapes):
+        size[dim] = s[dim]
+        parts.append(m.expand(size))
+    return torch.cat(parts, dim=dim)
+
+
+def channel_blocks(x: "Signal") -> list[tuple[int, int, "Signal"]]:
+    """``(first channel, channel count, Signal)`` of each block of a channel concatenation."""
+    if x.parts is None:
+        return [(0, int(x.shape[1]), x)]
+    out, start = [], 0
+    for p in x.parts:
+        n = int(p.shape[1])
+        out.append((start, n, p))
+        start += n
+    return out
+
+
+def matched_cov(cov: Tensor, m2: Tensor, shape: torch.Size) -> Tensor:
+    """``cov`` rescaled, correlations kept, so that its diagonal is the channel average of ``m2``.
+
+    A rule that scales each channel by its own factor (a BatchNorm over a concatenation, a ReLU whose
+    blocks pass different shares) changes the channel-averaged map by the average of the products,
+    not by the product of the averages; rules downstream (average pooling) read the covariance's
+    diagonal as that map.
+    """
+    d = int(torch.Size(spatial_shape(shape)).numel())
+    k = cov.reshape(d, d)
+    target = channel_map(m2, shape).reshape(d)
+    current = k.diagonal()
+    f = torch.where(current > 0, (target / current.clamp(min=1e-300)).sqrt(), torch.zeros_like(current))
+    return (k * torch.outer(f, f)).reshape(cov.shape)
 
 
 def compact(m2: Tensor, shape: torch.Size) -> Tensor:
@@ -142,6 +196,7 @@ class Signal:
     fresh: int = 0
     base_logvar: float = 0.0
     pooled: float | None = None
+    parts: "tuple[Signal, ...] | None" = None
 
     @staticmethod
     def unit(shape: torch.Size, m2: float = 1.0) -> "Signal":
@@ -206,6 +261,9 @@ class Signal:
         return float((c.sum() - c.diagonal().sum()) / (d * d - d))
 
     def with_(self, **changes: Any) -> "Signal":
+        if self.parts is not None and "parts" not in changes and not _KEEPS_PARTS.issuperset(changes):
+            # The blocks no longer describe the tensor once its statistics change.
+            changes["parts"] = None
         return _evolve(self, changes, ("m2",))
 
     def scaled(self, factor: float) -> "Signal":
@@ -216,7 +274,12 @@ class Signal:
             cov=None if self.cov is None else self.cov * factor,
             pre=pre if self.act is not None and self.act.homogeneous else None,
             act=self.act if self.act is not None and self.act.homogeneous else None,
+            parts=None if self.parts is None else tuple(p.scaled(factor) for p in self.parts),
         )
+
+
+# Fields a change of which leaves a Signal's blocks valid.
+_KEEPS_PARTS = frozenset(("logvar", "fresh", "base_logvar", "act", "pre"))
 
 
 @dataclass(frozen=True, eq=False)
