@@ -29,6 +29,18 @@ def test_zoo_plans_and_applies_every_method(name):
                 assert float(w.detach().std()) == pytest.approx(layer.std, rel=0.1), (method, layer.name)
 
 
+def test_ops_with_several_outputs_send_their_gradients_back():
+    # ShuffleNetV2 splits its input with ``x.chunk(2, dim=1)``: the backward pass hands the chunk one
+    # gradient per output (None where none arrived), and the finite-width bookkeeping read it as a
+    # single Grad ('list' object has no attribute 'logvar').
+    from torchvision.models import shufflenet_v2_x0_5
+
+    model = shufflenet_v2_x0_5()
+    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 32, 32), cache=False)
+    assert len(p.layers) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    assert all(math.isfinite(layer.pred_in_grad_var) and layer.pred_in_grad_var > 0 for layer in p.layers)
+
+
 def test_depthwise_fans_true_vs_framework():
     # pytorch/pytorch#23854: torch.nn.init takes fan_out = C k² for a depthwise (C, 1, k, k) weight.
     conv = nn.Conv2d(32, 32, 3, padding=1, groups=32)

@@ -80,9 +80,13 @@ class Rule:
         logvar = combine([s.logvar for s in inputs], [s.mean_m2 for s in inputs])
         return out.with_(logvar=logvar, fresh=0, base_logvar=0.0)
 
-    def grad_fluctuation(self, ctx: Context, grad: Grad, x: Signal) -> float:
-        """``Var(log g)`` of the gradient this op sends to input ``x``, given ``grad`` at its output."""
-        return grad.logvar
+    def grad_fluctuation(self, ctx: Context, grad: "Grad | list[Grad | None]", x: Signal) -> float:
+        """``Var(log g)`` of the gradient this op sends to input ``x``, given ``grad`` at its output
+        (one per output for an op that returns several, ``None`` where no gradient arrived)."""
+        if isinstance(grad, Grad):
+            return grad.logvar
+        arrived = [g for g in grad if g is not None]
+        return combine([g.logvar for g in arrived], [g.mean_m2 for g in arrived]) if arrived else 0.0
 
 
 @dataclass(frozen=True)
