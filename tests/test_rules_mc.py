@@ -294,3 +294,37 @@ def test_dense_block_matches_monte_carlo():
         gap_b = math.log2(me.in_grad_var[layer.name] / layer.pred_in_grad_var)
         assert abs(gap_f) < 0.2, f"forward at {layer.name} off by 2^{gap_f:+.3f}"
         assert abs(gap_b) < 0.2, f"gradient at {layer.name} off by 2^{gap_b:+.3f}"
+
+
+class ShuffleHead(nn.Module):
+    """ShuffleNetV2's channel split and shuffle, then the global mean and a classifier."""
+
+    def __init__(self, groups: int = 2):
+        super().__init__()
+        self.groups = groups
+        self.a = nn.Conv2d(3, C, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(C // 2, C // 2, 3, padding=1, bias=False)
+        self.fc = nn.Linear(C, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        keep, branch = x.chunk(2, dim=1)
+        x = torch.cat((keep, torch.relu(self.b(branch))), dim=1)
+        n, c, h, w = x.shape
+        x = x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("max_cov", [64, 16], ids=["covariance", "one-correlation"])
+def test_channel_shuffle_keeps_the_spatial_statistics(max_cov):
+    # The shuffle's view to (N, g, C/g, H, W) hides the map from the rules (they read shape[2:]); its
+    # covariance is carried until the layout is ordinary again. Dropped, the global mean after it read
+    # uncorrelated positions: the classifier's forward was 1.4 bits low here, 0.87 on ShuffleNetV2.
+    model = ShuffleHead()
+    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 8, 8), cache=False, max_cov_positions=max_cov)
+    me = measure(model, p, (3, 8, 8), batch=16, draws=24, seed=0)
+    for layer in p.layers:
+        gap_f = math.log2(me.out_var[layer.name] / layer.pred_out_var)
+        gap_b = math.log2(me.in_grad_var[layer.name] / layer.pred_in_grad_var)
+        assert abs(gap_f) < 0.2, f"forward at {layer.name} off by 2^{gap_f:+.3f}"
+        assert abs(gap_b) < 0.2, f"gradient at {layer.name} off by 2^{gap_b:+.3f}"

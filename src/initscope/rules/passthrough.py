@@ -26,7 +26,7 @@ from torch import nn
 from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
-from initscope.stats.signal import Grad, Signal, compact, shrink
+from initscope.stats.signal import Grad, Hidden, Signal, compact, shrink
 
 try:  # torchvision is optional for the core
     from torchvision.ops import stochastic_depth as _stochastic_depth
@@ -183,6 +183,9 @@ class ShapeRule(Rule):
         return node.target(*args, **kwargs)
 
     def forward(self, ctx: Context, *args, **kwargs):
+        if _picks_from_outputs(ctx, args):
+            # ``outs[i]`` of an op with several outputs (x.chunk(2, dim=1)[1]): that output as it is.
+            return args[0][args[1]].with_()
         sigs = _signals(args) + _signals(kwargs)
         x = sigs[0]
         consts = all(s.const is not None for s in sigs)
@@ -190,9 +193,27 @@ class ShapeRule(Rule):
         out = self.call(ctx, *_swap(args, fn), **_swap(kwargs, fn))
         if consts:
             return _wrap_const(out)
-        return _wrap(out, x)
+        kept = None
+        if sum(s.const is None for s in sigs) == 1 and _hidden_of(x) is not None:
+            kept = self._keeps_positions(ctx, args, kwargs, x, _hidden_of(x).spatial)
+        ctx.node.meta["initscope_keeps_positions"] = kept
+        return _wrap(out, x, kept)
+
+    def _keeps_positions(self, ctx: Context, args, kwargs, x: Signal, spatial: torch.Size) -> list[bool]:
+        """For each output of the op, whether every element keeps the spatial position (the last
+        ``len(spatial)`` dims) it had in ``x``: the op is run once more, on position numbers."""
+        k = len(spatial)
+        pattern = torch.arange(spatial.numel(), dtype=DTYPE).reshape(spatial)
+        ids = pattern.expand(x.shape).contiguous()
+        out = self.call(ctx, *_swap(args, lambda s: ids if s is x else _materialize(s)),
+                        **_swap(kwargs, lambda s: ids if s is x else _materialize(s)))
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        return [isinstance(o, torch.Tensor) and o.ndim >= k + 2 and tuple(o.shape[-k:]) == tuple(spatial)
+                and torch.equal(o, pattern.expand(o.shape)) for o in outs]
 
     def backward(self, ctx: Context, grad) -> dict:
+        if _picks_from_outputs(ctx, ctx.args):
+            return {ctx.args[0][ctx.args[1]]: grad}
         sigs = [s for s in _signals(ctx.args) + _signals(ctx.kwargs) if s.const is None]
         primals = {s: _materialize(s).requires_grad_(True) for s in sigs}
         with torch.enable_grad():
@@ -203,14 +224,19 @@ class ShapeRule(Rule):
             pairs = [(o, compact(g.total(), g.shape).expand(o.shape)) for o, g in zip(outs, grads) if g is not None]
             got = torch.autograd.grad([o for o, _ in pairs], list(primals.values()), [g for _, g in pairs],
                                       allow_unused=True)
-        keep_cov = _keeps_layout(ctx, sigs[0]) if sigs else False
+        kept = ctx.node.meta.get("initscope_keeps_positions")
+        keep_cov = _keeps_layout(ctx, sigs[0]) if sigs and kept is None else False
         result = {}
         for s, g in zip(primals, got):
             g = torch.zeros((), dtype=DTYPE) if g is None else shrink(g.detach())
-            cov, rho = None, 0.0
-            if keep_cov and not isinstance(grad, (tuple, list)):
+            cov, rho, hidden = None, 0.0, None
+            if kept is not None and all(kept):
+                hidden = _hidden_back(s, outs, grads)
+                if hidden is not None and _ordinary(s.shape, hidden.spatial):
+                    cov, rho, hidden = hidden.cov, hidden.rho, None
+            elif keep_cov and not isinstance(grad, (tuple, list)):
                 cov, rho = grad.cov, grad.rho
-            result[s] = Grad(s.shape, g, cov, rho=rho)
+            result[s] = Grad(s.shape, g, cov, rho=rho, hidden=hidden)
         return result
 
 
@@ -221,13 +247,67 @@ def _keeps_layout(ctx: Context, x: Signal) -> bool:
         and ctx.node.target not in ("permute", "transpose", torch.permute, torch.transpose, "movedim", "flip", "roll")
 
 
-def _wrap(out, x: Signal):
+def _picks_from_outputs(ctx: Context, args) -> bool:
+    return ctx.node.target is operator.getitem and isinstance(args[0], (tuple, list)) \
+        and isinstance(args[1], int) and isinstance(args[0][args[1]], Signal)
+
+
+def _ordinary(shape: torch.Size, spatial: torch.Size) -> bool:
+    """Whether ``shape`` is ``(N, C, *spatial)``, the layout the rules read."""
+    return len(shape) == 2 + len(spatial) and tuple(shape[2:]) == tuple(spatial)
+
+
+def _hidden_of(x: Signal | Grad) -> Hidden | None:
+    """The spatial statistics ``x`` carries: of its own ``shape[2:]``, or hidden by an earlier shape op."""
+    if x.hidden is not None:
+        return x.hidden
+    if len(x.shape) < 3:
+        return None
+    return Hidden(torch.Size(x.shape[2:]), x.cov, x.rho)
+
+
+def _hidden_back(x: Signal, outs: list, grads: list) -> Hidden | None:
+    """The spatial statistics of the gradient at ``x`` from those at the op's outputs, when the op
+    keeps every element's position: the channel average over outputs, each by its share of ``x``."""
+    spatial = _hidden_of(x).spatial
+    covs, rhos, total = [], 0.0, 0.0
+    for o, g in zip(outs, grads):
+        if g is None:
+            continue
+        h = _hidden_of(g)
+        if h is None or h.spatial != spatial:
+            return None
+        share = o.numel() / x.shape.numel()
+        covs.append(None if h.cov is None else h.cov * share)
+        weight = share * g.mean_m2
+        rhos, total = rhos + h.rho * weight, total + weight
+    if not covs:
+        return None
+    cov = None if any(c is None for c in covs) else sum(covs)
+    return Hidden(spatial, cov, rhos / total if total > 0 else 0.0)
+
+
+def _wrap(out, x: Signal, kept: list[bool] | None = None, index: int = 0):
+    """The Signal of the op's output ``out`` (second moments, the op applied to x's map).
+
+    ``kept`` says, per output, whether the op left every element at its spatial position
+    (:meth:`ShapeRule._keeps_positions`); then the spatial statistics go with it, hidden while the
+    output's layout is not ``(N, C, *spatial)``. None: not known (several inputs), only an output with
+    x's own layout keeps them.
+    """
     if isinstance(out, torch.Tensor):
         shape = torch.Size(out.shape)
+        if kept is not None:
+            hidden = _hidden_of(x)
+            if not kept[index]:
+                return Signal(shape, shrink(out), rho=x.rho, xcorr=x.xcorr, dist=x.dist)
+            if _ordinary(shape, hidden.spatial):
+                return Signal(shape, shrink(out), cov=hidden.cov, rho=hidden.rho, xcorr=x.xcorr, dist=x.dist)
+            return Signal(shape, shrink(out), rho=x.rho, xcorr=x.xcorr, dist=x.dist, hidden=hidden)
         same_layout = len(shape) == len(x.shape) and shape[2:] == x.shape[2:]
         return Signal(shape, shrink(out), cov=x.cov if same_layout else None, rho=x.rho, xcorr=x.xcorr, dist=x.dist)
     if isinstance(out, (tuple, list)):
-        return type(out)(_wrap(o, x) for o in out)
+        return type(out)(_wrap(o, x, kept, i) for i, o in enumerate(out))
     return out
 
 
