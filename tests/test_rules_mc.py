@@ -304,7 +304,8 @@ class ShuffleHead(nn.Module):
         self.groups = groups
         self.a = nn.Conv2d(3, C, 3, padding=1, bias=False)
         self.b = nn.Conv2d(C // 2, C // 2, 3, padding=1, bias=False)
-        self.fc = nn.Linear(C, 10)
+        # Wide, so that its second moment averages over many outputs: what is tested is its input.
+        self.fc = nn.Linear(C, 256)
 
     def forward(self, x):
         x = torch.relu(self.a(x))
@@ -319,10 +320,47 @@ class ShuffleHead(nn.Module):
 def test_channel_shuffle_keeps_the_spatial_statistics(max_cov):
     # The shuffle's view to (N, g, C/g, H, W) hides the map from the rules (they read shape[2:]); its
     # covariance is carried until the layout is ordinary again. Dropped, the global mean after it read
-    # uncorrelated positions: the classifier's forward was 1.4 bits low here, 0.87 on ShuffleNetV2.
+    # uncorrelated positions: the classifier's forward was 4.4 bits low here, 0.87 on ShuffleNetV2.
     model = ShuffleHead()
     p = initscope.plan(model, "kaiming-forward", input_shape=(3, 8, 8), cache=False, max_cov_positions=max_cov)
     me = measure(model, p, (3, 8, 8), batch=16, draws=24, seed=0)
+    for layer in p.layers:
+        gap_f = math.log2(me.out_var[layer.name] / layer.pred_out_var)
+        assert abs(gap_f) < 0.2, f"forward at {layer.name} off by 2^{gap_f:+.3f}"
+    # Not the stem's gradient: with 3 input channels its taps' pairs through the ReLU's mask are the
+    # depthwise case of the test below (+0.21 bits without the shuffle, +0.25 with it).
+    for name in ("b", "fc"):
+        gap_b = math.log2(me.in_grad_var[name] / p[name].pred_in_grad_var)
+        assert abs(gap_b) < 0.2, f"gradient at {name} off by 2^{gap_b:+.3f}"
+
+
+class DepthwiseBlock(nn.Module):
+    """An inverted-residual block's core: ReLU → depthwise 3×3 → BatchNorm → act → 1×1 → global pool."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1, bias=False)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
+        self.bn = nn.BatchNorm2d(32)
+        self.act = act
+        self.pw = nn.Conv2d(32, 16, 1, bias=False)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.act(self.bn(self.dw(torch.relu(self.stem(x)))))
+        return self.fc(self.pw(y).mean(dim=(2, 3)))
+
+
+@pytest.mark.xfail(strict=True, reason="depthwise tap pairs through the activation's curvature are not "
+                   "modelled (docs/theory.md, 'What is not closed'): dw +0.32/+0.38, stem +0.57/+0.55 bits")
+@pytest.mark.parametrize("act", ["silu", "relu6"])
+def test_depthwise_before_a_smooth_activation_and_a_global_pool(act):
+    # The global pool makes the gradient at the activation's output correlated between positions
+    # (ρ ≈ 0.94 one position apart), and a depthwise conv's 9 taps then add cross terms
+    # E[w_t w_t' f'(u_a) f'(u_b)] ≠ 0 that the mean-field backward leaves out (see theory.md).
+    model = DepthwiseBlock(nn.SiLU() if act == "silu" else nn.ReLU6())
+    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 16, 16), cache=False)
+    me = measure(model, p, (3, 16, 16), batch=16, draws=24, seed=0)
     for layer in p.layers:
         gap_f = math.log2(me.out_var[layer.name] / layer.pred_out_var)
         gap_b = math.log2(me.in_grad_var[layer.name] / layer.pred_in_grad_var)
