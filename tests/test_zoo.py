@@ -29,6 +29,28 @@ def test_zoo_plans_and_applies_every_method(name):
                 assert float(w.detach().std()) == pytest.approx(layer.std, rel=0.1), (method, layer.name)
 
 
+# One of each family of torchvision's other CNNs: each brings ops or layouts the six above do not
+# (inception branches, fire modules, grouped bottlenecks with SE, channel shuffles, max-pool stems with
+# ceil_mode, plain VGG stacks). The transformers (ViT, Swin, MaxViT) stop at their attention with an
+# UnknownOpError that names the module.
+MORE = ["googlenet", "inception_v3", "squeezenet1_1", "regnet_y_400mf", "resnext50_32x4d", "mnasnet0_5",
+        "mobilenet_v3_small", "shufflenet_v2_x0_5", "vgg11_bn", "alexnet"]
+
+
+@pytest.mark.parametrize("name", MORE)
+def test_the_rest_of_the_cnn_zoo_plans(name):
+    from torchvision import models
+
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    model = models.get_model(name, weights=None, **kwargs)
+    size = 75 if name == "inception_v3" else 64
+    p = initscope.plan(model, "asv-backward", input_shape=(3, size, size), cache=False)
+    assert len(p.layers) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    for layer in p.layers:
+        assert math.isfinite(layer.std) and layer.std > 0, layer.name
+        assert layer.pred_out_var > 0 and layer.pred_in_grad_var > 0, layer.name
+
+
 def test_ops_with_several_outputs_send_their_gradients_back():
     # ShuffleNetV2 splits its input with ``x.chunk(2, dim=1)``: the backward pass hands the chunk one
     # gradient per output (None where none arrived), and the finite-width bookkeeping read it as a
