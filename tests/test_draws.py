@@ -92,24 +92,27 @@ def test_failed_plan_leaves_weights_and_generator_alone():
 
 
 @pytest.mark.parametrize("fails", [False, True], ids=["planned", "plan-failed"])
-def test_torch_threads_come_back(fails):
-    # While the draws run, the propagation keeps torch to one intra-op thread; after init_, planned
-    # or failed, the user's setting is back.
+@pytest.mark.parametrize("call", ["init_", "plan"])
+def test_torch_threads_come_back(fails, call):
+    # The propagation keeps torch to one intra-op thread (beside the draws, and on a machine where
+    # another process holds a core); after init_ or plan, planned or failed, the user's setting is back.
     model = create_model("plain34", width=8)
+    fn = getattr(initscope, call)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         if fails:
             with pytest.raises(ValueError):
-                initscope.init_(model, "asv-forward", input_shape=(3, 2), cache=False)
+                fn(model, "asv-forward", input_shape=(3, 2), cache=False)
         else:
-            initscope.init_(model, "asv-forward", input_shape=(3, 32, 32), cache=False)
+            fn(model, "asv-forward", input_shape=(3, 32, 32), cache=False)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
 
-def test_propagation_runs_on_one_thread_while_drawing(monkeypatch):
+@pytest.mark.parametrize("call", ["init_", "plan"])
+def test_propagation_runs_on_one_thread(monkeypatch, call):
     seen = []
     from initscope.graph import propagate
 
@@ -123,7 +126,8 @@ def test_propagation_runs_on_one_thread_while_drawing(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        initscope.init_(create_model("plain34", width=8), "kaiming-forward", input_shape=(3, 32, 32), cache=False)
+        getattr(initscope, call)(create_model("plain34", width=8), "kaiming-forward", input_shape=(3, 32, 32),
+                                 cache=False)
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {1}

@@ -12,6 +12,7 @@ from torch import nn
 from initscope.errors import PlanMismatchError
 from initscope.methods.classic import default_bias_bound
 from initscope.sampling import unit_draw_, unit_scale
+from initscope.threads import one_intra_op_thread
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ class InitPlan:
         writes.sort(key=lambda item: rank.get(id(item[1]), len(rank)))
         order = [(layer.weight_path, bias is not None and layer.bias == "default") for layer, _, bias in writes]
         drawn = _prefetch.take(order) if _prefetch is not None else None
-        with torch.no_grad():
+        with torch.no_grad(), one_intra_op_thread():
             for layer, weight, bias in writes:
                 if drawn is None:
                     _write(layer, weight, bias, generator)

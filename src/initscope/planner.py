@@ -35,6 +35,7 @@ from initscope.rules.base import LayerGeometry, WeightRule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.fluctuation import typical
 from initscope.stats.signal import Signal
+from initscope.threads import one_intra_op_thread
 
 EXACT_ROUNDS = 3
 
@@ -316,11 +317,19 @@ def build_plan(
         return remembered
     if on_propagate is not None:
         on_propagate()
+    with one_intra_op_thread():
+        result = _propagate(model, m, resolved, full_inputs, local_inputs, shape, opts)
+    plan_cache.store(key, result)
+    return result
 
+
+def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any, local_inputs: Any,
+               shape: Any, opts: Options) -> InitPlan:
+    """The plan, computed: the paper's model, the stds, then the full propagation."""
+    policy = opts.residual or m.residual
     # The paper's model: τ and γ of every layer.
     local = _paper_model(resolved, local_inputs, opts, shape)
     adds = find_residual_adds(resolved, local)
-    policy = opts.residual or m.residual
     if policy != "none" and _mark_norm_knobs(resolved, adds):
         # Some knob holds a weight or bias the plan will overwrite: plan the paper's model again as
         # it will be after applying, so that planning twice gives the same plan.
@@ -443,5 +452,4 @@ def build_plan(
                   "scaled": len(residual.alphas)},
         notes=notes,
     )
-    plan_cache.store(key, result)
     return result
