@@ -12,6 +12,18 @@ from initscope.measure import measure
 C = 24
 
 
+def assert_agrees(p, me, bound: float, *, forward=None, backward=None, what: str = "") -> None:
+    """Measured over predicted second moments within 2^±bound: forward at the layers named in
+    ``forward``, gradients at those in ``backward`` (every planned layer when None)."""
+    every = [layer.name for layer in p.layers]
+    for name in every if forward is None else forward:
+        gap = math.log2(me.out_var[name] / p[name].pred_out_var)
+        assert abs(gap) < bound, f"{what}forward at {name} off by 2^{gap:+.3f}"
+    for name in every if backward is None else backward:
+        gap = math.log2(me.in_grad_var[name] / p[name].pred_in_grad_var)
+        assert abs(gap) < bound, f"{what}gradient at {name} off by 2^{gap:+.3f}"
+
+
 class Wrap(nn.Module):
     def __init__(self, op, c_mid=C):
         super().__init__()
@@ -50,25 +62,20 @@ class SqueezeExcite(nn.Module):
         self.fc1 = nn.Conv2d(C, 8, 1)
         self.fc2 = nn.Conv2d(8, C, 1)
 
+    def gate(self, x):
+        return torch.sigmoid(self.fc2(torch.relu(self.fc1(self.pool(x)))))
+
     def forward(self, x):
         x = torch.relu(x)
-        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(self.pool(x)))))
-        return x * s
+        return x * self.gate(x)
 
 
-class GateFirst(nn.Module):
+class GateFirst(SqueezeExcite):
     """A squeeze-excitation block written as torchvision's is: ``scale * input``, the gate first."""
 
-    def __init__(self):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(C, 8, 1)
-        self.fc2 = nn.Conv2d(8, C, 1)
-
     def forward(self, x):
         x = torch.relu(x)
-        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(self.pool(x)))))
-        return s * x
+        return self.gate(x) * x
 
 
 def _stochastic_depth():
@@ -113,13 +120,7 @@ def test_rule_matches_monte_carlo(op):
     model = Wrap(OPS[op]())
     p = initscope.plan(model, "kaiming-forward", input_shape=(3, 12, 12))
     me = measure(model, p, (3, 12, 12), batch=16, draws=24, seed=0)
-    for layer in p.layers:
-        if layer.name not in ("a", "b"):
-            continue
-        gap_f = math.log2(me.out_var[layer.name] / layer.pred_out_var)
-        gap_b = math.log2(me.in_grad_var[layer.name] / layer.pred_in_grad_var)
-        assert abs(gap_f) < 0.2, f"{op}: forward at {layer.name} off by 2^{gap_f:+.3f}"
-        assert abs(gap_b) < 0.2, f"{op}: gradient at {layer.name} off by 2^{gap_b:+.3f}"
+    assert_agrees(p, me, 0.2, forward=("a", "b"), backward=("a", "b"), what=f"{op}: ")
 
 
 def test_concat_matches_monte_carlo():
@@ -245,11 +246,7 @@ def test_batchnorm_over_a_concatenation_normalizes_each_block():
     model = ConcatNorm()
     p = initscope.plan(model, "kaiming-forward", input_shape=(3, 12, 12), cache=False)
     me = measure(model, p, (3, 12, 12), batch=16, draws=16, seed=0)
-    for layer in p.layers:
-        gap_f = math.log2(me.out_var[layer.name] / layer.pred_out_var)
-        gap_b = math.log2(me.in_grad_var[layer.name] / layer.pred_in_grad_var)
-        assert abs(gap_f) < 0.15, f"forward at {layer.name} off by 2^{gap_f:+.3f}"
-        assert abs(gap_b) < 0.15, f"gradient at {layer.name} off by 2^{gap_b:+.3f}"
+    assert_agrees(p, me, 0.15)
 
 
 class _DenseLayer(nn.Module):
@@ -289,11 +286,7 @@ def test_dense_block_matches_monte_carlo():
     model = TinyDenseNet()
     p = initscope.plan(model, "kaiming-forward", input_shape=(3, 16, 16), cache=False)
     me = measure(model, p, (3, 16, 16), batch=16, draws=8, seed=0)
-    for layer in p.layers:
-        gap_f = math.log2(me.out_var[layer.name] / layer.pred_out_var)
-        gap_b = math.log2(me.in_grad_var[layer.name] / layer.pred_in_grad_var)
-        assert abs(gap_f) < 0.2, f"forward at {layer.name} off by 2^{gap_f:+.3f}"
-        assert abs(gap_b) < 0.2, f"gradient at {layer.name} off by 2^{gap_b:+.3f}"
+    assert_agrees(p, me, 0.2)
 
 
 class ShuffleHead(nn.Module):
@@ -324,14 +317,9 @@ def test_channel_shuffle_keeps_the_spatial_statistics(max_cov):
     model = ShuffleHead()
     p = initscope.plan(model, "kaiming-forward", input_shape=(3, 8, 8), cache=False, max_cov_positions=max_cov)
     me = measure(model, p, (3, 8, 8), batch=16, draws=24, seed=0)
-    for layer in p.layers:
-        gap_f = math.log2(me.out_var[layer.name] / layer.pred_out_var)
-        assert abs(gap_f) < 0.2, f"forward at {layer.name} off by 2^{gap_f:+.3f}"
     # Not the stem's gradient: with 3 input channels its taps' pairs through the ReLU's mask are the
     # depthwise case of the test below (+0.21 bits without the shuffle, +0.25 with it).
-    for name in ("b", "fc"):
-        gap_b = math.log2(me.in_grad_var[name] / p[name].pred_in_grad_var)
-        assert abs(gap_b) < 0.2, f"gradient at {name} off by 2^{gap_b:+.3f}"
+    assert_agrees(p, me, 0.2, backward=("b", "fc"))
 
 
 class DepthwiseBlock(nn.Module):
@@ -361,8 +349,4 @@ def test_depthwise_before_a_smooth_activation_and_a_global_pool(act):
     model = DepthwiseBlock(nn.SiLU() if act == "silu" else nn.ReLU6())
     p = initscope.plan(model, "kaiming-forward", input_shape=(3, 16, 16), cache=False)
     me = measure(model, p, (3, 16, 16), batch=16, draws=24, seed=0)
-    for layer in p.layers:
-        gap_f = math.log2(me.out_var[layer.name] / layer.pred_out_var)
-        gap_b = math.log2(me.in_grad_var[layer.name] / layer.pred_in_grad_var)
-        assert abs(gap_f) < 0.2, f"forward at {layer.name} off by 2^{gap_f:+.3f}"
-        assert abs(gap_b) < 0.2, f"gradient at {layer.name} off by 2^{gap_b:+.3f}"
+    assert_agrees(p, me, 0.2)

@@ -199,6 +199,27 @@ def _evolve(obj: Any, changes: dict[str, Any], reads_m2: tuple[str, ...]) -> Any
     return new
 
 
+def _equicorrelated(m: Tensor, rho: float, spatial: torch.Size) -> Tensor:
+    """The spatial covariance with the map ``m`` on its diagonal and correlation ``rho`` elsewhere."""
+    d = int(spatial.numel())
+    s = m.reshape(d).sqrt()
+    # An equicorrelation below -1/(d-1) is no covariance at all (its mean would be negative).
+    rho = max(rho, -1.0 / (d - 1)) if d > 1 else rho
+    k = rho * torch.outer(s, s)
+    k.diagonal().copy_(s**2)
+    return k.reshape(*spatial, *spatial)
+
+
+def _mean_corr(cov: Tensor | None, positions: int, rho: float) -> float:
+    """Average correlation between two distinct positions of a covariance (``rho`` when there is none)."""
+    if cov is None or positions < 2:
+        return rho
+    k = cov.reshape(positions, positions)
+    s = k.diagonal().clamp(min=1e-300).sqrt()
+    c = k / torch.outer(s, s)
+    return float((c.sum() - c.diagonal().sum()) / (positions * positions - positions))
+
+
 @dataclass(frozen=True, eq=False)
 class Signal:
     """Forward statistics of one tensor."""
@@ -263,25 +284,11 @@ class Signal:
 
     def full(self) -> Tensor:
         """The full spatial covariance, built from ``rho`` when only that is known."""
-        if self.cov is not None:
-            return self.cov
-        d = self.positions
-        s = self.channel_map().reshape(d).sqrt()
-        # An equicorrelation below -1/(d-1) is no covariance at all (its mean would be negative).
-        rho = max(self.rho, -1.0 / (d - 1)) if d > 1 else self.rho
-        k = rho * torch.outer(s, s)
-        k.diagonal().copy_(s**2)
-        return k.reshape(*self.spatial, *self.spatial)
+        return self.cov if self.cov is not None else _equicorrelated(self.channel_map(), self.rho, self.spatial)
 
     def mean_corr(self) -> float:
         """Average correlation between two distinct positions of one channel."""
-        if self.cov is None or self.positions < 2:
-            return self.rho
-        d = self.positions
-        k = self.cov.reshape(d, d)
-        s = k.diagonal().clamp(min=1e-300).sqrt()
-        c = k / torch.outer(s, s)
-        return float((c.sum() - c.diagonal().sum()) / (d * d - d))
+        return _mean_corr(self.cov, self.positions, self.rho)
 
     def with_(self, **changes: Any) -> "Signal":
         if self.parts is not None and "parts" not in changes and not _KEEPS_PARTS.issuperset(changes):
@@ -366,24 +373,11 @@ class Grad:
 
     def full(self) -> Tensor:
         """The full spatial covariance, built from ``rho`` when only that is known."""
-        if self.cov is not None:
-            return self.cov
-        d = self.positions
-        s = self.channel_map().reshape(d).sqrt()
-        rho = max(self.rho, -1.0 / (d - 1)) if d > 1 else self.rho
-        k = rho * torch.outer(s, s)
-        k.diagonal().copy_(s**2)
-        return k.reshape(*self.spatial, *self.spatial)
+        return self.cov if self.cov is not None else _equicorrelated(self.channel_map(), self.rho, self.spatial)
 
     def mean_corr(self) -> float:
         """Average correlation between the gradients at two distinct positions of one channel."""
-        if self.cov is None or self.positions < 2:
-            return self.rho
-        d = self.positions
-        k = self.cov.reshape(d, d)
-        s = k.diagonal().clamp(min=1e-300).sqrt()
-        c = k / torch.outer(s, s)
-        return float((c.sum() - c.diagonal().sum()) / (d * d - d))
+        return _mean_corr(self.cov, self.positions, self.rho)
 
     def scaled(self, factor: float) -> "Grad":
         return Grad(
