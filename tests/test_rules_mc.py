@@ -350,3 +350,28 @@ def test_depthwise_before_a_smooth_activation_and_a_global_pool(act):
     p = initscope.plan(model, "kaiming-forward", input_shape=(3, 16, 16), cache=False)
     me = measure(model, p, (3, 16, 16), batch=16, draws=24, seed=0)
     assert_agrees(p, me, 0.2)
+
+
+class Fire(nn.Module):
+    """SqueezeNet's fire module (two ReLU'd expansions concatenated) before an overlapping max pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.e1, self.e3 = nn.Conv2d(16, 32, 1, bias=False), nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.b = nn.Conv2d(64, 32, 1, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(self.pool(torch.cat([torch.relu(self.e1(h)), torch.relu(self.e3(h))], 1)))
+
+
+def test_max_pool_over_a_concatenation_of_activations():
+    # cat(relu(u1), relu(u2)) is relu(cat(u1, u2)): the pool reads the pre-activations, and its
+    # gradient, already through the ReLUs, is not halved again when the concat hands each its part.
+    # Before: b's forward predicted 0.36 bits high, every gradient below the pool 1.0 bit low.
+    model = Fire()
+    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 15, 15), cache=False)
+    me = measure(model, p, (3, 15, 15), batch=16, draws=12, seed=0)
+    assert_agrees(p, me, 0.2)

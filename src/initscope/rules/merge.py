@@ -400,7 +400,23 @@ def concat_signals(tensors: list[Signal], dim: int) -> Signal:
     parts = None
     if dim == 1 and len(shape) >= 2 and len(tensors) > 1 and all(t.const is None for t in tensors):
         parts = tuple(p for t in tensors for p in (t.parts if t.parts is not None else (t,)))
-    return Signal(shape, m2, cov=cov, rho=rho, xcorr=xcorr, dist=dist, pooled=pooled, parts=parts)
+    act, pre = None, None
+    first = tensors[0].act
+    if first is not None and all(t.act is not None and t.act.key == first.key and t.pre is not None for t in tensors):
+        # cat(f(u_1), f(u_2)) = f(cat(u_1, u_2)): a max pool after it reads the pre-activations, as
+        # it does after one activation (max relu(u) = relu(max u)). SqueezeNet's fire modules
+        # concatenate two ReLU outputs before its max pools; read as one non-Gaussian map, the pools'
+        # outputs were predicted 1.0-1.5 bits high.
+        act, pre = first, concat_signals([t.pre for t in tensors], dim)
+    return Signal(shape, m2, cov=cov, rho=rho, xcorr=xcorr, dist=dist, pooled=pooled, parts=parts, act=act, pre=pre)
+
+
+def _slice(m: Tensor | None, shape: torch.Size, dim: int, start: int, n: int) -> Tensor | None:
+    """Entries ``start:start+n`` along ``dim`` of a map left broadcast (a size-1 dim stays as it is)."""
+    if m is None:
+        return None
+    m = compact(m, shape)
+    return m.narrow(dim, start, n) if m.shape[dim] > 1 else m
 
 
 @register_rule(torch.cat, torch.concat, torch.concatenate)
@@ -414,16 +430,19 @@ class CatRule(Rule):
         tensors = list(ctx.args[0])
         dim = ctx.kwargs.get("axis", ctx.kwargs.get("dim", ctx.args[1] if len(ctx.args) > 1 else 0))
         dim = dim % len(grad.shape)
-        g = compact(grad.total(), grad.shape)
         out, start = {}, 0
         for t in tensors:
             n = t.shape[dim]
-            part = g.narrow(dim, start, n) if g.shape[dim] > 1 else g
+            # The parts stay apart: what a max pool after the concatenation already took through the
+            # activations in front (``pre``) must not go through their derivative again.
+            m2, pre, dead = (_slice(m, grad.shape, dim, start, n) for m in (grad.m2, grad.pre, grad.dead))
+            part = Grad(t.shape, m2, pre=pre, dead=dead)
             start += n
             cov = None
             if dim == 1 and grad.cov is not None:
                 # The whole's covariance is the channel average; this block's diagonal is its own map.
-                cov = grad.cov if g.shape[1] == 1 else matched_cov(grad.cov, part, t.shape)
-            part_grad = Grad(t.shape, part, cov, rho=grad.rho if dim == 1 else 0.0)
-            out[t] = out[t] + part_grad if t in out else part_grad
+                whole = compact(grad.total(), grad.shape)
+                cov = grad.cov if whole.shape[1] == 1 else matched_cov(grad.cov, part.total(), t.shape)
+            part = part.with_(cov=cov, rho=grad.rho if dim == 1 else 0.0)
+            out[t] = out[t] + part if t in out else part
         return out

@@ -286,7 +286,12 @@ def max_forward(ctx: Context, x: Signal, spec: PoolSpec) -> Signal:
     image = dist.map(lambda t: mi.fn(scale * t)).standardized() if not mi.homogeneous else dist.map(mi.fn).standardized()
     # Correlation of two windows' maxima (taken as sharing no input).
     cross = _off_window_corr(mi, typical, mi.corr, scale)
-    xcorr = _off_window_corr(mi, typical, min(max(mi.pre.xcorr, 0.0), 1.0), scale) if mi.pre.dist is None else x.xcorr
+    if mi.pre.dist is None:
+        xcorr = _off_window_corr(mi, typical, min(max(mi.pre.xcorr, 0.0), 1.0), scale)
+    else:
+        # Maxima of independent windows share their mean: E[M]²/E[M²], larger than the input's share
+        # (a max of non-negative values is further from zero than its inputs).
+        xcorr = max(cross, x.xcorr)
     out_positions = prod(spec.out_spatial)
     cov = None
     if ctx.keep_cov(out_positions):
