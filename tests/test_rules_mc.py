@@ -12,6 +12,13 @@ from initscope.measure import measure
 C = 24
 
 
+def planned_and_measured(model, size: int, draws: int = 24, **options):
+    """``kaiming-forward`` planned for a 3×size×size input, and measured over ``draws`` weight draws."""
+    shape = (3, size, size)
+    p = initscope.plan(model, "kaiming-forward", input_shape=shape, cache=False, **options)
+    return p, measure(model, p, shape, batch=16, draws=draws, seed=0)
+
+
 def assert_agrees(p, me, bound: float, *, forward=None, backward=None, what: str = "") -> None:
     """Measured over predicted second moments within 2^±bound: forward at the layers named in
     ``forward``, gradients at those in ``backward`` (every planned layer when None)."""
@@ -118,15 +125,13 @@ OPS = {
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_rule_matches_monte_carlo(op):
     model = Wrap(OPS[op]())
-    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 12, 12))
-    me = measure(model, p, (3, 12, 12), batch=16, draws=24, seed=0)
+    p, me = planned_and_measured(model, 12)
     assert_agrees(p, me, 0.2, forward=("a", "b"), backward=("a", "b"), what=f"{op}: ")
 
 
 def test_concat_matches_monte_carlo():
     model = Wrap(Concat(), c_mid=C + 8)
-    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 12, 12))
-    me = measure(model, p, (3, 12, 12), batch=16, draws=24, seed=0)
+    p, me = planned_and_measured(model, 12)
     b = p["b"]
     assert abs(math.log2(me.out_var["b"] / b.pred_out_var)) < 0.2
     assert abs(math.log2(me.in_grad_var["b"] / b.pred_in_grad_var)) < 0.2
@@ -193,8 +198,7 @@ def test_gate_first_squeeze_excite_before_a_global_pool(max_cov):
     # 5.3 bits low again, and the stem's 0.31 bits high).
     model = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), GateFirst(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(C, 10))
-    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 12, 12), cache=False, max_cov_positions=max_cov)
-    me = measure(model, p, (3, 12, 12), batch=16, draws=24, seed=0)
+    p, me = planned_and_measured(model, 12, max_cov_positions=max_cov)
     for layer in p.layers:
         gap_b = math.log2(me.in_grad_var[layer.name] / layer.pred_in_grad_var)
         assert abs(gap_b) < 0.3, f"gradient at {layer.name} off by 2^{gap_b:+.3f}"
@@ -244,8 +248,7 @@ def test_batchnorm_over_a_concatenation_normalizes_each_block():
     # of the conv block's. One share and one recentred marginal for the whole concatenation put the
     # ReLU's output 0.54 bits low (b's forward) and side's gradient 0.17 bits low.
     model = ConcatNorm()
-    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 12, 12), cache=False)
-    me = measure(model, p, (3, 12, 12), batch=16, draws=16, seed=0)
+    p, me = planned_and_measured(model, 12, draws=16)
     assert_agrees(p, me, 0.15)
 
 
@@ -284,8 +287,7 @@ def test_dense_block_matches_monte_carlo():
     # share per concatenation the errors compounded: gradients 1.0 to 4.4 bits too high, the conv1
     # layers' forward 0.3 bits low.
     model = TinyDenseNet()
-    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 16, 16), cache=False)
-    me = measure(model, p, (3, 16, 16), batch=16, draws=8, seed=0)
+    p, me = planned_and_measured(model, 16, draws=8)
     assert_agrees(p, me, 0.2)
 
 
@@ -315,8 +317,7 @@ def test_channel_shuffle_keeps_the_spatial_statistics(max_cov):
     # covariance is carried until the layout is ordinary again. Dropped, the global mean after it read
     # uncorrelated positions: the classifier's forward was 4.4 bits low here, 0.87 on ShuffleNetV2.
     model = ShuffleHead()
-    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 8, 8), cache=False, max_cov_positions=max_cov)
-    me = measure(model, p, (3, 8, 8), batch=16, draws=24, seed=0)
+    p, me = planned_and_measured(model, 8, max_cov_positions=max_cov)
     # Not the stem's gradient: with 3 input channels its taps' pairs through the ReLU's mask are the
     # depthwise case of the test below (+0.21 bits without the shuffle, +0.25 with it).
     assert_agrees(p, me, 0.2, backward=("b", "fc"))
@@ -347,8 +348,7 @@ def test_depthwise_before_a_smooth_activation_and_a_global_pool(act):
     # (ρ ≈ 0.94 one position apart), and a depthwise conv's 9 taps then add cross terms
     # E[w_t w_t' f'(u_a) f'(u_b)] ≠ 0 that the mean-field backward leaves out (see theory.md).
     model = DepthwiseBlock(nn.SiLU() if act == "silu" else nn.ReLU6())
-    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 16, 16), cache=False)
-    me = measure(model, p, (3, 16, 16), batch=16, draws=24, seed=0)
+    p, me = planned_and_measured(model, 16)
     assert_agrees(p, me, 0.2)
 
 
@@ -372,6 +372,5 @@ def test_max_pool_over_a_concatenation_of_activations():
     # gradient, already through the ReLUs, is not halved again when the concat hands each its part.
     # Before: b's forward predicted 0.36 bits high, every gradient below the pool 1.0 bit low.
     model = Fire()
-    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 15, 15), cache=False)
-    me = measure(model, p, (3, 15, 15), batch=16, draws=12, seed=0)
+    p, me = planned_and_measured(model, 15, draws=12)
     assert_agrees(p, me, 0.2)

@@ -35,7 +35,7 @@ from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.gaussian import max_conditional_mean, max_of_normals
 from initscope.stats.maps import apply_axes, apply_axes_t, diagonal, sandwich, sandwich_t
-from initscope.stats.signal import Grad, Signal, compact, mean_of
+from initscope.stats.signal import Grad, Signal, compact, mean_corr_of, mean_of
 
 
 def _tuple(value, dims: int) -> tuple:
@@ -186,7 +186,7 @@ def avg_backward(ctx: Context, x: Signal, spec: PoolSpec, grad: Grad) -> Grad:
         if ctx.keep_cov(x.positions):
             cov = full
         elif x.positions > 1:
-            rho = Grad(x.shape, compact(m2, x.shape), full).mean_corr()
+            rho = mean_corr_of(full, x.positions, 0.0)
     elif prod(spec.out_spatial) == 1 and x.positions > 1:
         # Global pooling sends one gradient to every position: fully correlated.
         if x.positions <= ctx.max_cov:

@@ -210,7 +210,7 @@ def _equicorrelated(m: Tensor, rho: float, spatial: torch.Size) -> Tensor:
     return k.reshape(*spatial, *spatial)
 
 
-def _mean_corr(cov: Tensor | None, positions: int, rho: float) -> float:
+def mean_corr_of(cov: Tensor | None, positions: int, rho: float) -> float:
     """Average correlation between two distinct positions of a covariance (``rho`` when there is none)."""
     if cov is None or positions < 2:
         return rho
@@ -288,7 +288,7 @@ class Signal:
 
     def mean_corr(self) -> float:
         """Average correlation between two distinct positions of one channel."""
-        return _mean_corr(self.cov, self.positions, self.rho)
+        return mean_corr_of(self.cov, self.positions, self.rho)
 
     def with_(self, **changes: Any) -> "Signal":
         if self.parts is not None and "parts" not in changes and not _KEEPS_PARTS.issuperset(changes):
@@ -377,7 +377,7 @@ class Grad:
 
     def mean_corr(self) -> float:
         """Average correlation between the gradients at two distinct positions of one channel."""
-        return _mean_corr(self.cov, self.positions, self.rho)
+        return mean_corr_of(self.cov, self.positions, self.rho)
 
     def scaled(self, factor: float) -> "Grad":
         return Grad(
