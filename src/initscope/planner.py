@@ -386,8 +386,9 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
                 if change < 1e-4:
                     break
             stds, clamped = provisional, hook.clamped
-            for node in hook.silent:
-                notes.append(f"{by_node[node].name}: no gradient reaches it; kept the paper's std")
+            for info in infos:
+                if info.node in hook.silent:
+                    notes.append(f"{info.name}: no gradient reaches it; kept the paper's std")
             residual = ResidualPolicy(adds, policy, opts.residual_growth, decide=False, alphas=residual.alphas,
                                       backward_starts=True)
             final = _run(resolved, full_inputs, FixedStds(stds, bias_m2), opts, residual)
