@@ -1,4 +1,9 @@
-"""Errors initscope raises: each names what was wrong and what to do about it."""
+"""Every error initscope raises: each names what was wrong and what to do about it.
+
+All of them are :class:`InitscopeError`, so ``except initscope.InitscopeError`` catches anything the
+library refuses; each also derives from the built-in type a caller would expect (a bad value is a
+``ValueError``, an unwritable folder an ``OSError``).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,22 @@ class UnknownOpError(InitscopeError):
 
 class PlanMismatchError(InitscopeError, ValueError):
     """A plan was applied to a model it was not made for."""
+
+
+class ProbeError(InitscopeError, RuntimeError):
+    """The model (or the loss) raised during a probe; the message says where, and the model is as it was."""
+
+
+class ConfigError(InitscopeError, ValueError):
+    """A run or sweep configuration that cannot run: the message names the key or value and lists the valid ones."""
+
+
+# The name sweeps have always raised; a sweep's configuration error is a configuration error.
+SweepConfigError = ConfigError
+
+
+class PreflightError(InitscopeError, OSError):
+    """An output folder or database cannot be written, or its disk is (nearly) full."""
 
 
 def node_location(node) -> str:

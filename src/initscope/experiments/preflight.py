@@ -12,13 +12,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from initscope.errors import PreflightError
+
 # What a sweep needs free at the least: a few checkpoints and resume states of the papers' models
 # (ResNet-50 with Adam state is ~400 MB), and the database's growth.
 MIN_FREE_MB = 512.0
-
-
-class PreflightError(OSError):
-    """A sweep's output folder or database cannot be written, or their disk is (nearly) full."""
 
 
 def check_output(out: str | Path, db: str | Path | None = None, *, min_free_mb: float = MIN_FREE_MB) -> None:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from initscope.errors import SweepConfigError
 from initscope.experiments.data import NORMALIZATIONS, SOURCES
 from initscope.experiments.optim import OPTIMIZERS, SCHEDULES
 
@@ -47,10 +48,6 @@ AXES = ("seed", "data", "model", "method", "optimizer", "lr")
 ALIASES = {"datasets": "data", "dataset": "data", "models": "model", "methods": "method",
            "optimizers": "optimizer", "lrs": "lr", "learning_rates": "lr", "seeds": "seed"}
 TOP_KEYS = ("name", "db", "out", "grid", "run")
-
-
-class SweepConfigError(ValueError):
-    """A sweep configuration that cannot run: the message names the key or value and lists the valid ones."""
 
 
 def _run_config_cls() -> type:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from initscope.errors import InitscopeError, PlanMismatchError
+from initscope.errors import InitscopeError, PlanMismatchError, ProbeError
 from initscope.plan import InitPlan, plan_of
 from initscope.probe.hooks import QUANTITIES, Recorder, Selection, select
 from initscope.probe.summary import DEFAULT_BINS, DEFAULT_SAMPLE, QUANTILE_COLUMNS, Stats
@@ -30,10 +30,6 @@ COLUMNS: tuple[str, ...] = ("layer", "index", "kind", "quantity", *STAT_COLUMNS,
 FLAG_FACTOR = 2.0
 _NAN = float("nan")
 _TEXT_COLUMNS = ("method", "layer", "kind", "quantity")
-
-
-class ProbeError(InitscopeError, RuntimeError):
-    """The model (or the loss) raised during a probe; the message says where, and the model is as it was."""
 
 
 def _ratio(measured: float, predicted: float) -> float:
