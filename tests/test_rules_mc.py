@@ -147,11 +147,11 @@ def test_linear_after_flatten_matches_monte_carlo():
 
 
 @pytest.mark.parametrize("size, kernel, padding", [(2, 3, 1), (4, 3, 1), (3, 5, 2), (8, 3, 1)])
-def test_batchnorm_removes_the_pooled_mean_share(size, kernel, padding):
+def test_batchnorm_removes_the_pooled_mean_share(size, kernel, padding, monkeypatch):
     # BatchNorm subtracts each channel's mean over samples and positions. After a conv on a small
     # padded map that mean is a smaller share of the second moment than the per-position one
     # (xcorr, 1/π for a ReLU input): each position's offset is made of other taps.
-    from initscope import planner
+    from initscope.methods.job import Job
 
     # 2048 output channels and 6 draws: the share's draw-to-draw scatter (a square of one Gaussian per
     # channel) averages to ~1 %.
@@ -159,17 +159,14 @@ def test_batchnorm_removes_the_pooled_mean_share(size, kernel, padding):
     model = nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, c_out, kernel, padding=padding, bias=False),
                           nn.BatchNorm2d(c_out), nn.ReLU(), nn.Conv2d(c_out, 4, 1, bias=False))
     seen = {}
-    original = planner._run
+    original = Job.run
 
-    def keep(*args, **kwargs):
-        seen["pass"] = original(*args, **kwargs)
+    def keep(self, *args, **kwargs):
+        seen["pass"] = original(self, *args, **kwargs)
         return seen["pass"]
 
-    planner._run = keep
-    try:
-        initscope.plan(model, "kaiming-forward", input_shape=(c_in, size, size), cache=False)
-    finally:
-        planner._run = original
+    monkeypatch.setattr(Job, "run", keep)
+    initscope.plan(model, "kaiming-forward", input_shape=(c_in, size, size), cache=False)
     conv = next(n for n in seen["pass"].r.traced.nodes if n.target == "1")
     predicted = seen["pass"].values[conv].pooled
     g = torch.Generator().manual_seed(0)

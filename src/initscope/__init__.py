@@ -1,14 +1,14 @@
 """initscope: architecture-aware initialization for PyTorch CNNs, with predictions that hold.
 
 Plan and apply Xavier, Kaiming, LeCun, orthogonal and ASV (Adaptive Signal Variance) initializations
-for any traceable model, and see, layer by layer, the forward and gradient second moments each one
-is predicted to give.
+(or any method registered with :func:`register_method`) for any traceable model, and see, layer by
+layer, the forward and gradient second moments each one is predicted to give.
 """
 
 from initscope import models, rules  # noqa: F401  (rules: registers the built-in rules)
 from initscope.api import init_, plan
 from initscope.errors import InitscopeError, PlanMismatchError, TraceError, UnknownOpError
-from initscope.methods import METHODS
+from initscope.methods import METHODS, Method, register_method, unregister_method
 from initscope.options import Options
 from initscope.plan import InitPlan, LayerPlan, plan_of
 from initscope.plan_cache import cache_info, clear_plan_cache
@@ -26,6 +26,7 @@ __all__ = [
     "InitPlan",
     "InitscopeError",
     "LayerPlan",
+    "Method",
     "Options",
     "PlanMismatchError",
     "Probe",
@@ -42,7 +43,9 @@ __all__ = [
     "plan",
     "plan_of",
     "probe",
+    "register_method",
     "register_rule",
     "sample_",
+    "unregister_method",
     "unregister_rule",
 ]

@@ -11,8 +11,8 @@ from initscope import draws
 from initscope.draws import Prefetch
 from initscope.methods import METHODS
 from initscope.options import Options
-from initscope.plan import InitPlan
-from initscope.planner import build_plan, planned_distribution
+from initscope.plan import InitPlan, write_plan
+from initscope.planner import build_plan
 
 
 def plan(
@@ -33,13 +33,14 @@ def plan(
     network's output. Every method is propagated by the same engine, so a Kaiming plan shows where
     Kaiming's signal vanishes as an ASV plan shows where ASV keeps it.
 
-    Methods: ``xavier``, ``kaiming-forward``, ``kaiming-backward``, ``asv-forward``, ``asv-backward``
-    (Henmi et al., arXiv 2008.06885), ``asv-forward-exact``, ``asv-backward-exact``, ``lecun``,
-    ``orthogonal``, ``default``.
+    Methods are registered objects (:data:`initscope.METHODS`, ``initscope methods`` on the command
+    line): ``xavier``, ``kaiming-forward``, ``kaiming-backward``, ``asv-forward``, ``asv-backward``
+    (Henmi et al., arXiv 2008.06885) and their exact variants, ``lecun``, ``orthogonal``, ``default``,
+    and any added with :func:`initscope.register_method`.
 
     Args:
         model: the network.
-        method: one of the methods above.
+        method: the name of a registered method.
         input_shape: the shape of one input sample, without the batch dim, e.g. ``(3, 224, 224)``.
         example_input: a real batch instead of ``input_shape``: its statistics (second moments,
             marginal, correlations) replace the i.i.d. N(0, 1) input.
@@ -81,11 +82,12 @@ def init_(
     def draw_ahead() -> None:
         nonlocal ahead
         if isinstance(model, nn.Module) and method in METHODS and draws.spare_core():
-            ahead = Prefetch(model, planned_distribution(METHODS[method], opts), method == "default", generator)
+            m = METHODS[method]
+            ahead = Prefetch(model, m.law(opts), m.bias == "default", generator)
 
     try:
         p = build_plan(model, method, input_shape, example_input, opts, cache=cache, on_propagate=draw_ahead)
-        p.apply(model, generator=generator, _prefetch=ahead)
+        write_plan(p, model, generator, ahead)
     finally:
         if ahead is not None:
             ahead.discard()  # joins the thread and gives back torch's threads, whatever happened

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -13,6 +14,13 @@ from initscope.errors import PlanMismatchError
 from initscope.methods.classic import default_bias_bound
 from initscope.sampling import unit_draw_, unit_scale
 from initscope.threads import one_intra_op_thread
+
+if TYPE_CHECKING:
+    from initscope.draws import Prefetch
+
+# The plan last applied to each model, without an attribute on the user's module; an entry goes with
+# its model.
+_APPLIED: "weakref.WeakKeyDictionary[nn.Module, InitPlan]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -122,66 +130,14 @@ class InitPlan:
         return self.layers[key]
 
     # -- applying ----------------------------------------------------------------------------------
-    def apply(self, model: nn.Module, generator: torch.Generator | None = None, *, _prefetch=None) -> nn.Module:
+    def apply(self, model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
         """Draw every planned layer's weights (and zero its bias) in ``model``; returns the model.
 
         Layers are drawn in the order of ``model.named_parameters()``. Everything is checked before
         anything is written: a model that does not match the plan raises
         :class:`~initscope.errors.PlanMismatchError` and keeps its weights.
         """
-        writes, problems = [], []
-        for layer in self.layers:
-            try:
-                weight = model.get_parameter(layer.weight_path)
-            except AttributeError:
-                problems.append(f"{layer.weight_path}: no such parameter")
-                continue
-            if tuple(weight.shape) != tuple(layer.weight_shape):
-                problems.append(f"{layer.weight_path}: shape {tuple(weight.shape)}, planned {tuple(layer.weight_shape)}")
-                continue
-            bias = None
-            if layer.bias_path is not None:
-                try:
-                    bias = model.get_parameter(layer.bias_path)
-                except AttributeError:
-                    problems.append(f"{layer.bias_path}: no such parameter")
-            writes.append((layer, weight, bias))
-        norms = []
-        for name, alpha in self.norm_scales.items():
-            try:
-                norms.append((model.get_submodule(name), alpha))
-            except AttributeError:
-                problems.append(f"{name}: no such module")
-        if problems:
-            raise PlanMismatchError(
-                f"this plan ({self.method}) was made for another model; nothing was written:\n  " + "\n  ".join(problems)
-            )
-        if generator is not None:
-            devices = {w.device.type for _, w, _ in writes}
-            if any(d != generator.device.type for d in devices):
-                raise ValueError(
-                    f"generator is on {generator.device}, the weights on {sorted(devices)}: pass a generator on the weights' device"
-                )
-        rank = {id(p): i for i, p in enumerate(model.parameters())}
-        writes.sort(key=lambda item: rank.get(id(item[1]), len(rank)))
-        order = [(layer.weight_path, bias is not None and layer.bias == "default") for layer, _, bias in writes]
-        drawn = _prefetch.take(order) if _prefetch is not None else None
-        with torch.no_grad(), one_intra_op_thread():
-            for layer, weight, bias in writes:
-                if drawn is None:
-                    _write(layer, weight, bias, generator)
-                else:
-                    _write_drawn(layer, weight, bias, *drawn[layer.weight_path])
-            if drawn is not None:
-                _prefetch.commit()
-            for module, alpha in norms:
-                module.weight.fill_(alpha)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-        # Remembered so that tools which look at the model later (the probe) can set its predictions
-        # beside what they measure without being handed the plan again.
-        model._initscope_plan = self
-        return model
+        return write_plan(self, model, generator)
 
     # -- reporting ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -223,6 +179,67 @@ class InitPlan:
         return f"InitPlan(method={self.method!r}, layers={len(self.layers)}, input_shape={self.input_shape!r})"
 
 
+def write_plan(plan: InitPlan, model: nn.Module, generator: torch.Generator | None = None,
+               prefetch: "Prefetch | None" = None) -> nn.Module:
+    """What :meth:`InitPlan.apply` does; ``prefetch`` holds unit draws made ahead (:mod:`initscope.draws`)."""
+    writes, problems = [], []
+    for layer in plan.layers:
+        try:
+            weight = model.get_parameter(layer.weight_path)
+        except AttributeError:
+            problems.append(f"{layer.weight_path}: no such parameter")
+            continue
+        if tuple(weight.shape) != tuple(layer.weight_shape):
+            problems.append(f"{layer.weight_path}: shape {tuple(weight.shape)}, planned {tuple(layer.weight_shape)}")
+            continue
+        bias = None
+        if layer.bias_path is not None:
+            try:
+                bias = model.get_parameter(layer.bias_path)
+            except AttributeError:
+                problems.append(f"{layer.bias_path}: no such parameter")
+        writes.append((layer, weight, bias))
+    norms = []
+    for name, alpha in plan.norm_scales.items():
+        try:
+            norms.append((model.get_submodule(name), alpha))
+        except AttributeError:
+            problems.append(f"{name}: no such module")
+    if problems:
+        raise PlanMismatchError(
+            f"this plan ({plan.method}) was made for another model; nothing was written:\n  " + "\n  ".join(problems)
+        )
+    if generator is not None:
+        devices = {w.device.type for _, w, _ in writes}
+        if any(d != generator.device.type for d in devices):
+            raise ValueError(
+                f"generator is on {generator.device}, the weights on {sorted(devices)}: pass a generator on the weights' device"
+            )
+    rank = {id(p): i for i, p in enumerate(model.parameters())}
+    writes.sort(key=lambda item: rank.get(id(item[1]), len(rank)))
+    order = [(layer.weight_path, bias is not None and layer.bias == "default") for layer, _, bias in writes]
+    drawn = prefetch.take(order) if prefetch is not None else None
+    with torch.no_grad(), one_intra_op_thread():
+        for layer, weight, bias in writes:
+            if drawn is None:
+                _write(layer, weight, bias, generator)
+            else:
+                _write_drawn(layer, weight, bias, *drawn[layer.weight_path])
+        if drawn is not None:
+            prefetch.commit()
+        for module, alpha in norms:
+            module.weight.fill_(alpha)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+    # Remembered so that tools which look at the model later (the probe) can set its predictions
+    # beside what they measure without being handed the plan again.
+    try:
+        _APPLIED[model] = plan
+    except TypeError:  # a model that cannot be weakly referenced is simply not remembered
+        pass
+    return model
+
+
 def _write(layer: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None, generator) -> None:
     unit_draw_(weight, layer.distribution, generator).mul_(unit_scale(layer.std, layer.distribution, tuple(weight.shape)))
     if bias is not None:
@@ -246,5 +263,7 @@ def _write_drawn(layer: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | No
 
 def plan_of(model: nn.Module) -> InitPlan | None:
     """The :class:`InitPlan` last applied to ``model`` by :meth:`InitPlan.apply` (or ``init_``), if any."""
-    found = getattr(model, "_initscope_plan", None)
-    return found if isinstance(found, InitPlan) else None
+    try:
+        return _APPLIED.get(model)
+    except TypeError:  # not weak-referenceable: nothing was applied to it
+        return None

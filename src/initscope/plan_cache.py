@@ -9,7 +9,7 @@ a model for another seed plans it again; both find their plan here.
 The key holds all of the above, compared exactly (tensors by a digest of their bytes). Anything the key
 cannot capture makes a graph uncacheable rather than risk a stale plan: a rule registered outside
 initscope (it may read any attribute), an op with no rule, an ``example_input`` (its statistics are
-data), an argument of an unknown type. Registering or removing a rule empties the cache.
+data), an argument of an unknown type. Registering or removing a rule or a method empties the cache.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from initscope.graph.propagate import Resolved
+from initscope.methods.base import METHODS, Method
 from initscope.plan import InitPlan
 from initscope.rules import registry
 from initscope.rules.base import WeightRule
@@ -49,7 +50,7 @@ class CacheInfo:
 _lock = threading.Lock()
 _plans: "OrderedDict[tuple, InitPlan]" = OrderedDict()
 _counts = {"hits": 0, "misses": 0, "uncacheable": 0}
-_registry_version = -1
+_registry_version: tuple = ()
 
 
 def cache_info() -> CacheInfo:
@@ -131,10 +132,14 @@ def _graph(resolved: Resolved) -> tuple:
     return tuple(entries)
 
 
-def plan_key(resolved: Resolved, method: str, options: dict, inputs: Any) -> tuple | None:
-    """The cache key of a plan, or None when the graph holds something a key cannot capture."""
+def plan_key(resolved: Resolved, method: Method, options: dict, inputs: Any) -> tuple | None:
+    """The cache key of a plan, or None when the graph holds something a key cannot capture.
+
+    The method enters as its registered object: a method registered again under its name (with
+    ``overwrite=True``) is another method, and its plans are others.
+    """
     try:
-        return (method, _value(options), _value(inputs), _graph(resolved))
+        return ((method.name, id(method)), _value(options), _value(inputs), _graph(resolved))
     except _Uncacheable:
         with _lock:
             _counts["uncacheable"] += 1
@@ -143,9 +148,10 @@ def plan_key(resolved: Resolved, method: str, options: dict, inputs: Any) -> tup
 
 def _check_registry() -> None:
     global _registry_version
-    if registry.version() != _registry_version:
+    version = (registry.version(), METHODS.version)
+    if version != _registry_version:
         _plans.clear()
-        _registry_version = registry.version()
+        _registry_version = version
 
 
 def _copy(p: InitPlan) -> InitPlan:

@@ -27,34 +27,27 @@ from initscope import plan_cache
 from initscope.errors import InitscopeError
 from initscope.graph.propagate import Pass, Resolved, WeightHook
 from initscope.graph.trace import trace
-from initscope.methods import Method, asv, classic, get_method, layer_std
-from initscope.methods.residual import ResidualPolicy, find_residual_adds
+from initscope.methods import Method, get_method
+from initscope.methods.base import check_finite
+from initscope.methods.job import Job, LayerInfo
+from initscope.methods.residual import ResidualAdd, find_residual_adds
 from initscope.options import Options
 from initscope.plan import InitPlan, LayerPlan
-from initscope.rules.base import LayerGeometry, WeightRule
+from initscope.rules.base import WeightRule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.fluctuation import typical
 from initscope.stats.signal import Signal
 from initscope.threads import one_intra_op_thread
 
-EXACT_ROUNDS = 3
 
+class _Unit(WeightHook):
+    """The paper's model: every weight layer's output reset to unit second moment."""
 
-@dataclass
-class LayerInfo:
-    """A weight layer as the planner sees it."""
+    def forward(self, node, ctx, unit):
+        return 1.0, 0.0
 
-    name: str
-    node: fx.Node
-    input_node: fx.Node
-    geometry: LayerGeometry
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-    weight_path: str
-    bias_path: str | None
-    tau_in: float
-    gamma: float
-    calls: int = 1
+    def backward(self, node, ctx, unit, arrived):
+        return 1.0
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -122,80 +115,6 @@ def make_inputs(input_shape, example_input, max_cov: int) -> tuple[list[Signal],
     return full, local, report
 
 
-# -- weight hooks ----------------------------------------------------------------------------------
-class _Unit(WeightHook):
-    def forward(self, node, ctx, unit):
-        return 1.0, 0.0
-
-    def backward(self, node, ctx, unit, arrived):
-        return 1.0
-
-
-class FixedStds(WeightHook):
-    def __init__(self, stds: dict[fx.Node, float], bias_m2: dict[fx.Node, float]) -> None:
-        self.stds, self.bias_m2 = stds, bias_m2
-
-    def forward(self, node, ctx, unit):
-        return self.stds[node] ** 2, self.bias_m2.get(node, 0.0)
-
-    def backward(self, node, ctx, unit, arrived):
-        return self.stds[node] ** 2
-
-
-class ExactForward(FixedStds):
-    """Chooses each std so that the layer's predicted output second moment is 1."""
-
-    def __init__(self, infos: dict[fx.Node, LayerInfo], ratio: float | None) -> None:
-        super().__init__({}, {})
-        self.infos, self.ratio = infos, ratio
-        self.clamped: set[fx.Node] = set()
-
-    def forward(self, node, ctx, unit):
-        if node not in self.stds:
-            info = self.infos[node]
-            a = typical(unit.mean_m2, unit.logvar)
-            std = math.sqrt(1.0 / a) if a > 0 else math.inf
-            std, bit = asv.clamp(std, info.geometry, "forward", self.ratio)
-            if not math.isfinite(std):
-                raise InitscopeError(f"layer {info.name!r} receives no signal; asv-forward-exact is undefined there")
-            self.stds[node] = std
-            if bit:
-                self.clamped.add(node)
-        return self.stds[node] ** 2, 0.0
-
-
-class ExactBackward(FixedStds):
-    """Chooses each std so that the gradient it sends to its input has second moment 1.
-
-    The first layer of a residual branch gets, under the ``scale`` policy, the target
-    ``β E[g²]`` of what the shortcut already sent to the fork.
-    """
-
-    def __init__(self, infos, provisional: dict[fx.Node, float], ratio, starts: dict[fx.Node, int], beta: float) -> None:
-        super().__init__(dict(provisional), {})
-        self.infos, self.ratio = infos, ratio
-        self.starts, self.beta = starts, beta
-        self.decided: dict[fx.Node, float] = {}
-        self.clamped: set[fx.Node] = set()
-        self.silent: set[fx.Node] = set()
-
-    def backward(self, node, ctx, unit, arrived):
-        info = self.infos[node]
-        target = 1.0
-        if node in self.starts and arrived is not None and arrived.mean_m2 > 0:
-            target = self.beta * arrived.mean_m2 / self.starts[node]
-        a = typical(unit.mean_m2, unit.logvar)
-        if a <= 0:
-            self.silent.add(node)
-            std = self.stds[node]
-        else:
-            std, bit = asv.clamp(math.sqrt(target / a), info.geometry, "backward", self.ratio)
-            if bit:
-                self.clamped.add(node)
-        self.decided[node] = std
-        return std**2
-
-
 # -- planning --------------------------------------------------------------------------------------
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
@@ -247,14 +166,14 @@ def _layer_infos(resolved: Resolved, local: Pass) -> list[LayerInfo]:
     return list(infos.values())
 
 
-def _mark_norm_knobs(resolved: Resolved, adds: list) -> bool:
-    """Mark the normalizations that scale a residual branch; True if any holds other than γ = 1, β = 0."""
-    changed = False
+def _norm_knobs(resolved: Resolved, adds: list[ResidualAdd]) -> tuple[frozenset[fx.Node], bool]:
+    """The normalizations that scale a residual branch, and whether any holds other than γ = 1, β = 0."""
+    knobs, changed = set(), False
     for ra in adds:
         for b in ra.branches:
             if b.knob_kind != "norm":
                 continue
-            b.knob.meta["initscope_knob"] = True
+            knobs.add(b.knob)
             module = resolved.modules.get(b.knob)
             weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
             with torch.no_grad():
@@ -262,29 +181,19 @@ def _mark_norm_knobs(resolved: Resolved, adds: list) -> bool:
                     changed = True
                 if bias is not None and not bool((bias == 0).all()):
                     changed = True
-    return changed
+    return frozenset(knobs), changed
 
 
-def _paper_model(resolved: Resolved, inputs: list[Signal], opts: Options, shape: Any) -> Pass:
+def _paper_model(resolved: Resolved, inputs: list[Signal], opts: Options, shape: Any,
+                 knobs: frozenset[fx.Node] = frozenset()) -> Pass:
     """The paper's model (every weight layer's output reset to i.i.d. N(0, 1)), forward and backward."""
     try:
-        return Pass(resolved, inputs, _Unit(), local=True, plane=True, on_unknown=opts.on_unknown).forward().backward()
+        return Pass(resolved, inputs, _Unit(), local=True, plane=True, on_unknown=opts.on_unknown,
+                    knobs=knobs).forward().backward()
     except InitscopeError:
         raise
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
         raise ValueError(f"the model does not run on input_shape={shape!r}: {exc}") from exc
-
-
-def _run(resolved, inputs, hook, opts: Options, residual: ResidualPolicy | None) -> Pass:
-    return Pass(resolved, inputs, hook, max_cov=opts.max_cov_positions, on_unknown=opts.on_unknown,
-                residual=residual).forward().backward()
-
-
-def planned_distribution(m: Method, opts: Options) -> str:
-    """The law every layer of the plan is drawn from."""
-    if m.name == "orthogonal":
-        return "orthogonal"
-    return opts.distribution or m.distribution or "orthogonal"
 
 
 def build_plan(
@@ -303,15 +212,11 @@ def build_plan(
     """
     opts = options or Options()
     m: Method = get_method(method)
-    if opts.distribution is not None and m.distribution in (None, "uniform") and m.name in ("orthogonal", "default"):
-        raise ValueError(
-            f"method {m.name!r} draws its own way ({'orthogonal matrices' if m.name == 'orthogonal' else 'the modules’ own rule'}); "
-            "leave distribution=None"
-        )
+    m.check(opts, example_input)
     _check_model(model)
     full_inputs, local_inputs, shape = make_inputs(input_shape, example_input, opts.max_cov_positions)
     resolved = Resolved.of(trace(model))
-    key = plan_cache.plan_key(resolved, m.name, opts.to_dict(), shape) if cache and example_input is None else None
+    key = plan_cache.plan_key(resolved, m, opts.to_dict(), shape) if cache and example_input is None else None
     remembered = plan_cache.lookup(key)
     if remembered is not None:
         return remembered
@@ -330,82 +235,43 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
     # The paper's model: τ and γ of every layer.
     local = _paper_model(resolved, local_inputs, opts, shape)
     adds = find_residual_adds(resolved, local)
-    if policy != "none" and _mark_norm_knobs(resolved, adds):
-        # Some knob holds a weight or bias the plan will overwrite: plan the paper's model again as
-        # it will be after applying, so that planning twice gives the same plan.
-        local = _paper_model(resolved, local_inputs, opts, shape)
+    knobs: frozenset[fx.Node] = frozenset()
+    if policy != "none":
+        knobs, changed = _norm_knobs(resolved, adds)
+        if changed:
+            # Some knob holds a weight or bias the plan will overwrite: plan the paper's model again as
+            # it will be after applying, so that planning twice gives the same plan.
+            local = _paper_model(resolved, local_inputs, opts, shape, knobs)
     infos = _layer_infos(resolved, local)
     if not infos:
         raise ValueError(
             f"{type(model).__name__} has no Conv1d/2d/3d or Linear layer reached by its forward pass: nothing to initialize"
         )
-    by_node = {i.node: i for i in infos}
 
-    # Stds from formulas (the exact variants start from the paper's).
+    # Stds from the method's formula (the exact variants start from the paper's).
     stds, clamped = {}, set()
     for info in infos:
-        std, bit = layer_std(m, info, opts.max_std_ratio, opts.fan)
-        if not math.isfinite(std):
-            raise ValueError(
-                f"layer {info.name!r} gets no {'signal' if m.direction == 'forward' else 'gradient'} in the paper's model "
-                f"({'tau' if m.direction == 'forward' else 'gamma'} = 0): {m.name} is undefined there; "
-                "keep the clamp (max_std_ratio) on"
-            )
-        stds[info.node] = std
+        std, bit = m.std(info, opts)
+        stds[info.node] = check_finite(std, info, m)
         if bit:
             clamped.add(info.node)
-    bias_m2 = {}
-    if m.name == "default":
-        for info in infos:
-            if info.bias is not None:
-                bias_m2[info.node] = classic.default_bias_bound(info.weight) ** 2 / 3.0
+    bias_m2 = {info.node: m.bias_m2(info) for info in infos if info.bias is not None and m.bias_m2(info)}
 
-    # The full propagation, choosing stds where the method does.
-    residual = ResidualPolicy(adds, policy, opts.residual_growth, backward_starts=m.exact and m.direction == "backward")
-    notes: list[str] = []
+    # The full propagation, in which a method may choose its stds.
+    job = Job(resolved, full_inputs, opts, infos, adds, policy, stds, clamped, bias_m2, knobs)
     try:
-        if m.exact and m.direction == "forward":
-            hook = ExactForward(by_node, opts.max_std_ratio)
-            final = _run(resolved, full_inputs, hook, opts, residual)
-            stds, clamped = hook.stds, hook.clamped
-        elif m.exact:
-            starts = {}
-            if policy == "scale":
-                for ra in adds:
-                    for b in ra.branches:
-                        if b.knob_kind == "weight":
-                            for s in b.starts:
-                                starts[s] = len(b.starts)
-            provisional = dict(stds)
-            for _ in range(EXACT_ROUNDS):
-                residual = ResidualPolicy(adds, policy, opts.residual_growth, backward_starts=True)
-                hook = ExactBackward(by_node, provisional, opts.max_std_ratio, starts, residual.beta)
-                _run(resolved, full_inputs, hook, opts, residual)
-                change = max(abs(hook.decided[n] / provisional[n] - 1) for n in hook.decided) if hook.decided else 0.0
-                provisional.update(hook.decided)
-                if change < 1e-4:
-                    break
-            stds, clamped = provisional, hook.clamped
-            for info in infos:
-                if info.node in hook.silent:
-                    notes.append(f"{info.name}: no gradient reaches it; kept the paper's std")
-            residual = ResidualPolicy(adds, policy, opts.residual_growth, decide=False, alphas=residual.alphas,
-                                      backward_starts=True)
-            final = _run(resolved, full_inputs, FixedStds(stds, bias_m2), opts, residual)
-        else:
-            final = _run(resolved, full_inputs, FixedStds(stds, bias_m2), opts, residual)
+        chosen = m.full_pass(job)
     except InitscopeError:
         raise
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
         raise ValueError(f"the model does not run on input_shape={shape!r}: {exc}") from exc
-    notes += [f"residual policy not applied at {s}" for s in residual.skipped]
+    stds, clamped, final, residual = chosen.stds, chosen.clamped, chosen.final, chosen.residual
+    notes = list(chosen.notes) + [f"residual policy not applied at {s}" for s in residual.skipped]
 
-    distribution = planned_distribution(m, opts)
+    distribution = m.law(opts)
+    by_node = {info.node: info for info in infos}
+    norm_scales = {str(node.target): alpha for node, alpha in residual.alphas.items() if node not in by_node}
     layers = []
-    norm_scales = {}
-    for node, alpha in residual.alphas.items():
-        if node not in by_node:
-            norm_scales[str(node.target)] = alpha
     for info in infos:
         node = info.node
         alpha = residual.alphas.get(node)
@@ -413,7 +279,7 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
         sig = final.signal(node)
         out = typical(sig.mean_m2, sig.logvar) * (alpha**2 if alpha is not None else 1.0)
         g_in = final.grad_at(info.input_node) if isinstance(info.input_node, fx.Node) else None
-        fan_in, fan_out = classic.fans(info.geometry, info.weight, opts.fan)
+        fan_in, fan_out = info.fans(opts.fan)
         layers.append(
             LayerPlan(
                 name=info.name,
@@ -435,7 +301,7 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
                 out_spread=math.sqrt(sig.logvar) / math.log(2),
                 grad_spread=math.sqrt(g_in.logvar) / math.log(2) if g_in is not None else 0.0,
                 calls=info.calls,
-                bias=("default" if m.name == "default" else "zero") if info.bias is not None else "none",
+                bias=m.bias if info.bias is not None else "none",
                 weight_path=info.weight_path,
                 bias_path=info.bias_path,
             )
@@ -443,7 +309,7 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
     for info in infos:
         if info.calls > 1:
             notes.append(f"{info.name} is called {info.calls} times; its first call is described")
-    result = InitPlan(
+    return InitPlan(
         method=m.name,
         options=opts.to_dict(),
         input_shape=shape,
@@ -453,4 +319,3 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
                   "scaled": len(residual.alphas)},
         notes=notes,
     )
-    return result

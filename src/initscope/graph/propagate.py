@@ -43,6 +43,19 @@ class WeightHook:
         raise NotImplementedError
 
 
+class FixedStds(WeightHook):
+    """Every layer's std given ahead: the formula methods, and the final pass of the exact ones."""
+
+    def __init__(self, stds: dict[fx.Node, float], bias_m2: dict[fx.Node, float]) -> None:
+        self.stds, self.bias_m2 = stds, bias_m2
+
+    def forward(self, node, ctx, unit):
+        return self.stds[node] ** 2, self.bias_m2.get(node, 0.0)
+
+    def backward(self, node, ctx, unit, arrived):
+        return self.stds[node] ** 2
+
+
 class ResidualHook:
     """May rescale the branches of a residual add before they are summed, and their gradients after."""
 
@@ -98,6 +111,8 @@ class Resolved:
     traced: Traced
     rules: dict[fx.Node, Rule | None] = field(default_factory=dict)
     modules: dict[fx.Node, Any] = field(default_factory=dict)
+    # What rules derive from a node alone (Context.remember), kept for every pass over this graph.
+    memos: dict[fx.Node, dict] = field(default_factory=dict)
 
     @staticmethod
     def of(traced: Traced) -> "Resolved":
@@ -131,8 +146,10 @@ class Pass:
         max_cov: int = 64,
         on_unknown: str = "error",
         residual: ResidualHook | None = None,
+        knobs: frozenset[fx.Node] = frozenset(),
     ) -> None:
         self.r = resolved
+        self.knobs = knobs
         self.inputs = inputs
         self.weights = weights
         self.local, self.plane, self.max_cov = local, plane, max_cov
@@ -156,8 +173,8 @@ class Pass:
                 if value is None:
                     value = node.args[0] if node.args else None
             elif op == "get_attr":
-                value = Signal.constant(node.meta["initscope_param"]) if isinstance(
-                    node.meta["initscope_param"], torch.Tensor) else node.meta["initscope_param"]
+                fetched = node.meta["initscope_param"]
+                value = Signal.constant(fetched) if isinstance(fetched, torch.Tensor) else fetched
             elif op == "output":
                 self.outputs = map_arg(node.args[0], lookup)
                 continue
@@ -189,7 +206,8 @@ class Pass:
         return self.r.modules[node](*args, **kwargs)
 
     def _context(self, node: fx.Node, args: tuple, kwargs: dict) -> Context:
-        ctx = Context(node, self.r.modules.get(node), args, kwargs, self.local, self.plane, self.max_cov)
+        ctx = Context(node, self.r.modules.get(node), args, kwargs, self.local, self.plane, self.max_cov,
+                      knob=node in self.knobs, memo=self.r.memos.setdefault(node, {}))
         self.contexts[node] = ctx
         return ctx
 

@@ -20,7 +20,18 @@ from __future__ import annotations
 
 import math
 
+import torch.fx as fx
+
+from initscope.errors import InitscopeError
+from initscope.graph.propagate import FixedStds
+from initscope.methods.base import Layer, Method, register_method
+from initscope.methods.job import Chosen, Job, LayerInfo
 from initscope.rules.base import LayerGeometry
+from initscope.stats.fluctuation import typical
+
+# Rounds of asv-backward-exact: each layer's std depends on the stds after it through the gradient
+# that reaches it, and on those before it through the residual budgets; three rounds settle to 1e-4.
+EXACT_ROUNDS = 3
 
 
 def _check_eps(geometry: LayerGeometry) -> None:
@@ -54,3 +65,121 @@ def clamp(std: float, geometry: LayerGeometry, direction: str, ratio: float | No
         return std, False
     limit = ratio * base_std(geometry, direction)
     return (limit, True) if std > limit else (std, False)
+
+
+@register_method("asv-forward")
+class AsvForward(Method):
+    summary = "ASV forward (Henmi et al.): var = M'/(tau eps)"
+    residual = "scale"
+
+    def std(self, layer: Layer, options) -> tuple[float, bool]:
+        return clamp(asv_forward_std(layer.geometry, layer.tau_in), layer.geometry, "forward", options.max_std_ratio)
+
+
+@register_method("asv-backward")
+class AsvBackward(Method):
+    summary = "ASV backward (Henmi et al.): var = M/(gamma eps)"
+    direction = "backward"
+    residual = "scale"
+
+    def std(self, layer: Layer, options) -> tuple[float, bool]:
+        return clamp(asv_backward_std(layer.geometry, layer.gamma), layer.geometry, "backward", options.max_std_ratio)
+
+
+# -- the exact variants ----------------------------------------------------------------------------
+class ExactForward(FixedStds):
+    """Chooses each std so that the layer's predicted output second moment is 1."""
+
+    def __init__(self, infos: dict[fx.Node, LayerInfo], ratio: float | None) -> None:
+        super().__init__({}, {})
+        self.infos, self.ratio = infos, ratio
+        self.clamped: set[fx.Node] = set()
+
+    def forward(self, node, ctx, unit):
+        if node not in self.stds:
+            info = self.infos[node]
+            a = typical(unit.mean_m2, unit.logvar)
+            std = math.sqrt(1.0 / a) if a > 0 else math.inf
+            std, bit = clamp(std, info.geometry, "forward", self.ratio)
+            if not math.isfinite(std):
+                raise InitscopeError(f"layer {info.name!r} receives no signal; asv-forward-exact is undefined there")
+            self.stds[node] = std
+            if bit:
+                self.clamped.add(node)
+        return self.stds[node] ** 2, 0.0
+
+
+class ExactBackward(FixedStds):
+    """Chooses each std so that the gradient it sends to its input has second moment 1.
+
+    The first layer of a residual branch gets, under the ``scale`` policy, the target
+    ``β E[g²]`` of what the shortcut already sent to the fork.
+    """
+
+    def __init__(self, infos, provisional: dict[fx.Node, float], ratio, starts: dict[fx.Node, int], beta: float) -> None:
+        super().__init__(dict(provisional), {})
+        self.infos, self.ratio = infos, ratio
+        self.starts, self.beta = starts, beta
+        self.decided: dict[fx.Node, float] = {}
+        self.clamped: set[fx.Node] = set()
+        self.silent: set[fx.Node] = set()
+
+    def backward(self, node, ctx, unit, arrived):
+        info = self.infos[node]
+        target = 1.0
+        if node in self.starts and arrived is not None and arrived.mean_m2 > 0:
+            target = self.beta * arrived.mean_m2 / self.starts[node]
+        a = typical(unit.mean_m2, unit.logvar)
+        if a <= 0:
+            self.silent.add(node)
+            std = self.stds[node]
+        else:
+            std, bit = clamp(math.sqrt(target / a), info.geometry, "backward", self.ratio)
+            if bit:
+                self.clamped.add(node)
+        self.decided[node] = std
+        return std**2
+
+
+@register_method("asv-forward-exact")
+class AsvForwardExact(AsvForward):
+    summary = "predicted output second moment 1 at every layer"
+    exact = True
+
+    def full_pass(self, job: Job) -> Chosen:
+        hook = ExactForward({info.node: info for info in job.layers}, job.options.max_std_ratio)
+        residual = job.residual()
+        final = job.run(hook, residual)
+        return Chosen(hook.stds, hook.clamped, final, residual)
+
+
+@register_method("asv-backward-exact")
+class AsvBackwardExact(AsvBackward):
+    summary = "predicted input-gradient second moment 1 at every layer"
+    exact = True
+
+    def full_pass(self, job: Job) -> Chosen:
+        infos = {info.node: info for info in job.layers}
+        # Under the scale policy a branch whose knob is a weight layer is budgeted at its first
+        # layers instead: each start sends back its share of β E[g²] at the fork.
+        starts = {}
+        if job.policy == "scale":
+            for ra in job.adds:
+                for b in ra.branches:
+                    if b.knob_kind == "weight":
+                        for s in b.starts:
+                            starts[s] = len(b.starts)
+        provisional = dict(job.stds)
+        for _ in range(EXACT_ROUNDS):
+            residual = job.residual(backward_starts=True)
+            hook = ExactBackward(infos, provisional, job.options.max_std_ratio, starts, residual.beta)
+            job.run(hook, residual)
+            change = max(abs(hook.decided[n] / provisional[n] - 1) for n in hook.decided) if hook.decided else 0.0
+            provisional.update(hook.decided)
+            if change < 1e-4:
+                break
+        notes = [f"{info.name}: no gradient reaches it; kept the paper's std" for info in job.layers
+                 if info.node in hook.silent]
+        residual = job.residual(decide=False, alphas=residual.alphas, backward_starts=True)
+        final = job.run(FixedStds(provisional, job.bias_m2), residual)
+        return Chosen(provisional, hook.clamped, final, residual, notes)

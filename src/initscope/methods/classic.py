@@ -1,4 +1,4 @@
-"""The classical initializations, as standard deviations from a layer's fans.
+r"""The classical initializations: a std from a layer's fans.
 
 ``fan="true"`` counts the fans of grouped and depthwise convolutions as they are:
 ``fan_in = (C_in/groups) k²`` and ``fan_out = (C_out/groups) k²``. ``fan="framework"`` uses the fans
@@ -12,19 +12,9 @@ import math
 
 from torch import nn
 
-from initscope.rules.base import LayerGeometry
+from initscope.methods.base import Layer, Method, register_method
 
 FANS = ("true", "framework")
-
-
-def fans(geometry: LayerGeometry, weight, fan: str) -> tuple[int, int]:
-    """``(fan_in, fan_out)`` of a layer under the ``fan`` convention."""
-    if fan == "true":
-        return geometry.fan_in, geometry.fan_out
-    if fan == "framework":
-        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
-        return int(fan_in), int(fan_out)
-    raise ValueError(f"fan={fan!r} is not one of {FANS}")
 
 
 def xavier_std(fan_in: int, fan_out: int) -> float:
@@ -67,5 +57,31 @@ def default_std(weight) -> float:
 
 
 def default_bias_bound(weight) -> float:
+    """The bound ``1/sqrt(fan_in)`` of the uniform bias ``reset_parameters`` draws."""
     fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
     return 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+
+@register_method("xavier")
+class Xavier(Method):
+    summary = "Glorot & Bengio 2010: var = 2/(fan_in + fan_out)"
+
+    def std(self, layer: Layer, options) -> tuple[float, bool]:
+        return xavier_std(*layer.fans(options.fan)), False
+
+
+@register_method("kaiming-forward")
+class KaimingForward(Method):
+    summary = "He et al. 2015, fan_in: var = 2/fan_in"
+
+    def std(self, layer: Layer, options) -> tuple[float, bool]:
+        return kaiming_std(layer.fans(options.fan)[0]), False
+
+
+@register_method("kaiming-backward")
+class KaimingBackward(Method):
+    summary = "He et al. 2015, fan_out: var = 2/fan_out"
+    direction = "backward"
+
+    def std(self, layer: Layer, options) -> tuple[float, bool]:
+        return kaiming_std(layer.fans(options.fan)[1]), False

@@ -31,9 +31,7 @@ from initscope.graph.propagate import Pass, Resolved, ResidualHook
 from initscope.rules.activation import ElementwiseRule
 from initscope.rules.base import WeightRule
 from initscope.rules.merge import AddRule, MulRule, SubRule
-from initscope.rules.norm import _NormRule
-from initscope.rules.passthrough import IdentityRule, ShapeRule
-from initscope.rules.pooling import _PoolRule
+from initscope.rules.norm import NormRule
 from initscope.stats.signal import Signal
 
 POLICIES = ("none", "scale", "zero")
@@ -117,7 +115,7 @@ def _knob(start: fx.Node, fork: fx.Node, resolved: Resolved, probe: Pass) -> tup
         rule = resolved.rules.get(node)
         if isinstance(rule, WeightRule):
             return node, "weight", ""
-        if isinstance(rule, _NormRule):
+        if isinstance(rule, NormRule):
             module = resolved.modules.get(node)
             if module is not None and getattr(module, "weight", None) is not None:
                 return node, "norm", ""
@@ -132,11 +130,9 @@ def _knob(start: fx.Node, fork: fx.Node, resolved: Resolved, probe: Pass) -> tup
                 return None, None, f"the branch scales itself ({node.name} multiplies it by a parameter: a layer scale)"
             if len(sources) != 1 or not all(isinstance(c, (Number, Signal)) for c in consts):
                 return None, None, f"{node.name} multiplies the branch by a tensor computed in the forward pass"
-        elif isinstance(rule, ElementwiseRule):
-            act = ctx.node.meta.get("initscope_applied", (None,))[0]
-            if act is not None and not act.homogeneous:
+        elif not rule.homogeneous(ctx):
+            if isinstance(rule, ElementwiseRule):
                 return None, None, f"{node.name} is not positively homogeneous"
-        elif not isinstance(rule, (IdentityRule, ShapeRule, _PoolRule)):
             return None, None, f"{node.name} stands between the branch's last layer and the add"
         if len(sources) != 1:
             return None, None, f"{node.name} merges several tensors"

@@ -286,8 +286,9 @@ def _map_mask(act: Activation, applied: _Applied, rho: Tensor | float, scale: fl
 def _map_signal(act: Activation, x: Signal) -> tuple[Signal, _Applied | None]:
     """The Signal of ``f(x)``, and what applying f gave (None where f is the identity on x)."""
     if act.slope is not None and x.nonneg:
-        # f is the identity on non-negative inputs (a ReLU after a max pool of ReLUs).
-        return x.with_(), None
+        # f is the identity on non-negative inputs (a ReLU after a max pool of ReLUs, or after an
+        # identity residual block); it is still f of x, whose mask a sum's gradient reads.
+        return x.with_(act=act, pre=x), None
     applied = apply_activation(act, x)
     scale = math.sqrt(max(x.mean_m2, 1e-300))
     cov, rho = None, x.rho
@@ -315,8 +316,28 @@ def _map_signal(act: Activation, x: Signal) -> tuple[Signal, _Applied | None]:
     return out, applied
 
 
+@dataclass(frozen=True)
+class Applied:
+    """What an activation node applied in this pass: f, and its per-element results (its backward
+    reads the derivative map; the residual policy reads whether f is positively homogeneous)."""
+
+    act: Activation
+    applied: _Applied | None  # None: f was the identity on x's values (non-negative inputs)
+
+
+@dataclass(frozen=True)
+class _GradScatter:
+    """The draw-to-draw scatter an activation right after a weight layer adds to the gradient."""
+
+    logvar: float
+
+
 class ElementwiseRule(Rule):
     """Any elementwise activation; subclasses say which function a node applies."""
+
+    def homogeneous(self, ctx: Context) -> bool:
+        held = ctx.get(Applied)
+        return held is None or held.applied is None or held.act.homogeneous
 
     def activation(self, ctx: Context, x: Signal, *args, **kwargs) -> Activation:
         raise NotImplementedError
@@ -327,8 +348,7 @@ class ElementwiseRule(Rule):
             return Signal.constant(act.fn(x.const))
         if x.parts is None:
             out, applied = _map_signal(act, x)
-            if applied is not None:
-                ctx.node.meta["initscope_applied"] = (act, applied)
+            ctx.put(Applied(act, applied))
             return out
         # A concatenation: each block through f with its own marginal and correlations (after a
         # BatchNorm a max-pooled ReLU block is recentred and skewed, a conv block Gaussian).
@@ -339,34 +359,37 @@ class ElementwiseRule(Rule):
             dm2.append(torch.ones((1,) * len(part.shape), dtype=DTYPE) if applied is None else applied.dm2)
         whole = apply_activation(act, x)  # the mixture's constants, for the gradient's correlations
         shapes = [p.shape for p in x.parts]
-        ctx.node.meta["initscope_applied"] = (act, replace(whole, dm2=cat_maps(dm2, shapes, 1)))
+        ctx.put(Applied(act, replace(whole, dm2=cat_maps(dm2, shapes, 1))))
         out = concat_signals(outs, 1)
         monotone = act.monotone
         return out.with_(act=act if monotone else None, pre=x if monotone else None)
 
     def fluctuation(self, ctx: Context, inputs: list[Signal], out: Signal) -> Signal:
         x = ctx.args[0]
-        stored = ctx.node.meta.get("initscope_applied")
-        if not isinstance(x, Signal) or not x.fresh or stored is None:
+        stored = ctx.get(Applied)
+        if not isinstance(x, Signal) or not x.fresh or stored is None or stored.applied is None:
             return super().fluctuation(ctx, inputs, out)
         # Right after a weight layer: the channel offsets it drew decide each channel's share.
-        act = stored[0]
+        act = stored.act
         scale = 1.0 if act.homogeneous else math.sqrt(max(x.mean_m2, 1e-300))
         fwd, bwd = _scatter(act, _key(x.xcorr), _key(scale))
-        ctx.node.meta["initscope_scatter"] = bwd / x.fresh
+        ctx.put(_GradScatter(bwd / x.fresh))
         return out.with_(logvar=x.base_logvar + fwd / x.fresh, fresh=0, base_logvar=0.0)
 
     def grad_fluctuation(self, ctx: Context, grad: Grad, x: Signal) -> float:
-        return grad.logvar + ctx.node.meta.get("initscope_scatter", 0.0)
+        held = ctx.get(_GradScatter)
+        return grad.logvar + (0.0 if held is None else held.logvar)
 
     def backward(self, ctx: Context, grad: Grad) -> dict:
         x = ctx.args[0]
         if x.const is not None:
             return {}
-        stored = ctx.node.meta.get("initscope_applied")
-        if stored is None:  # identity on non-negative inputs
+        stored = ctx.get(Applied)
+        if stored is None:
             return {x: Grad(x.shape, grad.live(), grad.cov, rho=grad.rho)}
-        act, applied = stored
+        act, applied = stored.act, stored.applied
+        if applied is None:
+            return {x: _identity_backward(act, x, grad)}
         m2 = grad.m2 * applied.dm2
         if grad.pre is not None:
             m2 = m2 + grad.pre
@@ -391,6 +414,28 @@ class ElementwiseRule(Rule):
             rho = grad.rho * (kept * through + pre) / total if total > 0 else 0.0
         # Both parts went through this mask: the pre part was handed over as already through it.
         return {x: Grad(x.shape, m2, cov, masked_by=x if act.slope == 0.0 else None, rho=rho)}
+
+
+def _identity_backward(act: Activation, x: Signal, grad: Grad) -> Grad:
+    """The gradient through a ReLU-family f at non-negative inputs, where f is the identity on the values.
+
+    Its derivative is not 1 everywhere: ``f'(x)`` is 1 where ``x > 0`` and the slope where ``x = 0``,
+    so the gradient at x keeps the share ``P(x > 0) + a² P(x = 0)`` of what arrives (half, after one
+    ReLU). When x is itself a ReLU's output its zeros are exactly that ReLU's inactive inputs: the
+    gradient is handed over as already through that mask (``pre``), or the ReLU that made x would
+    take its half a second time. A chain of blocks that are identities at initialization (the
+    ``zero`` residual policy) is such a chain of ReLUs of ReLUs.
+    """
+    a = act.slope
+    positive = 1.0 if x.dist is None else float(x.dist.w[x.dist.x > 0].sum())
+    share = positive + a * a * (1.0 - positive)
+    # What a max pool or a sum already took through this mask (``pre``) passes as it is.
+    live = grad.m2 * share if grad.pre is None else grad.m2 * share + grad.pre
+    same_mask = a == 0.0 and x.act is not None and x.act.slope == 0.0 and x.pre is not None
+    cov = None if grad.cov is None else grad.cov * share
+    if same_mask:
+        return Grad(x.shape, torch.zeros_like(live), cov, pre=live, masked_by=x, rho=grad.rho)
+    return Grad(x.shape, live, cov, masked_by=x if a == 0.0 else None, rho=grad.rho)
 
 
 # -- which nodes are activations -------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from torch import nn
 
@@ -14,9 +14,12 @@ if TYPE_CHECKING:
     import torch.fx
 
 
+T = TypeVar("T")
+
+
 @dataclass
 class Context:
-    """What a rule sees of the node it is applied to.
+    """What a rule sees of the node it is applied to, and what rules leave each other there.
 
     Attributes:
         node: the fx node.
@@ -29,6 +32,14 @@ class Context:
         plane: maps are infinite planes: pooling windows have their nominal size and do not overlap,
             as the paper assumes.
         max_cov: spatial maps of at most this many positions carry a full covariance.
+        knob: the planner's residual policy scales this node (a normalization at the end of a
+            residual branch): it is planned as applying the plan will leave it.
+
+    What a rule computes in its forward for its own backward (a pooling's window spec, an
+    activation's derivative map), or for another rule to read (the residual policy reads which
+    activation a node applied), is a typed record kept for this pass: :meth:`put` and :meth:`get`,
+    keyed by the record's class. What depends only on the node's own geometry and is worth keeping
+    for every pass of a plan (a conv's spec) goes through :meth:`remember`.
     """
 
     node: "torch.fx.Node"
@@ -39,9 +50,30 @@ class Context:
     plane: bool = False
     max_cov: int = 64
     out: Any = None
+    knob: bool = False
+    scratch: dict = field(default_factory=dict, repr=False)
+    memo: dict = field(default_factory=dict, repr=False)
 
     def keep_cov(self, positions: int) -> bool:
         return not self.plane and 1 < positions <= self.max_cov
+
+    def put(self, record: Any) -> None:
+        """Keep ``record`` for this node in this pass, under its class."""
+        self.scratch[type(record)] = record
+
+    def get(self, kind: type[T]) -> T | None:
+        """The record of class ``kind`` this node's rule kept in this pass, if any."""
+        return self.scratch.get(kind)
+
+    def remember(self, kind: type[T], key: Any, make: Callable[[], T]) -> T:
+        """A record of class ``kind`` derived from the node alone, kept across the passes of a plan
+        while ``key`` is unchanged (``make`` builds it when not)."""
+        held = self.memo.get(kind)
+        if held is not None and held[0] == key:
+            return held[1]
+        value = make()
+        self.memo[kind] = (key, value)
+        return value
 
     @property
     def where(self) -> str:
@@ -66,6 +98,11 @@ class Rule:
 
     def backward(self, ctx: Context, grad: Grad) -> dict[Signal, Grad]:
         raise NotImplementedError
+
+    def homogeneous(self, ctx: Context) -> bool:
+        """Whether the op is positively homogeneous in its one tensor input at this node (``f(αx) =
+        α f(x)`` for α > 0), so a factor on a residual branch passes through it unchanged."""
+        return False
 
     # Finite-width scatter (initscope.stats.fluctuation). The defaults fit ops that mix no channels
     # with their own random weights: one input passes its scatter on, several combine by share.

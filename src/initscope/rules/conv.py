@@ -199,14 +199,9 @@ class _ConvBase(WeightRule):
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvModule(_ConvBase):
     def spec(self, ctx: Context) -> ConvSpec:
-        cached = ctx.node.meta.get("initscope_spec")
-        if cached is None:
-            m = ctx.module
-            cached = ConvSpec.build(
-                self.input_signal(ctx).shape, m.weight.shape, m.stride, m.padding, m.dilation, m.groups, m.padding_mode
-            )
-            ctx.node.meta["initscope_spec"] = cached
-        return cached
+        m = ctx.module
+        return ctx.remember(ConvSpec, tuple(self.input_signal(ctx).shape), lambda: ConvSpec.build(
+            self.input_signal(ctx).shape, m.weight.shape, m.stride, m.padding, m.dilation, m.groups, m.padding_mode))
 
     def weight(self, ctx: Context):
         return ctx.module.weight
@@ -240,18 +235,14 @@ def _arg(ctx: Context, index: int, key: str, default):
 @register_rule(F.conv1d, F.conv2d, F.conv3d)
 class ConvFunction(_ConvBase, _FunctionalWeights):
     def spec(self, ctx: Context) -> ConvSpec:
-        cached = ctx.node.meta.get("initscope_spec")
-        if cached is None:
-            cached = ConvSpec.build(
-                self.input_signal(ctx).shape,
-                self.weight(ctx).shape,
-                _arg(ctx, 3, "stride", 1),
-                _arg(ctx, 4, "padding", 0),
-                _arg(ctx, 5, "dilation", 1),
-                _arg(ctx, 6, "groups", 1),
-            )
-            ctx.node.meta["initscope_spec"] = cached
-        return cached
+        return ctx.remember(ConvSpec, tuple(self.input_signal(ctx).shape), lambda: ConvSpec.build(
+            self.input_signal(ctx).shape,
+            self.weight(ctx).shape,
+            _arg(ctx, 3, "stride", 1),
+            _arg(ctx, 4, "padding", 0),
+            _arg(ctx, 5, "dilation", 1),
+            _arg(ctx, 6, "groups", 1),
+        ))
 
     def weight(self, ctx: Context):
         return self.param(ctx, 1, "weight")

@@ -20,6 +20,7 @@ BatchNorm is modelled with batch statistics, as in training, whatever the module
 from __future__ import annotations
 
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,6 +63,13 @@ class _Norm:
         if self.kind == "layer":
             return (p**2).reshape((1,) * (nd - p.ndim) + tuple(p.shape))
         return (p**2).reshape(1, -1, *(1,) * (nd - 2))
+
+    def unit_affine(self) -> "_Norm":
+        """The same normalization with γ = 1 and β = 0."""
+        plain = object.__new__(_Norm)
+        plain.__dict__.update(self.__dict__)
+        plain.w2, plain.b2 = self._affine(None, 1.0), self._affine(None, 0.0)
+        return plain
 
     @property
     def per_channel(self) -> bool:
@@ -136,10 +144,18 @@ def _forward_one(ctx: Context, x: Signal, norm: _Norm) -> tuple[Signal, Tensor]:
     return out, var
 
 
+@dataclass(frozen=True)
+class NormScales:
+    """What a normalization's forward leaves its backward: the norm and the variance each element is divided by."""
+
+    norm: _Norm
+    var: Tensor
+
+
 def _forward(ctx: Context, x: Signal, norm: _Norm) -> Signal:
     if x.parts is None or not norm.per_channel:
         out, var = _forward_one(ctx, x, norm)
-        ctx.node.meta["initscope_norm"] = (norm, var)
+        ctx.put(NormScales(norm, var))
         return out
     outs, variances = [], []
     for start, count, part in channel_blocks(x):
@@ -147,13 +163,13 @@ def _forward(ctx: Context, x: Signal, norm: _Norm) -> Signal:
         outs.append(out)
         variances.append(var)
     var = cat_maps(variances, [p.shape for p in x.parts], 1)
-    ctx.node.meta["initscope_norm"] = (norm, var)
+    ctx.put(NormScales(norm, var))
     return concat_signals(outs, 1)
 
 
 def _backward(ctx: Context, x: Signal, grad: Grad) -> Grad:
-    norm, var = ctx.node.meta["initscope_norm"]
-    scale = norm.w2 / var
+    held = ctx.get(NormScales)
+    scale = held.norm.w2 / held.var
     m2 = grad.total() * scale
     cov = None
     if grad.cov is not None:
@@ -163,7 +179,9 @@ def _backward(ctx: Context, x: Signal, grad: Grad) -> Grad:
     return Grad(x.shape, m2, cov, rho=grad.mean_corr() if cov is None else 0.0)
 
 
-class _NormRule(Rule):
+class NormRule(Rule):
+    """A normalization: it divides by the scale it measures, so what comes in sets only the gradient's scale."""
+
     def fluctuation(self, ctx, inputs, out):
         # Each channel (group, position) is divided by its own scale: no draw-to-draw scatter is left.
         return out.with_(logvar=0.0, fresh=0, base_logvar=0.0)
@@ -175,16 +193,11 @@ class _NormRule(Rule):
         # Built once per traced node and kept while its parameters are unchanged: a plan runs two or
         # more passes, and reading the affine parameters costs more than the rule's arithmetic.
         key = (tuple(x.shape), _versions(ctx.module))
-        cached = ctx.node.meta.get("initscope_norm_of")
-        if cached is not None and cached[0] == key:
-            norm = cached[1]
-        else:
-            norm = self.norm(ctx, x, *args, **kwargs)
-            ctx.node.meta["initscope_norm_of"] = (key, norm)
-        if ctx.node.meta.get("initscope_knob"):
+        norm = ctx.remember(_Norm, key, lambda: self.norm(ctx, x, *args, **kwargs))
+        if ctx.knob:
             # A residual branch's knob: applying the plan writes its weight (the branch's scale) and
             # zeroes its bias, so it is planned as it will be, whatever it holds now.
-            norm.w2, norm.b2 = norm._affine(None, 1.0), norm._affine(None, 0.0)
+            norm = norm.unit_affine()
         return _forward(ctx, x, norm)
 
     def backward(self, ctx: Context, grad: Grad) -> dict:
@@ -193,28 +206,28 @@ class _NormRule(Rule):
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-class BatchNormModule(_NormRule):
+class BatchNormModule(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
         m = ctx.module
         return _Norm("batch", x.shape, m.weight if m.affine else None, m.bias if m.affine else None, m.eps)
 
 
 @register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-class InstanceNormModule(_NormRule):
+class InstanceNormModule(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
         m = ctx.module
         return _Norm("instance", x.shape, m.weight if m.affine else None, m.bias if m.affine else None, m.eps)
 
 
 @register_rule(nn.GroupNorm)
-class GroupNormModule(_NormRule):
+class GroupNormModule(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
         m = ctx.module
         return _Norm("group", x.shape, m.weight if m.affine else None, m.bias if m.affine else None, m.eps, m.num_groups)
 
 
 @register_rule(nn.LayerNorm)
-class LayerNormModule(_NormRule):
+class LayerNormModule(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
         m = ctx.module
         return _Norm("layer", x.shape, m.weight, m.bias, m.eps, normalized=len(m.normalized_shape))
@@ -228,7 +241,7 @@ def _bind(args: tuple, kwargs: dict, names: tuple, defaults: dict) -> dict:
 
 
 @register_rule(F.layer_norm)
-class LayerNormFunction(_NormRule):
+class LayerNormFunction(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
         p = _bind(args, kwargs, ("normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
         shape = p["normalized_shape"]
@@ -237,7 +250,7 @@ class LayerNormFunction(_NormRule):
 
 
 @register_rule(F.batch_norm)
-class BatchNormFunction(_NormRule):
+class BatchNormFunction(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
         p = _bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
                   {"weight": None, "bias": None, "eps": 1e-5})
@@ -245,14 +258,14 @@ class BatchNormFunction(_NormRule):
 
 
 @register_rule(F.group_norm)
-class GroupNormFunction(_NormRule):
+class GroupNormFunction(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
         p = _bind(args, kwargs, ("num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
         return _Norm("group", x.shape, p["weight"], p["bias"], p["eps"], p["num_groups"])
 
 
 @register_rule(F.instance_norm)
-class InstanceNormFunction(_NormRule):
+class InstanceNormFunction(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
         p = _bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
                   {"weight": None, "bias": None, "eps": 1e-5})

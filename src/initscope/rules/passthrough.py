@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+from dataclasses import dataclass
 from numbers import Number
 from typing import Any
 
@@ -36,6 +37,9 @@ except ImportError:  # pragma: no cover
 
 
 class IdentityRule(Rule):
+    def homogeneous(self, ctx: Context) -> bool:
+        return True
+
     def forward(self, ctx: Context, x, *args, **kwargs):
         return x.with_() if isinstance(x, Signal) else x
 
@@ -169,8 +173,18 @@ def _signals(value: Any) -> list[Signal]:
     return []
 
 
+@dataclass(frozen=True)
+class KeptPositions:
+    """Per output of a shape op, whether every element kept its spatial position (None: not known)."""
+
+    kept: list[bool] | None
+
+
 class ShapeRule(Rule):
     """Apply the op to the second-moment tensor; backward through its vector-Jacobian product."""
+
+    def homogeneous(self, ctx: Context) -> bool:
+        return True
 
     def call(self, ctx: Context, *args, **kwargs):
         """Run the node's own op on plain tensors."""
@@ -196,7 +210,7 @@ class ShapeRule(Rule):
         kept = None
         if sum(s.const is None for s in sigs) == 1 and _hidden_of(x) is not None:
             kept = self._keeps_positions(ctx, args, kwargs, x, _hidden_of(x).spatial)
-        ctx.node.meta["initscope_keeps_positions"] = kept
+        ctx.put(KeptPositions(kept))
         return _wrap(out, x, kept)
 
     def _keeps_positions(self, ctx: Context, args, kwargs, x: Signal, spatial: torch.Size) -> list[bool]:
@@ -224,7 +238,8 @@ class ShapeRule(Rule):
             pairs = [(o, compact(g.total(), g.shape).expand(o.shape)) for o, g in zip(outs, grads) if g is not None]
             got = torch.autograd.grad([o for o, _ in pairs], list(primals.values()), [g for _, g in pairs],
                                       allow_unused=True)
-        kept = ctx.node.meta.get("initscope_keeps_positions")
+        held = ctx.get(KeptPositions)
+        kept = None if held is None else held.kept
         keep_cov = _keeps_layout(ctx, sigs[0]) if sigs and kept is None else False
         result = {}
         for s, g in zip(primals, got):

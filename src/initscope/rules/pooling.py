@@ -359,22 +359,27 @@ def _overlap_terms(mi: _MaxInput, spec: PoolSpec, gcov: Tensor, sizes: Tensor, s
 
 
 # -- rules -----------------------------------------------------------------------------------------
-class _PoolRule(Rule):
+class PoolRule(Rule):
+    """Average (``kind = "avg"``) or max pooling over sliding or adaptive windows."""
+
     kind = "avg"
+
+    def homogeneous(self, ctx: Context) -> bool:
+        return True
 
     def spec(self, ctx: Context, x: Signal, *args, **kwargs) -> PoolSpec:
         raise NotImplementedError
 
     def forward(self, ctx: Context, x: Signal, *args, **kwargs) -> Signal:
         spec = self.spec(ctx, x, *args, **kwargs)
-        ctx.node.meta["initscope_pool"] = spec
+        ctx.put(spec)
         if self.kind == "avg":
             return avg_forward(ctx, x, spec)
         return max_forward(ctx, x, spec)
 
     def backward(self, ctx: Context, grad: Grad) -> dict:
         x = ctx.args[0]
-        spec = ctx.node.meta["initscope_pool"]
+        spec = ctx.get(PoolSpec)
         if self.kind == "avg":
             return {x: avg_backward(ctx, x, spec, grad)}
         return {x: max_backward(ctx, x, spec, grad)}
@@ -391,7 +396,7 @@ def _check_indices(return_indices: bool, where: str) -> None:
 
 
 @register_rule(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-class MaxPoolModule(_PoolRule):
+class MaxPoolModule(PoolRule):
     kind = "max"
 
     def spec(self, ctx, x, *args, **kwargs):
@@ -402,7 +407,7 @@ class MaxPoolModule(_PoolRule):
 
 
 @register_rule(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-class AvgPoolModule(_PoolRule):
+class AvgPoolModule(PoolRule):
     def spec(self, ctx, x, *args, **kwargs):
         m = ctx.module
         d = _dims_of(type(m))
@@ -411,14 +416,14 @@ class AvgPoolModule(_PoolRule):
 
 
 @register_rule(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-class AdaptiveAvgPoolModule(_PoolRule):
+class AdaptiveAvgPoolModule(PoolRule):
     def spec(self, ctx, x, *args, **kwargs):
         d = _dims_of(type(ctx.module))
         return adaptive_spec(x.shape[-d:], ctx.module.output_size)
 
 
 @register_rule(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-class AdaptiveMaxPoolModule(_PoolRule):
+class AdaptiveMaxPoolModule(PoolRule):
     kind = "max"
 
     def spec(self, ctx, x, *args, **kwargs):
@@ -441,7 +446,7 @@ _ADAPTIVE_MAX = (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_po
 
 
 @register_rule(*_MAX_FUNCS)
-class MaxPoolFunction(_PoolRule):
+class MaxPoolFunction(PoolRule):
     kind = "max"
 
     def spec(self, ctx, x, *args, **kwargs):
@@ -453,7 +458,7 @@ class MaxPoolFunction(_PoolRule):
 
 
 @register_rule(*_AVG_FUNCS)
-class AvgPoolFunction(_PoolRule):
+class AvgPoolFunction(PoolRule):
     def spec(self, ctx, x, *args, **kwargs):
         p = _bind(args, kwargs, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
                   {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None})
@@ -463,7 +468,7 @@ class AvgPoolFunction(_PoolRule):
 
 
 @register_rule(*_ADAPTIVE_AVG)
-class AdaptiveAvgPoolFunction(_PoolRule):
+class AdaptiveAvgPoolFunction(PoolRule):
     def spec(self, ctx, x, *args, **kwargs):
         p = _bind(args, kwargs, ("output_size",), {})
         d = _ADAPTIVE_AVG.index(ctx.node.target) + 1
@@ -471,7 +476,7 @@ class AdaptiveAvgPoolFunction(_PoolRule):
 
 
 @register_rule(*_ADAPTIVE_MAX)
-class AdaptiveMaxPoolFunction(_PoolRule):
+class AdaptiveMaxPoolFunction(PoolRule):
     kind = "max"
 
     def spec(self, ctx, x, *args, **kwargs):
@@ -481,7 +486,15 @@ class AdaptiveMaxPoolFunction(_PoolRule):
         return adaptive_spec(x.shape[-d:], p["output_size"])
 
 
-class MeanRule(_PoolRule):
+@dataclass(frozen=True)
+class MeanDims:
+    """What ``x.mean(dims)`` pools, and whether it keeps the pooled dims (for its backward)."""
+
+    spec: PoolSpec
+    keepdim: bool
+
+
+class MeanRule(PoolRule):
     """``x.mean(dims)`` over trailing spatial dims: a global average pool."""
 
     def forward(self, ctx, x, *args, **kwargs):
@@ -497,8 +510,7 @@ class MeanRule(_PoolRule):
                 "initscope models means over trailing spatial dims (global average pooling) only"
             )
         spec = adaptive_spec(x.shape[-k:], (1,) * k)
-        ctx.node.meta["initscope_pool"] = spec
-        ctx.node.meta["initscope_mean_keepdim"] = p["keepdim"]
+        ctx.put(MeanDims(spec, bool(p["keepdim"])))
         out = avg_forward(ctx, x, spec)
         if p["keepdim"]:
             return out
@@ -507,9 +519,10 @@ class MeanRule(_PoolRule):
 
     def backward(self, ctx, grad):
         x = ctx.args[0]
-        spec = ctx.node.meta["initscope_pool"]
+        dims = ctx.get(MeanDims)
+        spec = dims.spec
         k = len(spec.windows)
-        if not ctx.node.meta["initscope_mean_keepdim"]:
+        if not dims.keepdim:
             g = compact(grad.total(), grad.shape)
             grad = Grad(torch.Size((*grad.shape, *(1,) * k)), g.reshape(*g.shape, *(1,) * k), grad.cov)
         return {x: avg_backward(ctx, x, spec, grad)}

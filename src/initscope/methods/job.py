@@ -1,0 +1,90 @@
+"""What the planner hands a method's full pass: the traced graph, each layer, the formula stds, and
+how to run a propagation with a residual policy.
+
+A method that chooses its stds from the propagation (the exact ASV variants) runs passes through
+:meth:`Job.run` with a :class:`~initscope.graph.propagate.WeightHook` of its own and returns a
+:class:`Chosen`; every other method takes :meth:`Job.run_fixed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch.fx as fx
+from torch import nn
+
+from initscope.graph.propagate import FixedStds, Pass, Resolved, WeightHook
+from initscope.methods.base import Layer
+from initscope.methods.residual import ResidualAdd, ResidualPolicy
+from initscope.stats.signal import Signal
+
+if TYPE_CHECKING:
+    from initscope.options import Options
+
+
+@dataclass
+class LayerInfo(Layer):
+    """A weight layer as the planner sees it: a :class:`Layer` and where it sits in the graph."""
+
+    node: fx.Node
+    input_node: fx.Node
+    bias: nn.Parameter | None
+    weight_path: str
+    bias_path: str | None
+    calls: int = 1
+
+
+@dataclass
+class Chosen:
+    """What a method's full pass decided: each layer's std, which a clamp set, the final propagation
+    (its second moments are the plan's predictions), the residual policy it ran with, and notes."""
+
+    stds: dict[fx.Node, float]
+    clamped: set[fx.Node]
+    final: Pass
+    residual: ResidualPolicy
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """One plan in the making (see the module docstring)."""
+
+    resolved: Resolved
+    inputs: list[Signal]
+    options: "Options"
+    layers: list[LayerInfo]
+    adds: list[ResidualAdd]
+    policy: str
+    stds: dict[fx.Node, float]
+    clamped: set[fx.Node]
+    bias_m2: dict[fx.Node, float]
+    knobs: frozenset[fx.Node] = frozenset()
+
+    def layer(self, node: fx.Node) -> LayerInfo:
+        return self._by_node[node]
+
+    @property
+    def _by_node(self) -> dict[fx.Node, LayerInfo]:
+        cached = self.__dict__.get("_nodes")
+        if cached is None:
+            cached = self.__dict__["_nodes"] = {info.node: info for info in self.layers}
+        return cached
+
+    def residual(self, *, decide: bool = True, alphas: dict[fx.Node, float] | None = None,
+                 backward_starts: bool = False) -> ResidualPolicy:
+        """The plan's residual policy, ready to run (``decide``: compute each branch's factor)."""
+        return ResidualPolicy(self.adds, self.policy, self.options.residual_growth, decide=decide, alphas=alphas,
+                              backward_starts=backward_starts)
+
+    def run(self, hook: WeightHook, residual: ResidualPolicy) -> Pass:
+        """A full propagation, forward then backward, with the weight variances ``hook`` decides."""
+        return Pass(self.resolved, self.inputs, hook, max_cov=self.options.max_cov_positions,
+                    on_unknown=self.options.on_unknown, residual=residual, knobs=self.knobs).forward().backward()
+
+    def run_fixed(self) -> Chosen:
+        """The full propagation with the formula stds."""
+        residual = self.residual()
+        final = self.run(FixedStds(self.stds, self.bias_m2), residual)
+        return Chosen(dict(self.stds), set(self.clamped), final, residual)
