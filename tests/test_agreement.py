@@ -62,7 +62,7 @@ def test_finite_width_spread_matches_measured_scatter():
     for d in range(16):
         g = torch.Generator().manual_seed(d)
         p.apply(model, generator=g)
-        me = measure_once(model, torch.randn(16, 3, 32, 32, generator=g), names, g)
+        me = measure_once(model, torch.randn(16, 3, 32, 32, generator=g), names, seed=d)
         rows.append([math.log2(me.out_var[n]) for n in names])
     measured_sd = np.array(rows).std(0, ddof=1)
     predicted = np.array([l.out_spread for l in p.layers])

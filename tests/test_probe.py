@@ -230,7 +230,7 @@ def test_resnet18_weighted_and_all_agree_with_measure_once():
     model = resnet18(num_classes=10)
     x = torch.randn(2, 3, 32, 32)
     p = initscope.probe(model, x)
-    me = measure_once(model, x, generator=torch.Generator().manual_seed(0))
+    me = measure_once(model, x, seed=0)
     convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert [layer.name for layer in p.layers] == convs
     for layer in p.layers:

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from initscope.methods.classic import default_bias_bound
+from initscope.rules.registry import is_weight_module
 from initscope.sampling import unit_draw_
+from initscope.threads import ThreadHold
 
-WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Drawing ahead keeps a second copy of every weight until the plan is written: not for huge models.
 MAX_BYTES = 2 << 30
 # The thread needs a core of its own. Two are enough once the propagation keeps to one (see
@@ -31,9 +32,9 @@ MIN_CORES = 2
 
 
 # Draw buffers are kept for the next init_ of a model with the same weight shapes (another seed,
-# another method of a sweep): new memory costs a page fault per 4 KiB on first write, which on
-# ResNet-50 made the draws 1.5x as long as the kaiming_normal_ loop and the draws, not the plan,
-# what init_ waited for. At most this much is kept; release_buffers() frees it.
+# another method of a sweep): new memory costs a page fault per 4 KiB on first write, and on a large
+# model that, not the plan, is what init_ waited for (docs/theory.md, "Planning speed", has the
+# measurements). At most this much is kept; release_buffers() frees it.
 POOL_BYTES = 512 << 20
 _pool: dict[tuple, list[Tensor]] = {}
 _pool_bytes = 0
@@ -98,7 +99,7 @@ class Prefetch:
         self.generator = generator
         self.layers: list[tuple[str, Tensor, Tensor | None]] = []
         for name, module in model.named_modules():
-            if isinstance(module, WEIGHT_TYPES) and isinstance(module.weight, nn.Parameter):
+            if is_weight_module(module) and isinstance(getattr(module, "weight", None), nn.Parameter):
                 bias = module.bias if default_bias and isinstance(getattr(module, "bias", None), nn.Parameter) else None
                 self.layers.append((f"{name}.weight" if name else "weight", module.weight, bias))
         lazy = any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
@@ -111,14 +112,12 @@ class Prefetch:
         self.draws: dict[str, tuple[Tensor, Tensor | None]] = {}
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._threads: int | None = None
+        self._hold: ThreadHold | None = None
         if self.enabled:
             # While drawing, the calling thread (the propagation) runs its ops on one intra-op
             # thread: OpenMP workers it would wake spin on after each op and take the draws' core
-            # (ResNet-50 on two cores: the propagation took 1.6x as long beside the draws).
-            self._threads = torch.get_num_threads()
-            if self._threads > 1:
-                torch.set_num_threads(1)
+            # (docs/theory.md, "Planning speed").
+            self._hold = ThreadHold(1)
             self._copy = torch.Generator()
             self._copy.set_state(_rng_state(generator))
             self._thread = threading.Thread(target=self._run, args=(distribution,), daemon=True)
@@ -167,6 +166,6 @@ class Prefetch:
         self.draws = {}
 
     def _restore_threads(self) -> None:
-        if self._threads is not None and self._threads > 1:
-            torch.set_num_threads(self._threads)
-        self._threads = None
+        if self._hold is not None:
+            self._hold.release()
+        self._hold = None

@@ -2,7 +2,9 @@
 
 For each weight layer: the mean ``E[u²]`` of its output over batch, channels and positions, and the
 mean ``E[(∂L/∂x)²]`` of the gradient at its input, with ``L = Σ output · ξ`` for fixed i.i.d.
-N(0, 1) noise ξ, so the gradient at the output is i.i.d. N(0, 1) as in the plan's predictions.
+N(0, 1) noise ξ, so the gradient at the output is i.i.d. N(0, 1) as in the plan's predictions. The
+measuring is the probe's (:func:`initscope.probe`, second moments only); this module draws the plan
+several times and takes the geometric mean, which is what a prediction for a typical draw is held to.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from initscope.plan import InitPlan
+from initscope.probe import probe
 
 
 @dataclass(frozen=True)
@@ -25,50 +28,15 @@ class Measured:
     in_grad_var: dict[str, float]
 
 
-def _weight_modules(model: nn.Module, names: list[str] | None) -> dict[str, nn.Module]:
-    mods = dict(model.named_modules())
-    if names is None:
-        names = [n for n, m in mods.items() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
-    return {n: mods[n] for n in names}
+def measure_once(model: nn.Module, inputs: torch.Tensor, names: list[str] | None = None, *, seed: int = 0) -> Measured:
+    """One forward and backward pass through the probe; the model's parameters' ``.grad`` are untouched.
 
-
-def measure_once(model: nn.Module, inputs: torch.Tensor, names: list[str] | None = None,
-                 generator: torch.Generator | None = None) -> Measured:
-    """One forward and backward pass with hooks; the model's parameters' ``.grad`` are left as they were."""
-    modules = _weight_modules(model, names)
-    out_var: dict[str, float] = {}
-    in_grad: dict[str, float] = {}
-    handles = []
-
-    def fwd_hook(name):
-        def hook(module, args, output):
-            if name not in out_var:
-                out_var[name] = float(output.detach().double().pow(2).mean())
-        return hook
-
-    def pre_hook(name):
-        def hook(module, args):
-            x = args[0]
-            if name not in in_grad and x.requires_grad:
-                def grad_hook(g, name=name):
-                    in_grad.setdefault(name, float(g.detach().double().pow(2).mean()))
-                x.register_hook(grad_hook)
-        return hook
-
-    for name, m in modules.items():
-        handles.append(m.register_forward_hook(fwd_hook(name)))
-        handles.append(m.register_forward_pre_hook(pre_hook(name)))
-    saved = {n: p.grad for n, p in model.named_parameters()}
-    try:
-        x = inputs.detach().clone().requires_grad_(True)
-        out = model(x)
-        noise = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
-        (out * noise).sum().backward()
-    finally:
-        for h in handles:
-            h.remove()
-        for n, p in model.named_parameters():
-            p.grad = saved[n]
+    ``names``: the layers to measure (default: every weight layer); ``seed``: the loss noise ξ.
+    """
+    p = probe(model, inputs, plan=None, layers=names if names is not None else "weighted", seed=seed,
+              quantities=("output", "input_grad"), quantiles=False, histograms=False)
+    out_var = {layer.name: layer.meas_out_var for layer in p.layers}
+    in_grad = {layer.name: layer.meas_in_grad_var for layer in p.layers if math.isfinite(layer.meas_in_grad_var)}
     return Measured(out_var, in_grad)
 
 
@@ -91,7 +59,7 @@ def measure(model: nn.Module, plan: InitPlan, input_shape: tuple[int, ...], *, b
         gen = torch.Generator().manual_seed(seed + 1000 * d)
         plan.apply(model, generator=gen)
         x = inputs(gen) if inputs is not None else torch.randn(batch, *input_shape, generator=gen)
-        runs.append(measure_once(model, x, names, gen))
+        runs.append(measure_once(model, x, names, seed=seed + 1000 * d))
     return Measured(
         {n: geometric_mean([r.out_var[n] for r in runs]) for n in names},
         {n: geometric_mean([r.in_grad_var.get(n, 0.0) for r in runs]) for n in names},

@@ -23,10 +23,12 @@ import torch.fx as fx
 from torch import nn
 
 from initscope.probe.summary import DEFAULT_BINS, DEFAULT_SAMPLE, Stats, summarize
+from initscope.rules.registry import is_weight_module
 
 QUANTITIES: tuple[str, ...] = ("weight", "output", "activation", "output_grad", "input_grad", "weight_grad")
 
-WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Weight layers are what the rule registry says they are (initscope.rules.registry.is_weight_module);
+# these are the other modules worth watching.
 ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.LogSigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
@@ -108,8 +110,8 @@ def trace_adds(model: nn.Module) -> tuple[fx.Graph, dict[str, str]]:
 
 def candidates(model: nn.Module) -> list[str]:
     """Names of the modules a probe can watch (weight layers, activations, pooling, norms)."""
-    kinds = WEIGHTED + ACTIVATIONS + POOLING + NORMS
-    return [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    kinds = ACTIVATIONS + POOLING + NORMS
+    return [n for n, m in model.named_modules() if is_weight_module(m) or isinstance(m, kinds)]
 
 
 def select(model: nn.Module, layers: str | Sequence[str]) -> Selection:
@@ -123,7 +125,7 @@ def select(model: nn.Module, layers: str | Sequence[str]) -> Selection:
     named = dict(model.named_modules())
     if isinstance(layers, str):
         if layers == "weighted":
-            return Selection([n for n, m in named.items() if isinstance(m, WEIGHTED)])
+            return Selection([n for n, m in named.items() if is_weight_module(m)])
         if layers == "all":
             mods = candidates(model)
             try:

@@ -8,16 +8,15 @@ unless the caller asks otherwise (``on_unknown``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from initscope.rules.base import Rule
+from initscope.rules.base import Rule, WeightRule
 
-_MODULES: dict[type, "Rule"] = {}
-_FUNCTIONS: dict[Any, "Rule"] = {}
-_METHODS: dict[str, "Rule"] = {}
+_MODULES: dict[type, Rule] = {}
+_FUNCTIONS: dict[Any, Rule] = {}
+_METHODS: dict[str, Rule] = {}
 # Bumped on every change, so that plans remembered under other rules are dropped.
 _version = 0
 
@@ -54,8 +53,6 @@ def register_rule(*targets: Any, overwrite: bool = False) -> Callable[[R], R]:
         raise ValueError("register_rule needs at least one target: a module class, a function, or a method name")
 
     def decorate(cls: R) -> R:
-        from initscope.rules.base import Rule
-
         if not (isinstance(cls, type) and issubclass(cls, Rule)):
             raise TypeError(f"register_rule decorates subclasses of initscope.Rule, got {cls!r}")
         rule = cls()
@@ -102,7 +99,7 @@ def version() -> int:
     return _version
 
 
-def module_rule(module: nn.Module) -> "Rule | None":
+def module_rule(module: nn.Module) -> Rule | None:
     """The rule for a module: its class's, or an ancestor's when the class does not override ``forward``."""
     cls = type(module)
     rule = _MODULES.get(cls)
@@ -114,13 +111,19 @@ def module_rule(module: nn.Module) -> "Rule | None":
     return None
 
 
-def function_rule(fn: Any) -> "Rule | None":
+def function_rule(fn: Any) -> Rule | None:
     return _FUNCTIONS.get(fn)
 
 
-def method_rule(name: str) -> "Rule | None":
+def method_rule(name: str) -> Rule | None:
     return _METHODS.get(name)
 
 
 def has_module_rule(module: nn.Module) -> bool:
     return module_rule(module) is not None
+
+
+def is_weight_module(module: nn.Module) -> bool:
+    """Whether initscope draws this module's weights: its rule is a :class:`WeightRule` (Conv1d/2d/3d,
+    Linear, and any module registered with one). The one definition of a weight layer."""
+    return isinstance(module_rule(module), WeightRule)
