@@ -145,3 +145,19 @@ def test_registering_a_rule_empties_the_cache():
         assert initscope.cache_info().hits == 0
     finally:
         initscope.unregister_rule(Unused)
+
+
+def test_shared_parameters_are_part_of_the_key():
+    # Two convs with weights of the same shapes, and the same two convs holding one Parameter, trace
+    # to the same graph; the second is one weight with one std, so it must not find the first's plan.
+    def net(shared: bool) -> nn.Module:
+        m = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1))
+        if shared:
+            m[3].weight = m[0].weight
+        return m
+
+    initscope.clear_plan_cache()
+    apart = initscope.plan(net(False), "asv-forward", input_shape=(4, 8, 8))
+    together = initscope.plan(net(True), "asv-forward", input_shape=(4, 8, 8))
+    assert len(apart.layers) == 2 and len(together.layers) == 1
+    assert initscope.cache_info().hits == 0

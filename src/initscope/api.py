@@ -11,7 +11,7 @@ from initscope import draws
 from initscope.draws import Prefetch
 from initscope.methods import METHODS
 from initscope.options import Options
-from initscope.plan import InitPlan, write_plan
+from initscope.plan import InitPlan, unwrap_model, write_plan
 from initscope.planner import build_plan
 
 
@@ -78,6 +78,7 @@ def init_(
     # (it is not in the cache), draw the weights in a thread meanwhile. A remembered plan is written
     # at once, drawing in place, which is cheaper than drawing into buffers and copying.
     ahead = None
+    model = unwrap_model(model) if isinstance(model, nn.Module) else model
 
     def draw_ahead() -> None:
         nonlocal ahead

@@ -41,20 +41,47 @@ _pool_bytes = 0
 _pool_lock = threading.Lock()
 
 
-def _key(t: Tensor) -> tuple:
-    return tuple(t.shape), t.stride(), t.dtype, t.device
+def _key(t: Tensor, dtype: torch.dtype | None = None) -> tuple:
+    return tuple(t.shape), t.stride(), dtype or t.dtype, t.device
+
+
+def draw_dtype(t: Tensor) -> torch.dtype:
+    """The dtype a unit draw for ``t`` is made in: its own for float32 and float64, else float32.
+
+    torch has no QR (the orthogonal draw) in float16 or bfloat16 on the CPU; a float32 draw rounded
+    once to the weight's dtype is as good a draw, and every law is drawn the same way.
+    """
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _buffer_like(t: Tensor) -> Tensor:
-    """An uninitialized tensor laid out as ``t`` (so a draw fills it in the order it fills ``t``)."""
+    """An uninitialized tensor laid out as ``t`` in its draw dtype (so a draw fills it in the order it
+    would fill ``t``)."""
     global _pool_bytes
+    dtype = draw_dtype(t)
     with _pool_lock:
-        kept = _pool.get(_key(t))
+        kept = _pool.get(_key(t, dtype))
         if kept:
             buf = kept.pop()
             _pool_bytes -= buf.numel() * buf.element_size()
             return buf
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
+
+
+def draw_unit(weight: Tensor, distribution: str, generator: torch.Generator | None) -> Tensor:
+    """A unit-scale draw for ``weight`` (:func:`initscope.sampling.unit_draw_`) in a buffer of its own."""
+    return unit_draw_(_buffer_like(weight), distribution, generator)
+
+
+def draw_default_bias(weight: Tensor, bias: Tensor, generator: torch.Generator | None) -> Tensor:
+    """What ``reset_parameters`` draws for the bias of a layer with weight ``weight``, in a buffer."""
+    bound = default_bias_bound(weight)
+    return _buffer_like(bias).uniform_(-bound, bound, generator=generator)
+
+
+def recycle(tensors: list[Tensor]) -> None:
+    """Give draw buffers back to the pool for the next call."""
+    _recycle(tensors)
 
 
 def _recycle(tensors: list[Tensor]) -> None:
@@ -127,11 +154,8 @@ class Prefetch:
         try:
             with torch.no_grad():
                 for path, weight, bias in self.layers:
-                    w = unit_draw_(_buffer_like(weight), distribution, self._copy)
-                    b = None
-                    if bias is not None:
-                        bound = default_bias_bound(weight)
-                        b = _buffer_like(bias).uniform_(-bound, bound, generator=self._copy)
+                    w = draw_unit(weight, distribution, self._copy)
+                    b = None if bias is None else draw_default_bias(weight, bias, self._copy)
                     self.draws[path] = (w, b)
         except BaseException as exc:  # reported by take(); the plan then draws inline
             self.error = exc
@@ -151,14 +175,17 @@ class Prefetch:
         self._restore_threads()
         if self.error is not None or order != self.order():
             return None
-        return self.draws
+        # Handed over: the caller writes from them and recycles them.
+        draws, self.draws = self.draws, {}
+        return draws
 
     def commit(self) -> None:
         """Advance the real generator past the draws that were used."""
         (self.generator if self.generator is not None else torch.default_generator).set_state(self._copy.get_state())
 
     def discard(self) -> None:
-        """Join the thread, give back torch's threads, and keep the buffers for the next call."""
+        """Join the thread, give back torch's threads, and keep the buffers for the next call (those the
+        plan wrote from it recycles itself)."""
         if self._thread is not None:
             self._thread.join()
         self._restore_threads()

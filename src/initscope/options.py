@@ -11,6 +11,11 @@ from initscope.methods.residual import POLICIES
 from initscope.sampling import DISTRIBUTIONS
 
 
+def _number(value: object) -> bool:
+    """A real, finite number, and not a bool (``True`` is an int to Python, never a ratio to a user)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class Options:
     """Options of a plan.
@@ -47,19 +52,19 @@ class Options:
     def validate(self) -> None:
         if self.distribution is not None and self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution={self.distribution!r} is not one of {DISTRIBUTIONS}")
-        if self.max_std_ratio is not None and not (
-            isinstance(self.max_std_ratio, (int, float)) and math.isfinite(self.max_std_ratio) and self.max_std_ratio > 0
-        ):
-            raise ValueError(f"max_std_ratio={self.max_std_ratio!r} must be a positive number or None")
+        if self.max_std_ratio is not None and not (_number(self.max_std_ratio) and self.max_std_ratio > 0):
+            raise ValueError(f"max_std_ratio={self.max_std_ratio!r} must be a positive finite number or None")
         if self.fan not in FANS:
             raise ValueError(f"fan={self.fan!r} is not one of {FANS}")
         if self.residual is not None and self.residual not in POLICIES:
             raise ValueError(f"residual={self.residual!r} is not one of {POLICIES}")
-        if not (isinstance(self.residual_growth, (int, float)) and self.residual_growth >= 1):
-            raise ValueError(f"residual_growth={self.residual_growth!r} must be a number >= 1")
+        if not (_number(self.residual_growth) and self.residual_growth >= 1):
+            raise ValueError(f"residual_growth={self.residual_growth!r} must be a finite number >= 1 (the total growth "
+                             "of the signal over all residual adds; 2 by default)")
         if self.on_unknown not in ON_UNKNOWN:
             raise ValueError(f"on_unknown={self.on_unknown!r} is not one of {ON_UNKNOWN}")
-        if not (isinstance(self.max_cov_positions, int) and self.max_cov_positions >= 1):
+        if isinstance(self.max_cov_positions, bool) or not (
+                isinstance(self.max_cov_positions, int) and self.max_cov_positions >= 1):
             raise ValueError(f"max_cov_positions={self.max_cov_positions!r} must be a positive integer")
 
     def to_dict(self) -> dict:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from initscope.errors import PlanMismatchError
-from initscope.methods.classic import default_bias_bound
-from initscope.sampling import unit_draw_, unit_scale
+from initscope import draws
+from initscope.sampling import unit_scale
 from initscope.threads import one_intra_op_thread
 
 if TYPE_CHECKING:
@@ -45,8 +45,11 @@ class LayerPlan:
         pred_in_grad_var: predicted ``E[(∂L/∂x)²]`` at the layer's input (i.i.d. N(0, 1) output gradient),
             for a typical draw.
         out_spread, grad_spread: predicted standard deviation of ``log2`` of those two over weight draws.
-        calls: how many times the forward pass calls the layer (the first call is the one described).
+        calls: how many calls of the forward pass use this weight (the first call is the one described).
         bias: what is written to the bias: ``zero``, ``default`` (the module's own rule) or ``none``.
+        weight_path, bias_path: the parameters written.
+        shared: other modules that use the same weight ``Parameter`` (one std for all).
+        other_bias_paths: their biases, written as ``bias`` says.
     """
 
     name: str
@@ -71,6 +74,8 @@ class LayerPlan:
     bias: str = "zero"
     weight_path: str = ""
     bias_path: str | None = None
+    shared: tuple[str, ...] = ()
+    other_bias_paths: tuple[str, ...] = ()
 
 
 _TABLE = (
@@ -181,7 +186,55 @@ class InitPlan:
 
 def write_plan(plan: InitPlan, model: nn.Module, generator: torch.Generator | None = None,
                prefetch: "Prefetch | None" = None) -> nn.Module:
-    """What :meth:`InitPlan.apply` does; ``prefetch`` holds unit draws made ahead (:mod:`initscope.draws`)."""
+    """What :meth:`InitPlan.apply` does; ``prefetch`` holds unit draws made ahead (:mod:`initscope.draws`).
+
+    Three phases, so that a failure leaves every weight as it was: check that the model matches,
+    draw everything (into buffers, in float32 for reduced-precision weights), then write.
+    """
+    model = unwrap_model(model)
+    writes, norms = _check(plan, model, generator)
+    # -- draw: everything the plan writes, before anything is written ---------------------------------
+    rank = {id(p): i for i, p in enumerate(model.parameters())}
+    writes.sort(key=lambda item: rank.get(id(item[1]), len(rank)))
+    order = [(layer.weight_path, bool(biases) and layer.bias == "default") for layer, _, biases in writes]
+    drawn = prefetch.take(order) if prefetch is not None else None
+    buffers: list[torch.Tensor] = []
+    try:
+        with torch.no_grad(), one_intra_op_thread():
+            units = []
+            for layer, weight, biases in writes:
+                if drawn is not None:
+                    unit, first_bias = drawn[layer.weight_path]
+                    bias_units = [first_bias] if first_bias is not None else []
+                else:
+                    unit = draws.draw_unit(weight, layer.distribution, generator)
+                    bias_units = [draws.draw_default_bias(weight, b, generator) for b in biases] \
+                        if layer.bias == "default" else []
+                buffers += [unit, *bias_units]
+                units.append((unit, bias_units))
+            # -- write --------------------------------------------------------------------------------
+            for (layer, weight, biases), (unit, bias_units) in zip(writes, units):
+                _write(layer, weight, biases, unit, bias_units)
+            if drawn is not None:
+                prefetch.commit()
+            for module, alpha in norms:
+                module.weight.fill_(alpha)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+    finally:
+        draws.recycle(buffers)
+    # Remembered so that tools which look at the model later (the probe) can set its predictions
+    # beside what they measure without being handed the plan again.
+    try:
+        _APPLIED[model] = plan
+    except TypeError:  # a model that cannot be weakly referenced is simply not remembered
+        pass
+    return model
+
+
+def _check(plan: InitPlan, model: nn.Module, generator: torch.Generator | None) -> tuple[list, list]:
+    """Every parameter (and normalization) the plan writes, looked up and checked; raises before
+    anything is drawn."""
     writes, problems = [], []
     for layer in plan.layers:
         try:
@@ -192,13 +245,13 @@ def write_plan(plan: InitPlan, model: nn.Module, generator: torch.Generator | No
         if tuple(weight.shape) != tuple(layer.weight_shape):
             problems.append(f"{layer.weight_path}: shape {tuple(weight.shape)}, planned {tuple(layer.weight_shape)}")
             continue
-        bias = None
-        if layer.bias_path is not None:
+        biases = []
+        for path in ([layer.bias_path] if layer.bias_path is not None else []) + list(layer.other_bias_paths):
             try:
-                bias = model.get_parameter(layer.bias_path)
+                biases.append(model.get_parameter(path))
             except AttributeError:
-                problems.append(f"{layer.bias_path}: no such parameter")
-        writes.append((layer, weight, bias))
+                problems.append(f"{path}: no such parameter")
+        writes.append((layer, weight, biases))
     norms = []
     for name, alpha in plan.norm_scales.items():
         try:
@@ -209,61 +262,57 @@ def write_plan(plan: InitPlan, model: nn.Module, generator: torch.Generator | No
         raise PlanMismatchError(
             f"this plan ({plan.method}) was made for another model; nothing was written:\n  " + "\n  ".join(problems)
         )
+    tensors = [t for _, w, bs in writes for t in (w, *bs)]
+    meta = [layer.weight_path for layer, w, _ in writes if w.is_meta]
+    if meta:
+        raise ValueError(
+            f"{len(meta)} weight(s) are on the meta device ({meta[0]}, ...): they hold no memory to write to. "
+            "Materialize the model first (model.to_empty(device='cpu'), or build it outside torch.device('meta')), "
+            "then apply the plan; nothing was written"
+        )
+    if any(not t.is_floating_point() for t in tensors):
+        bad = next(layer.weight_path for layer, w, _ in writes if not w.is_floating_point())
+        raise ValueError(f"{bad} is not a floating-point tensor; nothing was written")
     if generator is not None:
-        devices = {w.device.type for _, w, _ in writes}
+        devices = {t.device.type for t in tensors}
         if any(d != generator.device.type for d in devices):
             raise ValueError(
-                f"generator is on {generator.device}, the weights on {sorted(devices)}: pass a generator on the weights' device"
+                f"generator is on {generator.device}, the weights on {sorted(devices)}: pass a generator on the "
+                "weights' device; nothing was written"
             )
-    rank = {id(p): i for i, p in enumerate(model.parameters())}
-    writes.sort(key=lambda item: rank.get(id(item[1]), len(rank)))
-    order = [(layer.weight_path, bias is not None and layer.bias == "default") for layer, _, bias in writes]
-    drawn = prefetch.take(order) if prefetch is not None else None
-    with torch.no_grad(), one_intra_op_thread():
-        for layer, weight, bias in writes:
-            if drawn is None:
-                _write(layer, weight, bias, generator)
-            else:
-                _write_drawn(layer, weight, bias, *drawn[layer.weight_path])
-        if drawn is not None:
-            prefetch.commit()
-        for module, alpha in norms:
-            module.weight.fill_(alpha)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-    # Remembered so that tools which look at the model later (the probe) can set its predictions
-    # beside what they measure without being handed the plan again.
-    try:
-        _APPLIED[model] = plan
-    except TypeError:  # a model that cannot be weakly referenced is simply not remembered
-        pass
-    return model
+    return writes, norms
 
 
-def _write(layer: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None, generator) -> None:
-    unit_draw_(weight, layer.distribution, generator).mul_(unit_scale(layer.std, layer.distribution, tuple(weight.shape)))
-    if bias is not None:
+def _write(layer: LayerPlan, weight: torch.Tensor, biases: list[torch.Tensor], unit: torch.Tensor,
+           bias_units: list[torch.Tensor]) -> None:
+    """Scale a unit draw into ``weight``; biases get their draws (``default``) or zeros."""
+    scale = unit_scale(layer.std, layer.distribution, tuple(weight.shape))
+    if unit.dtype == weight.dtype:
+        torch.mul(unit, scale, out=weight)
+    else:  # drawn in float32 for a reduced-precision weight: one rounding, at the end
+        weight.copy_(unit.mul_(scale))
+    for i, bias in enumerate(biases):
         if layer.bias == "default":
-            bound = default_bias_bound(weight)
-            bias.uniform_(-bound, bound, generator=generator)
+            bias.copy_(bias_units[i])
         else:
             bias.zero_()
 
 
-def _write_drawn(layer: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None, unit: torch.Tensor,
-                 bias_draw: torch.Tensor | None) -> None:
-    """:func:`_write` with the random draws made ahead (:mod:`initscope.draws`)."""
-    torch.mul(unit, unit_scale(layer.std, layer.distribution, tuple(weight.shape)), out=weight)
-    if bias is not None:
-        if layer.bias == "default":
-            bias.copy_(bias_draw)
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a ``DataParallel``/``DistributedDataParallel`` wrapper or a ``torch.compile``
+    result, whose parameters are the wrapper's: plans are made and written on the model itself."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+            model = model._orig_mod
         else:
-            bias.zero_()
+            return model
 
 
 def plan_of(model: nn.Module) -> InitPlan | None:
     """The :class:`InitPlan` last applied to ``model`` by :meth:`InitPlan.apply` (or ``init_``), if any."""
     try:
-        return _APPLIED.get(model)
+        return _APPLIED.get(unwrap_model(model))
     except TypeError:  # not weak-referenceable: nothing was applied to it
         return None

@@ -111,6 +111,9 @@ def _module(m: nn.Module, weight_layer: bool) -> tuple:
 
 def _graph(resolved: Resolved) -> tuple:
     entries = []
+    # Which module first holds each parameter: two modules sharing one Parameter are planned as one
+    # weight, which the key must tell from two modules with weights of the same shapes.
+    holder: dict[int, str] = {}
     for node in resolved.traced.nodes:
         if node.op in ("call_module", "call_function", "call_method"):
             rule = resolved.rules.get(node)
@@ -119,7 +122,9 @@ def _graph(resolved: Resolved) -> tuple:
             if not type(rule).__module__.startswith("initscope."):
                 raise _Uncacheable(f"{node.name} has a rule registered outside initscope")
         if node.op == "call_module":
-            target = (node.target, _module(resolved.modules[node], isinstance(resolved.rules[node], WeightRule)))
+            module = resolved.modules[node]
+            shares = tuple(holder.setdefault(id(p), f"{node.target}.{n}") for n, p in module.named_parameters(recurse=False))
+            target = (node.target, _module(module, isinstance(resolved.rules[node], WeightRule)), shares)
         elif node.op == "get_attr":
             target = (node.target, _value(node.meta.get("initscope_param")))
         elif node.op == "call_function":

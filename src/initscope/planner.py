@@ -28,11 +28,11 @@ from initscope.errors import InitscopeError
 from initscope.graph.propagate import Pass, Resolved, WeightHook
 from initscope.graph.trace import trace
 from initscope.methods import Method, get_method
-from initscope.methods.base import check_finite
+from initscope.methods.base import Layer, check_finite
 from initscope.methods.job import Job, LayerInfo
 from initscope.methods.residual import ResidualAdd, find_residual_adds
 from initscope.options import Options
-from initscope.plan import InitPlan, LayerPlan
+from initscope.plan import InitPlan, LayerPlan, unwrap_model
 from initscope.rules.base import WeightRule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.fluctuation import typical
@@ -119,6 +119,12 @@ def make_inputs(input_shape, example_input, max_cov: int) -> tuple[list[Signal],
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for m in model.modules():
+        if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or hasattr(m, "_orig_mod"):
+            raise TypeError(
+                f"{type(m).__name__} wraps a model inside {type(model).__name__}: plan the model it wraps "
+                "(its .module, or ._orig_mod for torch.compile)"
+            )
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             if isinstance(p, nn.parameter.UninitializedParameter):
@@ -129,7 +135,8 @@ def _check_model(model: nn.Module) -> None:
 
 
 def _layer_infos(resolved: Resolved, local: Pass) -> list[LayerInfo]:
-    infos: dict[str, LayerInfo] = {}
+    """One :class:`LayerInfo` per weight reached by the forward pass, with every call that uses it."""
+    infos: dict[int, LayerInfo] = {}
     for node in resolved.traced.nodes:
         if not resolved.is_weight(node) or node not in local.contexts:
             continue
@@ -145,25 +152,50 @@ def _layer_infos(resolved: Resolved, local: Pass) -> list[LayerInfo]:
             name = weight_path.rsplit(".", 1)[0] if "." in weight_path else weight_path
             b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             bias_path = str(b.target) if isinstance(b, fx.Node) else None
-        if name in infos:
-            infos[name].calls += 1
-            continue
         x = rule.input_signal(ctx)
         g = local.grad_at(node)
+        view = Layer(name, rule.geometry(ctx, *ctx.args, **ctx.kwargs), weight, x.mean_m2,
+                     g.mean_m2 if g is not None else 0.0)
+        known = infos.get(id(weight))
+        if known is not None:
+            # Another call of the same weight: a module called again, or a module sharing the Parameter.
+            known.nodes.append(node)
+            known.views.append(view)
+            if name != known.name and name not in known.shared:
+                known.shared.append(name)
+                if bias_path is not None and bias_path != known.bias_path:
+                    known.other_bias_paths.append(bias_path)
+            continue
         input_node = node.args[0] if node.args else node.kwargs.get("input")
-        infos[name] = LayerInfo(
+        info = LayerInfo(
             name=name,
+            geometry=view.geometry,
+            weight=weight,
+            tau_in=view.tau_in,
+            gamma=view.gamma,
             node=node,
             input_node=input_node,
-            geometry=rule.geometry(ctx, *ctx.args, **ctx.kwargs),
-            weight=weight,
             bias=bias,
             weight_path=weight_path,
             bias_path=bias_path,
-            tau_in=x.mean_m2,
-            gamma=g.mean_m2 if g is not None else 0.0,
         )
+        info.nodes.append(node)
+        info.views.append(info)
+        infos[id(weight)] = info
     return list(infos.values())
+
+
+def _weight_std(m: Method, info: LayerInfo, opts: Options) -> tuple[float, bool]:
+    """One std for one weight: the method's, or, for a weight several calls use, the geometric mean of
+    the variances the calls ask for. A chain of the calls (a recurrent conv) then has the gain the
+    per-call stds would give it together; each call is off by its own factor."""
+    if len(info.views) == 1:
+        return m.std(info, opts)
+    asked = [m.std(view, opts) for view in info.views]
+    for (std, _), view in zip(asked, info.views):
+        check_finite(std, view, m)
+    log_var = sum(2.0 * math.log(std) if std > 0 else -math.inf for std, _ in asked) / len(asked)
+    return (math.exp(0.5 * log_var) if math.isfinite(log_var) else 0.0), any(bit for _, bit in asked)
 
 
 def _norm_knobs(resolved: Resolved, adds: list[ResidualAdd]) -> tuple[frozenset[fx.Node], bool]:
@@ -193,7 +225,18 @@ def _paper_model(resolved: Resolved, inputs: list[Signal], opts: Options, shape:
     except InitscopeError:
         raise
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
-        raise ValueError(f"the model does not run on input_shape={shape!r}: {exc}") from exc
+        raise _not_run(exc, shape) from exc
+
+
+def _not_run(exc: Exception, shape: Any) -> ValueError:
+    """The error for a propagation that failed inside a rule: a model that does not run on the input."""
+    if "meta tensor" in str(exc):
+        return ValueError(
+            "the model is on the meta device, and planning reads the values of its normalization (and other "
+            "non-weight) parameters, which a meta tensor does not have: materialize it first "
+            "(model.to_empty(device='cpu') and its own reset_parameters, or build it outside torch.device('meta'))"
+        )
+    return ValueError(f"the model does not run on input_shape={shape!r}: {exc}")
 
 
 def build_plan(
@@ -213,6 +256,7 @@ def build_plan(
     opts = options or Options()
     m: Method = get_method(method)
     m.check(opts, example_input)
+    model = unwrap_model(model)
     _check_model(model)
     full_inputs, local_inputs, shape = make_inputs(input_shape, example_input, opts.max_cov_positions)
     resolved = Resolved.of(trace(model))
@@ -248,11 +292,14 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
             f"{type(model).__name__} has no Conv1d/2d/3d or Linear layer reached by its forward pass: nothing to initialize"
         )
 
-    # Stds from the method's formula (the exact variants start from the paper's).
+    # Stds from the method's formula (the exact variants start from the paper's); every call of a
+    # weight gets the weight's std.
     stds, clamped = {}, set()
     for info in infos:
-        std, bit = m.std(info, opts)
-        stds[info.node] = check_finite(std, info, m)
+        std, bit = _weight_std(m, info, opts)
+        check_finite(std, info, m)
+        for node in info.nodes:
+            stds[node] = std
         if bit:
             clamped.add(info.node)
     bias_m2 = {info.node: m.bias_m2(info) for info in infos if info.bias is not None and m.bias_m2(info)}
@@ -264,7 +311,7 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
     except InitscopeError:
         raise
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
-        raise ValueError(f"the model does not run on input_shape={shape!r}: {exc}") from exc
+        raise _not_run(exc, shape) from exc
     stds, clamped, final, residual = chosen.stds, chosen.clamped, chosen.final, chosen.residual
     notes = list(chosen.notes) + [f"residual policy not applied at {s}" for s in residual.skipped]
 
@@ -304,11 +351,17 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
                 bias=m.bias if info.bias is not None else "none",
                 weight_path=info.weight_path,
                 bias_path=info.bias_path,
+                shared=tuple(info.shared),
+                other_bias_paths=tuple(info.other_bias_paths),
             )
         )
     for info in infos:
-        if info.calls > 1:
-            notes.append(f"{info.name} is called {info.calls} times; its first call is described")
+        if info.shared:
+            notes.append(f"{info.name} shares its weight with {', '.join(info.shared)}: one std for the weight "
+                         f"({info.calls} calls in all), the geometric mean of what each call asks; its first call is described")
+        elif info.calls > 1:
+            notes.append(f"{info.name} is called {info.calls} times: one std, the geometric mean of what each call "
+                         "asks; its first call is described")
     return InitPlan(
         method=m.name,
         options=opts.to_dict(),

@@ -103,9 +103,11 @@ class ExactForward(FixedStds):
             std, bit = clamp(std, info.geometry, "forward", self.ratio)
             if not math.isfinite(std):
                 raise InitscopeError(f"layer {info.name!r} receives no signal; asv-forward-exact is undefined there")
-            self.stds[node] = std
+            # A weight used by several calls is set at its first: the later ones see what it gives.
+            for n in info.nodes:
+                self.stds[n] = std
             if bit:
-                self.clamped.add(node)
+                self.clamped.add(info.node)
         return self.stds[node] ** 2, 0.0
 
 
@@ -141,13 +143,30 @@ class ExactBackward(FixedStds):
         return std**2
 
 
+def _by_call(job: Job) -> dict[fx.Node, LayerInfo]:
+    """Every call node of every weight, to the weight's :class:`LayerInfo`."""
+    return {n: info for info in job.layers for n in info.nodes}
+
+
+def _per_weight(decided: dict[fx.Node, float], layers: list[LayerInfo]) -> dict[fx.Node, float]:
+    """One std per weight from what each of its calls decided: their variances' geometric mean."""
+    out = dict(decided)
+    for info in layers:
+        calls = [n for n in info.nodes if n in decided]
+        if len(calls) > 1:
+            std = math.exp(sum(math.log(decided[n]) for n in calls) / len(calls)) if all(decided[n] > 0 for n in calls) else 0.0
+            for n in info.nodes:
+                out[n] = std
+    return out
+
+
 @register_method("asv-forward-exact")
 class AsvForwardExact(AsvForward):
     summary = "predicted output second moment 1 at every layer"
     exact = True
 
     def full_pass(self, job: Job) -> Chosen:
-        hook = ExactForward({info.node: info for info in job.layers}, job.options.max_std_ratio)
+        hook = ExactForward(_by_call(job), job.options.max_std_ratio)
         residual = job.residual()
         final = job.run(hook, residual)
         return Chosen(hook.stds, hook.clamped, final, residual)
@@ -159,7 +178,7 @@ class AsvBackwardExact(AsvBackward):
     exact = True
 
     def full_pass(self, job: Job) -> Chosen:
-        infos = {info.node: info for info in job.layers}
+        infos = _by_call(job)
         # Under the scale policy a branch whose knob is a weight layer is budgeted at its first
         # layers instead: each start sends back its share of β E[g²] at the fork.
         starts = {}
@@ -174,8 +193,9 @@ class AsvBackwardExact(AsvBackward):
             residual = job.residual(backward_starts=True)
             hook = ExactBackward(infos, provisional, job.options.max_std_ratio, starts, residual.beta)
             job.run(hook, residual)
-            change = max(abs(hook.decided[n] / provisional[n] - 1) for n in hook.decided) if hook.decided else 0.0
-            provisional.update(hook.decided)
+            decided = _per_weight(hook.decided, job.layers)
+            change = max(abs(decided[n] / provisional[n] - 1) for n in decided) if decided else 0.0
+            provisional.update(decided)
             if change < 1e-4:
                 break
         notes = [f"{info.name}: no gradient reaches it; kept the paper's std" for info in job.layers

@@ -25,14 +25,26 @@ if TYPE_CHECKING:
 
 @dataclass
 class LayerInfo(Layer):
-    """A weight layer as the planner sees it: a :class:`Layer` and where it sits in the graph."""
+    """A weight as the planner sees it: a :class:`Layer` (its first call) and where it sits in the graph.
+
+    One weight may be used by several calls: a module called more than once (a tied or recurrent
+    conv, a Siamese backbone), or modules that share one ``Parameter``. ``nodes`` holds every call
+    and ``views`` what each call sees (its own geometry, τ and γ); the weight gets one std.
+    """
 
     node: fx.Node
     input_node: fx.Node
     bias: nn.Parameter | None
     weight_path: str
     bias_path: str | None
-    calls: int = 1
+    nodes: list[fx.Node] = field(default_factory=list)
+    views: list[Layer] = field(default_factory=list)
+    shared: list[str] = field(default_factory=list)  # other modules that use this weight
+    other_bias_paths: list[str] = field(default_factory=list)  # their biases
+
+    @property
+    def calls(self) -> int:
+        return len(self.nodes)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from initscope.errors import InitscopeError, PlanMismatchError, ProbeError
-from initscope.plan import InitPlan, plan_of
+from initscope.plan import InitPlan, plan_of, unwrap_model
 from initscope.probe.hooks import QUANTITIES, Recorder, Selection, select
 from initscope.probe.summary import DEFAULT_BINS, DEFAULT_SAMPLE, QUANTILE_COLUMNS, Stats
 
@@ -292,6 +292,7 @@ def probe(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None =
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)  # DataParallel, torch.compile: the layers are the wrapped model's
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a tensor (one batch), got {type(inputs).__name__}")
     if plan is None:

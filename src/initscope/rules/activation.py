@@ -28,6 +28,7 @@ from initscope.rules.base import Context, Rule
 from initscope.rules.merge import concat_signals
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist, normal_grid
+from initscope.stats.elementwise import Activation, known_activation
 from initscope.stats.gaussian import dual_from_coefficients, hermite_coefficients, normal_cdf
 from initscope.stats.fluctuation import channel_scatter
 from initscope.stats.maps import correlation
@@ -35,53 +36,6 @@ from initscope.stats.signal import Grad, Signal, cat_maps, compact, matched_cov,
 
 _SCALES = torch.logspace(-6, 6, 481, dtype=DTYPE)
 _R = torch.linspace(-1.0, 1.0, 401, dtype=DTYPE)
-
-
-@dataclass(frozen=True, eq=False)
-class Activation:
-    """An elementwise function, with the properties the rules use, found by probing it."""
-
-    key: str
-    fn: Callable[[Tensor], Tensor]
-    homogeneous: bool
-    monotone: bool
-    slope: float | None  # negative-side slope when f is x above 0 and slope*x below (the ReLU family)
-
-    @staticmethod
-    def probe(key: str, fn: Callable[[Tensor], Tensor]) -> "Activation":
-        return _probe(key, fn)
-
-    def deriv(self, x: Tensor) -> Tensor:
-        if self.slope is not None:
-            # The ReLU family: 1 above zero, the slope at and below it (as autograd gives for relu
-            # and leaky_relu), without an autograd pass.
-            return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, self.slope))
-        x = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(self.fn(x).sum(), x)
-        return g
-
-
-_ACTIVATIONS: dict[str, Activation] = {}
-
-
-def _probe(key: str, fn: Callable[[Tensor], Tensor]) -> Activation:
-    cached = _ACTIVATIONS.get(key)
-    if cached is not None:
-        return cached
-    x = torch.linspace(-20, 20, 4001, dtype=DTYPE)
-    with torch.no_grad():
-        y = fn(x)
-        homogeneous = bool(torch.allclose(fn(2.5 * x), 2.5 * y, rtol=1e-9, atol=1e-12))
-        monotone = bool((y[1:] - y[:-1] >= -1e-12).all())
-        slope = None
-        if homogeneous:
-            a = float(-fn(torch.tensor([-1.0], dtype=DTYPE)))
-            if torch.allclose(y, torch.where(x > 0, x, a * x), rtol=1e-9, atol=1e-12):
-                slope = a
-    act = Activation(key, fn, homogeneous, monotone, slope)
-    _ACTIVATIONS[key] = act
-    return act
 
 
 # -- marginal statistics -------------------------------------------------------------------------
@@ -461,7 +415,7 @@ class ActivationModule(ElementwiseRule):
             # building a module costs more than the rest of the rule).
             kwargs = _init_kwargs(m)
             key = f"{type(m).__name__}{sorted(kwargs.items())}"
-            known = _ACTIVATIONS.get(key)
+            known = known_activation(key)
             return known if known is not None else Activation.probe(key, type(m)(**kwargs))
         return Activation.probe(repr(m), m)
 

@@ -42,7 +42,7 @@ from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.fluctuation import combine
 
 if TYPE_CHECKING:
-    from initscope.rules.activation import Activation
+    from initscope.stats.elementwise import Activation
 
 
 def spatial_shape(shape: torch.Size) -> torch.Size:
