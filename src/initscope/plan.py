@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import nn
 
-from initscope.errors import PlanMismatchError
 from initscope import draws
+from initscope.errors import PlanMismatchError
+from initscope.methods.base import METHODS
 from initscope.sampling import unit_scale
 from initscope.threads import one_intra_op_thread
 
@@ -119,6 +120,8 @@ class InitPlan:
     norm_scales: dict[str, float] = field(default_factory=dict)
     residual: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # The batch a data-dependent method (lsuv) sets its stds on when applied; not serialized.
+    example: Any = field(default=None, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[LayerPlan]:
         return iter(self.layers)
@@ -201,6 +204,7 @@ def write_plan(plan: InitPlan, model: nn.Module, generator: torch.Generator | No
     buffers: list[torch.Tensor] = []
     try:
         with torch.no_grad(), one_intra_op_thread():
+            method = METHODS[plan.method] if plan.method in METHODS else None
             units = []
             for layer, weight, biases in writes:
                 if drawn is not None:
@@ -212,9 +216,15 @@ def write_plan(plan: InitPlan, model: nn.Module, generator: torch.Generator | No
                         if layer.bias == "default" else []
                 buffers += [unit, *bias_units]
                 units.append((unit, bias_units))
+            if method is not None and method.adjusts:
+                # The method rescales the scaled draws on data (lsuv); they are still buffers.
+                candidates = {}
+                for (layer, weight, _), (unit, _) in zip(writes, units):
+                    candidates[layer.weight_path] = unit.mul_(unit_scale(layer.std, layer.distribution, tuple(weight.shape)))
+                method.adjust(model, plan, candidates)
             # -- write --------------------------------------------------------------------------------
             for (layer, weight, biases), (unit, bias_units) in zip(writes, units):
-                _write(layer, weight, biases, unit, bias_units)
+                _write(layer, weight, biases, unit, bias_units, scaled=method is not None and method.adjusts)
             if drawn is not None:
                 prefetch.commit()
             for module, alpha in norms:
@@ -284,10 +294,13 @@ def _check(plan: InitPlan, model: nn.Module, generator: torch.Generator | None) 
 
 
 def _write(layer: LayerPlan, weight: torch.Tensor, biases: list[torch.Tensor], unit: torch.Tensor,
-           bias_units: list[torch.Tensor]) -> None:
-    """Scale a unit draw into ``weight``; biases get their draws (``default``) or zeros."""
+           bias_units: list[torch.Tensor], scaled: bool = False) -> None:
+    """Scale a unit draw into ``weight`` (``scaled``: it already is); biases get their draws
+    (``default``) or zeros."""
     scale = unit_scale(layer.std, layer.distribution, tuple(weight.shape))
-    if unit.dtype == weight.dtype:
+    if scaled:
+        weight.copy_(unit)
+    elif unit.dtype == weight.dtype:
         torch.mul(unit, scale, out=weight)
     else:  # drawn in float32 for a reduced-precision weight: one rounding, at the end
         weight.copy_(unit.mul_(scale))

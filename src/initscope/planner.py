@@ -268,6 +268,8 @@ def build_plan(
         on_propagate()
     with one_intra_op_thread():
         result = _propagate(model, m, resolved, full_inputs, local_inputs, shape, opts)
+    if m.needs_data:
+        result.example = example_input
     plan_cache.store(key, result)
     return result
 

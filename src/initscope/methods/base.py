@@ -82,6 +82,7 @@ class Method:
         residual: the default residual policy (``none``, ``scale``, ``zero``).
         exact: the std is chosen from the full propagation (:meth:`full_pass`), not from a formula.
         needs_data: the method needs ``example_input`` (a real batch) to plan.
+        adjusts: the drawn weights are rescaled on data before they are written (:meth:`adjust`).
     """
 
     name: str = ""
@@ -93,6 +94,7 @@ class Method:
     residual: str = "none"
     exact: bool = False
     needs_data: bool = False
+    adjusts: bool = False
 
     def std(self, layer: Layer, options: "Options") -> tuple[float, bool]:
         """The std of ``layer``'s weights, and whether a clamp set it."""
@@ -112,6 +114,10 @@ class Method:
             raise ValueError(f"method {self.name!r} draws its own way ({self.distribution}); leave distribution=None")
         if self.needs_data and example_input is None:
             raise ValueError(f"method {self.name!r} sets its stds from data: pass example_input=<a batch>")
+
+    def adjust(self, model: nn.Module, plan: Any, candidates: dict) -> None:
+        """Rescale the drawn weights (``candidates``: weight path -> tensor, in place) before they are
+        written; for methods that set their scale on data (``adjusts = True``)."""
 
     def full_pass(self, job: Any) -> Any:
         """The full propagation with this method's stds (:class:`initscope.planner.Job`); the exact

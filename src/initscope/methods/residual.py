@@ -44,6 +44,7 @@ class Branch:
     knob_kind: str | None  # "weight" or "norm"
     starts: list[fx.Node]
     reason: str = ""
+    weights: list[fx.Node] = field(default_factory=list)  # every weight layer on the branch, in graph order
 
 
 @dataclass
@@ -103,7 +104,7 @@ def find_residual_adds(resolved: Resolved, probe: Pass) -> list[ResidualAdd]:
             knob, kind, reason = _knob(inputs[i], fork, resolved, probe)
             branch_weights = set(weights[i])
             starts = [w for w in weights[i] if not any((anc[w] >> index[o]) & 1 for o in branch_weights if o is not w)]
-            ra.branches.append(Branch(inputs[i], knob, kind, starts, reason))
+            ra.branches.append(Branch(inputs[i], knob, kind, starts, reason, list(weights[i])))
         found.append(ra)
     return found
 
