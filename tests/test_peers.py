@@ -80,3 +80,23 @@ def test_fixup_zeroes_branch_ends_and_the_classifier_and_scales_the_rest(name, d
     with torch.no_grad():
         assert float(model(torch.randn(4, 3, 32, 32)).abs().max()) == 0.0
     assert any("classifier starts at zero" in n for n in p.notes)
+
+
+@pytest.mark.parametrize("depth, blocks", [(20, 9), (56, 27)])
+def test_fixup_on_cifar_resnets_with_its_scalars(depth, blocks):
+    # Fixup's own architecture: scalar biases before each conv and activation, a multiplier at each
+    # branch's end; the branch's last conv is zeroed through them, the rest scaled by L^(-1/2).
+    model = create_model(f"resnet{depth}", norm="none", fixup_scalars=True, num_classes=10)
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 6 * (depth - 2) // 6 + 1
+    p = initscope.init_(model, "fixup", input_shape=(3, 32, 32))
+    scale = blocks ** -0.5
+    for layer in p.layers:
+        fan_in = model.get_parameter(layer.weight_path)[0].numel()
+        if layer.name.endswith("conv2") or layer.name == "fc":
+            assert layer.std == 0.0, layer.name
+        elif layer.name.endswith("conv1") and "." in layer.name:
+            assert layer.std == pytest.approx(math.sqrt(2 / fan_in) * scale, rel=1e-12), layer.name
+    scalars = [p for n, p in model.named_parameters() if n.endswith(".value")]
+    assert len(scalars) == 5 * blocks + 1 and all(float(s) in (0.0, 1.0) for s in scalars)
+    with torch.no_grad():
+        assert float(model(torch.randn(2, 3, 32, 32)).abs().max()) == 0.0

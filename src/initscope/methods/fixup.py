@@ -16,8 +16,7 @@ For a network of L residual branches with m weight layers each:
 
 With the classifier at zero, no gradient reaches the layers below it at initialization (only the
 classifier learns in the first step); the plan's gradient predictions are then zero, and it says so.
-Fixup is meant for networks without normalization: a branch that ends in a normalization is scaled,
-not zeroed, and noted.
+Fixup is meant for networks without normalization: a branch with one after its last layer is noted.
 """
 
 from __future__ import annotations
@@ -71,13 +70,14 @@ class Fixup(Method):
         notes = []
         for b in branches:
             scale = fixup_scale(len(branches), len(b.weights))
-            last = b.knob if b.knob_kind == "weight" else None
+            # The branch's last weight layer, whatever scalar multipliers and biases follow it.
+            last = b.weights[-1]
             for w in b.weights:
                 for n in job.layer(w).nodes:
                     stds[n] = 0.0 if w is last else stds[n] * scale
-            if last is None:
-                notes.append(f"fixup: the branch ending at {b.input.name} ends in "
-                             f"{'a normalization' if b.knob_kind == 'norm' else 'no weight layer'}; it is scaled, not zeroed")
+            if b.knob_kind == "norm":
+                notes.append(f"fixup: the branch ending at {b.input.name} has a normalization after its last "
+                             "layer; Fixup is meant for networks without one")
         for node in _outputs(job):
             for n in job.layer(node).nodes:
                 stds[n] = 0.0
