@@ -166,7 +166,7 @@ def _layer_infos(resolved: Resolved, local: Pass) -> list[LayerInfo]:
                 if bias_path is not None and bias_path != known.bias_path:
                     known.other_bias_paths.append(bias_path)
             continue
-        input_node = node.args[0] if node.args else node.kwargs.get("input")
+        input_node = _same_tensor(resolved, node.args[0] if node.args else node.kwargs.get("input"))
         info = LayerInfo(
             name=name,
             geometry=view.geometry,
@@ -183,6 +183,16 @@ def _layer_infos(resolved: Resolved, local: Pass) -> list[LayerInfo]:
         info.views.append(info)
         infos[id(weight)] = info
     return list(infos.values())
+
+
+def _same_tensor(resolved: Resolved, node: Any) -> Any:
+    """The node whose tensor ``node``'s is: an ``nn.Identity`` hands its input on as the very same
+    tensor, so the gradient a user measures at a layer's input is the one at the tensor before it (a
+    CIFAR ResNet with its norms and Fixup scalars removed reads ``conv1(identity(x))`` beside the
+    shortcut's ``x``: the gradient there is the branch's and the shortcut's together)."""
+    while isinstance(node, fx.Node) and node.op == "call_module" and type(resolved.modules.get(node)) is nn.Identity:
+        node = node.args[0]
+    return node
 
 
 def _weight_std(m: Method, info: LayerInfo, opts: Options) -> tuple[float, bool]:
