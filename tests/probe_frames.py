@@ -104,7 +104,7 @@ SHARED_METHODS = ("xavier", "kaiming-forward", "asv-backward")
 def shared_report():
     """One comparison report on :func:`tiny_cnn`, made once per test session and shared by the report
     and browser tests (it is the slowest part of both); removed when the session ends."""
-    from initscope.report import compare
+    from initscope.compare import compare
 
     out = Path(tempfile.mkdtemp(prefix="initscope-report-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)

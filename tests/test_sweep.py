@@ -12,10 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from initscope.cli import app
-from initscope.experiments.runner import run_sweep
+from initscope.errors import SweepConfigError
+from initscope.experiments.config import RunConfig, SweepConfig
+from initscope.experiments.engines import run_sweep
 from initscope.experiments.store import Store
-from initscope.experiments.sweep import SweepConfig, SweepConfigError
-from initscope.experiments.train import RunConfig, RunResult
+from initscope.experiments.training import RunResult
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +119,7 @@ def test_example_configs_parse():
 
 
 def test_demo_toml_is_the_demo_sweep(tmp_path):
-    from initscope.experiments.runner import DEMO_METHODS, demo_sweep
+    from initscope.demo import DEMO_METHODS, demo_sweep
 
     code = demo_sweep(tmp_path)
     assert [r.run_id for r in code.expand()] == [r.run_id for r in SweepConfig.from_toml(

@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from initscope.cli import app
-from initscope.experiments.metrics import classification_metrics
-from initscope.experiments.optim import OPTIMIZERS, SCHEDULES, lr_at, make_optimizer
-from initscope.experiments.train import RunConfig, RunResult, train
+from initscope.experiments.config import RunConfig
+from initscope.experiments.training import RunResult, train
+from initscope.experiments.training.metrics import classification_metrics
+from initscope.experiments.training.optim import OPTIMIZERS, SCHEDULES, lr_at, make_optimizer
 
 # tiny runs: 16x16 synthetic images, 200 train samples
 TINY = dict(data="synthetic", image_size=16, limit=200, batch_size=32, device="cpu")
