@@ -6,6 +6,9 @@ and :mod:`initscope.cli` registers them; they import from here, never from the C
 
 from __future__ import annotations
 
+import inspect
+from typing import Any, Callable
+
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -31,3 +34,29 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not shape or any(s <= 0 for s in shape):
         raise typer.BadParameter(f"{text!r} is not a shape: write it like 3,224,224")
     return shape
+
+
+class LiveCommand:
+    """A command whose parameters are built when typer reads them, not when the module is imported.
+
+    typer turns a callback's ``inspect.signature`` into flags each time it builds the command; a
+    ``__signature__`` property is read then, so flags and help that list a registry (data sources,
+    engines, methods) include what was registered after this module was imported.
+
+    Args:
+        fn: the command's body; it takes the flags as keyword arguments (``**flags``).
+        params: returns the ``inspect.Parameter`` list (each with a ``typer.Option`` default).
+    """
+
+    def __init__(self, fn: Callable[..., None], params: Callable[[], list[inspect.Parameter]]) -> None:
+        self.__name__, self.__qualname__, self.__module__ = fn.__name__, fn.__qualname__, fn.__module__
+        self.__doc__ = fn.__doc__  # typer's help text
+        self.__annotations__: dict[str, Any] = {}  # typer asks typing.get_type_hints; the types are in the signature
+        self._fn, self._params = fn, params
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.Signature(self._params())
+
+    def __call__(self, **flags: Any) -> None:
+        return self._fn(**flags)

@@ -3,7 +3,9 @@
 The flags of ``train`` and ``sweep`` are not written here: each command's signature is built from
 :data:`~initscope.experiments.config.RUN_SCHEMA` (one flag per RunConfig field, with its type, default
 and help, the valid values read from the registries) and, for ``sweep``, from the engines' declared
-options. typer reads a function's ``__signature__``, so these functions take ``**flags``.
+options. typer reads a callback's signature when it builds the command, so the commands are
+:class:`~initscope.cli_common.LiveCommand` objects over bodies that take ``**flags``: a data source or an
+engine registered after this module was imported is in the help and the flags all the same.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
-from initscope.cli_common import console, fail
+from initscope.cli_common import LiveCommand, console, fail
 from initscope.experiments.config import PAPER_METHODS, RUN_SCHEMA, RunConfig, SweepConfig, load_toml
 from initscope.experiments.config.sweep import AXES, axis_sizes, default_grid
 from initscope.experiments.engines import ENGINES, engine_options
@@ -26,12 +28,6 @@ _KW = inspect.Parameter.KEYWORD_ONLY
 
 def _option(name: str, annotation: Any, default: Any, *flags: str, help: str) -> inspect.Parameter:
     return inspect.Parameter(name, _KW, default=typer.Option(default, *flags, help=help), annotation=annotation)
-
-
-def _signature(fn: Callable[..., None], params: list[inspect.Parameter]) -> Callable[..., None]:
-    """Give ``fn`` (which takes ``**flags``) the parameters typer turns into its flags."""
-    fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    return fn
 
 
 def _field_flag(name: str, *, sweep: bool) -> inspect.Parameter:
@@ -61,7 +57,7 @@ def _field_value(name: str, value: Any) -> Any:
 # -- initscope train ------------------------------------------------------------------------------------
 
 
-def train_cmd(**flags: Any) -> None:
+def _train(**flags: Any) -> None:
     """Train one model with one initialization; print the per-epoch history and the test metrics."""
     from initscope.errors import InitscopeError
     from initscope.experiments.engines.base import check_data
@@ -99,12 +95,16 @@ def train_cmd(**flags: Any) -> None:
     console.print(f"run {result.run_id}: {result.status}; saved under {out / result.run_id}")
 
 
-_signature(train_cmd, [_field_flag(name, sweep=False) for name in RUN_SCHEMA.names()] + [
-    _option("out", Path, Path("runs"), "--out", help="folder for checkpoints and result.json"),
-    _option("progress", bool, True, "--progress/--no-progress", help="show a progress bar"),
-    _option("resume", bool, True, "--resume/--no-resume", help="continue a killed run from its last epoch"),
-    _option("threads", int, 0, "--threads", help="torch CPU threads (0: torch's default); 1 on a shared machine"),
-])
+def _train_params() -> list[inspect.Parameter]:
+    return [_field_flag(name, sweep=False) for name in RUN_SCHEMA.names()] + [
+        _option("out", Path, Path("runs"), "--out", help="folder for checkpoints and result.json"),
+        _option("progress", bool, True, "--progress/--no-progress", help="show a progress bar"),
+        _option("resume", bool, True, "--resume/--no-resume", help="continue a killed run from its last epoch"),
+        _option("threads", int, 0, "--threads", help="torch CPU threads (0: torch's default); 1 on a shared machine"),
+    ]
+
+
+train_cmd = LiveCommand(_train, _train_params)
 
 
 # -- initscope sweep ------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def _engine_kwargs(engine: str, given: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def sweep_cmd(**flags: Any) -> None:
+def _sweep(**flags: Any) -> None:
     """Train every combination of data × model × method × optimizer × lr × seed; results go to an
     SQLite database. Run it again to resume: finished and diverged runs are skipped."""
     from initscope.errors import ConfigError, InitscopeError
@@ -184,22 +184,26 @@ def _print_first_failure(summary: Any) -> None:
                       "(--no-retry-failed); their errors are in the database's runs.error")
 
 
-_signature(sweep_cmd, [
-    inspect.Parameter("config", _KW, annotation=Optional[Path], default=typer.Argument(
-        None, help="a sweep TOML file (see docs/experiments.md); flags override it")),
-    *[_field_flag(name, sweep=True) for name in [*AXES, *(n for n in RUN_SCHEMA.names() if n not in AXES)]],
-    _option("db", Optional[Path], None, "--db", help="the results database (default: runs.db)"),
-    _option("out", Optional[Path], None, "--out", help="folder for the runs' files (default: runs)"),
-    _option("name", Optional[str], None, "--name", help="the sweep's name in the database"),
-    _option("report", Optional[Path], None, "--report", help="write the report to this folder afterwards"),
-    _option("retry_failed", bool, True, "--retry-failed/--no-retry-failed", help="train failed runs again"),
-    _option("dry_run", bool, False, "--dry-run", help="list the runs and exit"),
-    _option("engine", str, "local", "--engine",
-            help="what runs the runs: " + "; ".join(f"{e.name}: {e.summary}" for e in ENGINES.values())),
-    *[_option(o.name, Optional[o.type], None, o.flag,
-              help=f"{', '.join(e.name for e in ENGINES.values() if o.name in e.option_names())}: {o.help}")
-      for o in engine_options().values()],
-])
+def _sweep_params() -> list[inspect.Parameter]:
+    return [
+        inspect.Parameter("config", _KW, annotation=Optional[Path], default=typer.Argument(
+            None, help="a sweep TOML file (see docs/experiments.md); flags override it")),
+        *[_field_flag(name, sweep=True) for name in [*AXES, *(n for n in RUN_SCHEMA.names() if n not in AXES)]],
+        _option("db", Optional[Path], None, "--db", help="the results database (default: runs.db)"),
+        _option("out", Optional[Path], None, "--out", help="folder for the runs' files (default: runs)"),
+        _option("name", Optional[str], None, "--name", help="the sweep's name in the database"),
+        _option("report", Optional[Path], None, "--report", help="write the report to this folder afterwards"),
+        _option("retry_failed", bool, True, "--retry-failed/--no-retry-failed", help="train failed runs again"),
+        _option("dry_run", bool, False, "--dry-run", help="list the runs and exit"),
+        _option("engine", str, "local", "--engine",
+                help="what runs the runs: " + "; ".join(f"{e.name}: {e.summary}" for e in ENGINES.values())),
+        *[_option(o.name, Optional[o.type], None, o.flag,
+                  help=f"{', '.join(e.name for e in ENGINES.values() if o.name in e.option_names())}: {o.help}")
+          for o in engine_options().values()],
+    ]
+
+
+sweep_cmd = LiveCommand(_sweep, _sweep_params)
 
 
 # -- initscope report -----------------------------------------------------------------------------------
