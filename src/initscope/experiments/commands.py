@@ -21,7 +21,7 @@ from rich.table import Table
 from initscope.cli_common import LiveCommand, console, fail
 from initscope.experiments.config import PAPER_METHODS, RUN_SCHEMA, RunConfig, SweepConfig, load_toml
 from initscope.experiments.config.sweep import AXES, axis_sizes, default_grid
-from initscope.experiments.engines import ENGINES, engine_options
+from initscope.experiments.engines import ENGINES, SweepSummary, engine_options
 
 _KW = inspect.Parameter.KEYWORD_ONLY
 
@@ -60,7 +60,7 @@ def _field_value(name: str, value: Any) -> Any:
 def _train(**flags: Any) -> None:
     """Train one model with one initialization; print the per-epoch history and the test metrics."""
     from initscope.errors import InitscopeError
-    from initscope.experiments.engines.base import check_data
+    from initscope.experiments.data import parse_data
     from initscope.experiments.store import check_output
     from initscope.experiments.training import train
     from initscope.threads import torch_threads
@@ -69,7 +69,7 @@ def _train(**flags: Any) -> None:
     try:
         # a flag left at None (the text flags' "not given") takes the field's default
         config = RunConfig.from_dict({k: _field_value(k, v) for k, v in flags.items() if v is not None})
-        check_data([config])  # the data's files: an error now, not after the model is built
+        parse_data(config.data).check(config.data_root)  # the data's files: now, not after the model is built
         check_output(out)  # an unwritable folder or a full disk: an error now, not at the first checkpoint
         # On a machine whose cores other processes also use, OpenMP threads spin-waiting on each other can
         # slow every step many times over; one thread each avoids it.
@@ -174,11 +174,11 @@ def _sweep(**flags: Any) -> None:
         console.print(f"report: initscope report {sweep.db} --out report")
 
 
-def _print_first_failure(summary: Any) -> None:
+def _print_first_failure(summary: SweepSummary) -> None:
     if summary.failures:
         run_id, error = summary.failures[0]
         console.print(f"[red]error:[/red] no run finished; the first failure, run {run_id}:")
-        console.print(error.rstrip(), markup=False)
+        console.print(error.rstrip(), markup=False, soft_wrap=True)  # the traceback as it was, lines unbroken
     else:
         console.print("[red]error:[/red] no run finished: every run had failed before and was not retried "
                       "(--no-retry-failed); their errors are in the database's runs.error")
@@ -188,7 +188,8 @@ def _sweep_params() -> list[inspect.Parameter]:
     return [
         inspect.Parameter("config", _KW, annotation=Optional[Path], default=typer.Argument(
             None, help="a sweep TOML file (see docs/experiments.md); flags override it")),
-        *[_field_flag(name, sweep=True) for name in [*AXES, *(n for n in RUN_SCHEMA.names() if n not in AXES)]],
+        # the grid's axes first (comma-separated lists), then the settings every run shares
+        *[_field_flag(name, sweep=True) for name in sorted(RUN_SCHEMA.names(), key=lambda n: n not in AXES)],
         _option("db", Optional[Path], None, "--db", help="the results database (default: runs.db)"),
         _option("out", Optional[Path], None, "--out", help="folder for the runs' files (default: runs)"),
         _option("name", Optional[str], None, "--name", help="the sweep's name in the database"),
