@@ -77,7 +77,11 @@ def run_demo(
         for method in methods:
             if progress:
                 progress(f"{name}: {method}")
-            p = make_plan(model, method, input_shape=input_shape)
+            if getattr(METHODS[method], "needs_data", False):  # planned on a batch like those it is measured on
+                gaussian = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
+                p = make_plan(model, method, example_input=gaussian)
+            else:
+                p = make_plan(model, method, input_shape=input_shape)
             meas = measure(model, p, input_shape, batch=batch, draws=draws, seed=seed)
             table[method] = {
                 "layers": [layer.name for layer in p.layers],

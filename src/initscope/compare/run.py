@@ -155,8 +155,9 @@ def compare(
             progress(f"probing {method}")
         torch.manual_seed(seed)  # the same construction-time draws for every copy
         model = build()
-        # Gaussian inputs are exactly what input_shape stands for; real data is planned from itself.
-        if inputs.gaussian:
+        # Gaussian inputs are exactly what input_shape stands for; real data is planned from itself, and so
+        # is the batch for a method that sets its scale on data (needs_data).
+        if inputs.gaussian and not getattr(METHODS[method], "needs_data", False):
             p = make_plan(model, method, input_shape=shape)
         else:
             p = make_plan(model, method, example_input=inputs.inputs)

@@ -41,6 +41,7 @@ from initscope.experiments.training import distributed
 from initscope.experiments.training.checkpoint import load_state, load_weights, save_state, save_weights
 from initscope.experiments.training.metrics import classification_metrics
 from initscope.experiments.training.optim import lr_at, make_optimizer
+from initscope.methods import METHODS
 from initscope.progress import progress_bar
 
 if TYPE_CHECKING:  # the loop reads a config; it never builds or checks one
@@ -142,6 +143,15 @@ def _split_tensors(ds, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return x.to(device), y.to(device)
 
 
+def _planned_from(config: "RunConfig", input_shape: tuple[int, ...], x_train: torch.Tensor) -> dict[str, Any]:
+    """What the initialization is planned from: the input shape (i.i.d. N(0, 1) inputs), or, for a method
+    that sets its scale on data (``needs_data``, such as LSUV), the first batch of the train
+    split, on the CPU where the model is built."""
+    if getattr(METHODS[config.method], "needs_data", False):
+        return {"example_input": x_train[:config.batch_size].cpu()}
+    return {"input_shape": input_shape}
+
+
 def _probe_callback(config: "RunConfig", run_dir: Path | None):
     """The probe's callback when a run asks for it (``probe_every > 0``): it measures every layer's
     distributions at steps 0, N, 2N, ... (step 0 = the initialization) in its own forward and backward pass."""
@@ -201,7 +211,7 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
         # -- setup: model, initialization, optimizer ------------------------------------------------
         model = build_model(config, data.in_channels, data.num_classes)
         if dist_env.is_main:  # planned once; the other ranks get these weights by broadcast below
-            initscope.init_(model, config.method, input_shape=data.input_shape,
+            initscope.init_(model, config.method, **_planned_from(config, data.input_shape, x_train),
                             generator=torch.Generator().manual_seed(config.seed))
         model.to(device)
         opt = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
