@@ -79,6 +79,7 @@ def make_frame(methods=("xavier", "kaiming-forward"), n_layers: int = 5, bins: i
                 rows.append({"layer": name, "index": li, "kind": kind, "quantity": q, **s, **layer_cols})
         frame = pd.DataFrame(rows, columns=COLUMNS)
         frame.insert(0, "method", method)
+        frame["weight_layer"] = True  # every layer here is a conv or a linear, as compare marks them
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 

@@ -63,6 +63,14 @@ def test_predictions_are_each_methods_plan(report):
             assert by_layer.loc[layer.name, "pred_in_grad_var"] == pytest.approx(layer.pred_in_grad_var)
 
 
+def test_the_weight_layers_are_the_plans(report):
+    for method, p in report.plans.items():
+        sub = report.frame[report.frame["method"] == method]
+        marked = list(dict.fromkeys(sub.loc[sub["weight_layer"], "layer"]))
+        assert marked == [layer.name for layer in p.layers]
+        assert set(sub.loc[~sub["weight_layer"], "kind"]).isdisjoint({"conv2d", "linear"})
+
+
 def test_same_seed_same_draws_for_every_method(report):
     # Same seed, same normal draws: each method's weights are the others' scaled by the ratio of stds.
     w = report.frame[report.frame["quantity"] == "weight"].set_index(["method", "layer"])

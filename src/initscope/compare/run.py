@@ -165,6 +165,8 @@ def compare(
         result = probe(model, inputs.inputs, plan=p)
         frame = result.to_frame()
         frame.insert(0, "method", method)
+        # the weight layers are the plan's (the rule registry's definition), whatever their class is called
+        frame["weight_layer"] = frame["layer"].isin({layer.name for layer in p.layers})
         frames.append(frame)
         plans[method] = p
         del model, result
