@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from initscope.experiments.sweep import SweepConfig
+from initscope.experiments.config import SweepConfig
 
 
 class TimedTrain:
@@ -34,7 +34,7 @@ class TimedTrain:
         self.folder = Path(folder)
 
     def __call__(self, config, **kw):
-        from initscope.experiments.train import train
+        from initscope.experiments.training import train
 
         t0 = time.perf_counter()
         result = train(config, **kw)
@@ -72,14 +72,14 @@ def _timed_sweep(runs: int, engine) -> dict[str, float]:
 
 
 def one_local(runs: int) -> dict[str, float]:
-    from initscope.experiments.runner import run_sweep
+    from initscope.experiments.engines import run_sweep
 
-    return _timed_sweep(runs, lambda cfgs, db, out, fn: run_sweep(cfgs, db=db, out_dir=out, train_fn=fn,
+    return _timed_sweep(runs, lambda cfgs, db, out, fn: run_sweep(cfgs, db=db, out=out, train_fn=fn,
                                                                   progress=False, threads=1))
 
 
 def _ray_sweep(runs: int) -> dict[str, float]:
-    from initscope.experiments.ray_engine import run_sweep_ray
+    from initscope.experiments.engines import run_sweep_ray
 
     return _timed_sweep(runs, lambda cfgs, db, out, fn: run_sweep_ray(cfgs, db=db, out=out, train_fn=fn,
                                                                       progress=False))

@@ -1,4 +1,4 @@
-"""Training speed: initscope's loop (``initscope.experiments.train``) against a bare PyTorch loop over the
+"""Training speed: initscope's loop (``initscope.experiments.training.train``) against a bare PyTorch loop over the
 same model, data tensors, optimizer, batch size and steps, side by side in one process.
 
 Each epoch is one train pass over the shuffled train split plus one validation pass, in both loops; our
@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 
 import initscope
+from initscope.experiments.config import RunConfig
 from initscope.experiments.data import load_data
-from initscope.experiments.optim import make_optimizer
-from initscope.experiments.train import RunConfig, build_model, train
+from initscope.experiments.training import build_model, train
+from initscope.experiments.training.optim import make_optimizer
+from initscope.threads import torch_threads
 
 
 def bare_epochs(config: RunConfig, epochs: int) -> list[float]:
@@ -52,18 +54,8 @@ def bare_epochs(config: RunConfig, epochs: int) -> list[float]:
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="plain34")
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--data", default="digits")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--optimizer", default="adam")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def time_both(args: argparse.Namespace) -> None:
+    """Time both loops on the model and data of ``args``, alternating, and print the throughputs."""
     # two epochs per side and repeat, the first one warming caches and the allocator; the two loops
     # alternate, so that load from other processes falls on both alike
     config = RunConfig(data=args.data, model=args.model, width=args.width, optimizer=args.optimizer,
@@ -79,6 +71,20 @@ def main() -> None:
     print(f"bare PyTorch loop : {n / b:8.0f} img/s  (median epoch {b:.3f} s)")
     print(f"initscope.train   : {n / o:8.0f} img/s  (median epoch {o:.3f} s)")
     print(f"throughput ratio  : {b / o:.3f}   (target >= 0.9)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="plain34")
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--optimizer", default="adam")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    with torch_threads(args.threads or None):
+        time_both(args)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ def make_frame(methods=("xavier", "kaiming-forward"), n_layers: int = 5, bins: i
                 rows.append({"layer": name, "index": li, "kind": kind, "quantity": q, **s, **layer_cols})
         frame = pd.DataFrame(rows, columns=COLUMNS)
         frame.insert(0, "method", method)
+        frame["weight_layer"] = True  # every layer here is a conv or a linear, as compare marks them
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
@@ -104,7 +105,7 @@ SHARED_METHODS = ("xavier", "kaiming-forward", "asv-backward")
 def shared_report():
     """One comparison report on :func:`tiny_cnn`, made once per test session and shared by the report
     and browser tests (it is the slowest part of both); removed when the session ends."""
-    from initscope.report import compare
+    from initscope.compare import compare
 
     out = Path(tempfile.mkdtemp(prefix="initscope-report-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)

@@ -16,17 +16,17 @@ from typer.testing import CliRunner
 
 from initscope.cli import app
 from initscope.errors import InitscopeError
-from initscope.experiments import data as data_mod
-from initscope.experiments.data import load_data, min_per_class
-from initscope.experiments.runner import run_sweep
+from initscope.experiments.config import RunConfig, SweepConfig
+from initscope.experiments.data import SOURCES, Images, clear_cache, load_data, min_per_class
+from initscope.experiments.data.splits import class_counts
+from initscope.experiments.engines import run_sweep
 from initscope.experiments.store import Store
-from initscope.experiments.sweep import SweepConfig
-from initscope.experiments.train import RunConfig, train
+from initscope.experiments.training import train
 
 
 def forget_loaded_data():
     """load_data caches by its arguments; a test that changes a folder (or the loader) under it starts afresh."""
-    data_mod._CACHE.clear()
+    clear_cache()
 
 
 class Invoked:
@@ -64,7 +64,7 @@ def test_config_with_unknown_key_or_value_names_it_and_lists_the_valid(tmp_path)
     r = invoke("sweep", "--methods", "xavier", "--engine", "spark", "--db", tmp_path / "r.db")
     assert r.exit_code == 2 and "unknown engine 'spark'; valid: local, ray" in r.output
     r = invoke("train", "--optimizer", "adamx", "--out", tmp_path / "runs")
-    assert r.exit_code == 2 and "unknown optimizer 'adamx'; valid: sgd" in r.output
+    assert r.exit_code == 2 and "optimizer: unknown value 'adamx'; valid: sgd" in r.output
     with pytest.raises(ValueError, match=r"unknown RunConfig key\(s\) 'lrr'; valid: data, .*lr"):
         RunConfig.from_dict({"lrr": 0.1})
 
@@ -155,7 +155,7 @@ def test_a_class_too_small_to_split_is_refused_by_name(tmp_path):
     for split in ("train", "val", "test"):
         assert torch.bincount(getattr(d, split).tensors[1], minlength=3).min() >= 1
     # the rule is the split's own rounding: the smallest class size that fills every part
-    assert min_per_class((0.6, 0.2, 0.2)) == 4 and data_mod._class_counts(3, (0.6, 0.2, 0.2))[-1] == 0
+    assert min_per_class((0.6, 0.2, 0.2)) == 4 and class_counts(3, (0.6, 0.2, 0.2))[-1] == 0
     assert min_per_class((0.5, 0.5)) == 2 and min_per_class((1.0, 0.0)) == 1
     # a class whose images are all unreadable counts as empty
     (root / "dog").mkdir()
@@ -166,16 +166,17 @@ def test_a_class_too_small_to_split_is_refused_by_name(tmp_path):
 
 
 def test_nan_in_the_data_is_refused_naming_the_image(tmp_path, monkeypatch):
-    real = data_mod._synthetic
+    source = SOURCES["synthetic"]
+    real = source.load
 
-    def with_nan(image_size, in_channels):
-        x, y, names = real(image_size, in_channels)
-        x = x.clone()
+    def with_nan(arg, **kw):
+        images = real(arg, **kw)
+        x = images.x.clone()
         x[17, 0, 2, 3] = float("nan")
         x[40, 1] = float("inf")
-        return x, y, names
+        return Images(x, images.y, images.class_names)
 
-    monkeypatch.setattr(data_mod, "_synthetic", with_nan)
+    monkeypatch.setattr(source, "load", with_nan)
     forget_loaded_data()
     try:
         with pytest.raises(ValueError, match="synthetic: 2 image\\(s\\) hold NaN or inf values, the first is image 17"):

@@ -55,7 +55,7 @@ def open_in_browser(page_path, tmp_path):
 
 @pytest.fixture(scope="module")
 def report():
-    return shared_report()  # made by initscope.report.compare on a small CNN, shared with test_report
+    return shared_report()  # made by initscope.compare.compare on a small CNN, shared with test_report
 
 
 def test_every_figure_loads_in_chromium(report, tmp_path):
@@ -71,7 +71,7 @@ def test_every_figure_loads_in_chromium(report, tmp_path):
         assert im["naturalWidth"] > 0 and im["naturalHeight"] > 0, im
         assert im["width"] > 0 and im["height"] > 0, im
     # the PNGs as written: their pixel sizes are what the browser decoded
-    from initscope.report.html import png_size
+    from initscope.compare.html import png_size
 
     sizes = [png_size(png.read_bytes()) for png, _ in report.figures.values()]
     assert [(im["naturalWidth"], im["naturalHeight"]) for im in seen["images"]] == sizes

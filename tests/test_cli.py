@@ -35,3 +35,27 @@ def test_plan_bad_model_and_shape():
 def test_methods():
     result = runner.invoke(app, ["methods"])
     assert result.exit_code == 0 and "asv-forward-exact" in result.output
+
+
+def test_one_progress_bar_helper():
+    import io
+
+    from rich.console import Console
+
+    from initscope.progress import progress_bar, step_bar
+
+    with progress_bar("loss", "rate", enabled=False) as bar:  # a disabled bar still counts
+        task = bar.add_task("epoch 1/1", total=4, loss="loss -", rate="- img/s")
+        bar.update(task, advance=3, loss="loss 2.3026")
+        assert bar.tasks[0].completed == 3 and bar.tasks[0].fields["loss"] == "loss 2.3026"
+    out = io.StringIO()
+    with step_bar(3, console=Console(file=out, width=120)) as step:
+        for what in ("planning a", "planning b", "drawing"):
+            step(what)
+    assert "3/3" in out.getvalue() and "drawing" in out.getvalue()  # the last step is counted on leaving
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    for command in ("plan", "methods", "compare", "train", "sweep", "report", "demo"):
+        assert command in result.output

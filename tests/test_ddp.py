@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from initscope.experiments.distributed import DistEnv, env_from_environ, shard_batches, weights_digest
+from initscope.experiments.training.distributed import DistEnv, env_from_environ, shard_batches, weights_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ DRIVER = textwrap.dedent('''
     import hashlib, json, os, sys
     import torch
     import initscope
-    import initscope.experiments.train as T
+    import initscope.experiments.training.loop as T
 
     rank, logdir = int(os.environ["RANK"]), sys.argv[1]
 

@@ -14,12 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from initscope.cli import app
-from initscope.experiments import preflight
-from initscope.experiments.preflight import PreflightError, check_output
-from initscope.experiments.ray_engine import run_sweep_ray
-from initscope.experiments.runner import run_sweep
-from initscope.experiments.store import Store
-from initscope.experiments.sweep import SweepConfig
+from initscope.errors import PreflightError
+from initscope.experiments.config import SweepConfig
+from initscope.experiments.engines import run_sweep, run_sweep_ray
+from initscope.experiments.store import Store, check_output, preflight
 
 SWEEP_FLAGS = ["--data", "synthetic", "--width", "4", "--batch-size", "32", "--limit", "64", "--threads", "1"]
 

@@ -11,11 +11,10 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'initscope[ray]'")
 
-from initscope.experiments.ray_engine import run_sweep_ray  # noqa: E402
-from initscope.experiments.runner import run_sweep  # noqa: E402
+from initscope.experiments.config import RunConfig, SweepConfig  # noqa: E402
+from initscope.experiments.engines import run_sweep, run_sweep_ray  # noqa: E402
 from initscope.experiments.store import Store  # noqa: E402
-from initscope.experiments.sweep import SweepConfig  # noqa: E402
-from initscope.experiments.train import RunConfig, RunResult, train  # noqa: E402
+from initscope.experiments.training import RunResult, train  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +101,7 @@ def test_resume_skips_runs_finished_anywhere_and_failures_are_results(tmp_path):
     sweep = fake_sweep(tmp_path, ["xavier", "asv-forward", "kaiming-forward"])
     runs = sweep.expand()
     local = CountingTrain(tmp_path / "local-calls")
-    run_sweep(runs[:2], db=sweep.db, out_dir=sweep.out, train_fn=local, progress=False)  # the local engine did two
+    run_sweep(runs[:2], db=sweep.db, out=sweep.out, train_fn=local, progress=False)  # the local engine did two
     assert local.count() == 2
     remote = CountingTrain(tmp_path / "ray-calls")
     summary = run_sweep_ray(sweep, train_fn=remote, progress=False)

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 from initscope.cli import app
 from initscope.errors import InitscopeError
 from initscope.methods import METHODS
-from initscope.report import compare, parse_methods
-from initscope.report.compare import FIGURES
-from initscope.report.html import page_figure, png_size, render_page
-from initscope.report.inputs import load_batch
+from initscope.compare import compare, parse_methods
+from initscope.compare.html import page_figure, png_size, render_page
+from initscope.compare.inputs import load_batch
+from initscope.compare.run import FIGURES
 
 METHODS3 = SHARED_METHODS
 runner = CliRunner()
@@ -61,6 +61,14 @@ def test_predictions_are_each_methods_plan(report):
         for layer in plan.layers:
             assert by_layer.loc[layer.name, "pred_out_var"] == pytest.approx(layer.pred_out_var)
             assert by_layer.loc[layer.name, "pred_in_grad_var"] == pytest.approx(layer.pred_in_grad_var)
+
+
+def test_the_weight_layers_are_the_plans(report):
+    for method, p in report.plans.items():
+        sub = report.frame[report.frame["method"] == method]
+        marked = list(dict.fromkeys(sub.loc[sub["weight_layer"], "layer"]))
+        assert marked == [layer.name for layer in p.layers]
+        assert set(sub.loc[~sub["weight_layer"], "kind"]).isdisjoint({"conv2d", "linear"})
 
 
 def test_same_seed_same_draws_for_every_method(report):
@@ -160,8 +168,8 @@ def test_parse_methods():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"methods": "xavier,bogus"}, "unknown method"),
-    ({"data": "imagenet"}, "data='imagenet' is not one of.*cifar10"),
-    ({"data": "folder:/no/such/dir"}, "is not a folder"),
+    ({"data": "imagenet"}, "data: unknown value 'imagenet'; valid: .*cifar10.*; or gaussian"),
+    ({"data": "folder:/no/such/dir"}, "folder:/no/such/dir: no such directory"),
     ({"input_shape": (3, 0, 16)}, "positive sizes"),
     ({"batch": 0}, "batch=0"),
 ])
@@ -277,7 +285,7 @@ def test_folder_batch(tmp_path):
     assert torch.all(per_image.min(1).values == per_image.max(1).values)  # flat images stay flat
     assert sorted(per_image[:, 0].tolist()) == [-1.0] * 4 + [1.0] * 4
     assert "fewer than batch=10" in b.description
-    with pytest.raises(ValueError, match="is not a folder"):
+    with pytest.raises(ValueError, match="nope: no such directory"):
         load_batch(f"folder:{tmp_path / 'nope'}", (3, 5, 6), 3)
     with pytest.raises(ValueError, match=r"needs \(C, H, W\)"):
         load_batch("digits", (64,), 3)

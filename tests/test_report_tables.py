@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from initscope.experiments import report as rp
+from initscope.experiments import tables as rp
+from initscope.experiments.tables.results import _probe_frames
 from initscope.experiments.store import Store
 
 DATA = ("A", "B")
@@ -205,7 +206,7 @@ def test_probe_frames_become_figures(tmp_path):
             s.finish(SimpleNamespace(run_id=rid(*key), status="finished", history=[
                 {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5}],
                 best_epoch=1, test={}, diverged_epoch=None, error=None, checkpoint=None))
-    ((name, frame),) = rp._probe_frames(rp.load_runs(db))
+    ((name, frame),) = _probe_frames(rp.load_runs(db))
     assert name == "A · plain34" and set(frame["method"]) == {"xavier", "asv-backward"}
     assert set(frame["step"]) == {0} and not frame["layer"].str.startswith("later.").any()
     rep = rp.write_report(db, tmp_path / "out")

@@ -12,10 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from initscope.cli import app
-from initscope.experiments.runner import run_sweep
+from initscope.errors import SweepConfigError
+from initscope.experiments.config import RunConfig, SweepConfig
+from initscope.experiments.engines import run_sweep
 from initscope.experiments.store import Store
-from initscope.experiments.sweep import SweepConfig, SweepConfigError
-from initscope.experiments.train import RunConfig, RunResult
+from initscope.experiments.training import RunResult
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,8 +118,19 @@ def test_example_configs_parse():
         assert SweepConfig.from_toml(path).expand(), path
 
 
+def test_examples_name_no_path_outside_the_repository():
+    """A user's clone has no ../shared beside it: where the data lie is theirs to say (--data-root)."""
+    for path in sorted((ROOT / "examples").glob("*.toml")):
+        sweep = SweepConfig.from_toml(path)
+        paths = [str(sweep.db), str(sweep.out)]
+        for run in sweep.expand():
+            paths += [run.data.partition(":")[2], run.data_root or ""]
+        outside = [p for p in paths if p.startswith(("/", "~")) or ".." in Path(p).parts]
+        assert not outside, (path.name, outside)
+
+
 def test_demo_toml_is_the_demo_sweep(tmp_path):
-    from initscope.experiments.runner import DEMO_METHODS, demo_sweep
+    from initscope.demo import DEMO_METHODS, demo_sweep
 
     code = demo_sweep(tmp_path)
     assert [r.run_id for r in code.expand()] == [r.run_id for r in SweepConfig.from_toml(
@@ -192,6 +204,36 @@ def test_divergence_and_failure_are_results(tmp_path):
     summary = run_sweep(sweep, train_fn=again, progress=False)
     assert summary.skipped == {"finished": 4, "diverged": 4} and summary.ran == {"failed": 4}
     assert run_sweep(sweep, train_fn=FakeTrain(), progress=False, retry_failed=False).skipped["failed"] == 4
+
+
+def test_a_sweep_whose_every_run_failed(tmp_path):
+    sweep = SweepConfig(grid={"method": ["kaiming-forward"], "seed": [0, 1]}, fixed={"epochs": 2},
+                        db=tmp_path / "r.db", out=tmp_path / "runs")
+    summary = run_sweep(sweep, train_fn=FakeTrain(), progress=False)
+    assert summary.ran == {"failed": 2} and summary.nothing_done
+    assert [rid for rid, _ in summary.failures] == [r.run_id for r in sweep.expand()]
+    assert summary.failures[0][1].startswith("Traceback") and "RuntimeError: boom in" in summary.failures[0][1]
+    again = run_sweep(sweep, train_fn=FakeTrain(), progress=False, retry_failed=False)
+    assert again.skipped == {"failed": 2} and again.nothing_done and not again.failures
+    assert not run_sweep(small_sweep(tmp_path / "other"), train_fn=FakeTrain(), progress=False).nothing_done
+
+
+def test_the_command_exits_non_zero_with_the_first_failure_in_full(tmp_path, monkeypatch):
+    (tmp_path / "broken_net.py").write_text(
+        "def make(num_classes=10, **kw):\n    return helper()\n\n\n"
+        "def helper():\n    raise RuntimeError('this net cannot be built')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["sweep", "--data", "synthetic", "--model", "broken_net:make", "--methods", "xavier,asv-forward",
+            "--epochs", "1", "--db", str(tmp_path / "r.db"), "--out", str(tmp_path / "runs")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "2 runs: trained 2 (2 failed)" in result.output and "no run finished; the first failure, run" in result.output
+    tail = result.output[result.output.index("first failure"):]
+    # the whole traceback, down to the frame that raised, not only its last line
+    assert "Traceback (most recent call last)" in tail and "in helper" in tail and "in make" in tail
+    assert tail.count("RuntimeError: this net cannot be built") == 1
+    result = CliRunner().invoke(app, args + ["--no-retry-failed"])
+    assert result.exit_code == 1 and "every run had failed before and was not retried" in " ".join(result.output.split())
 
 
 def test_resume_after_interrupt(tmp_path):

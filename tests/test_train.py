@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from initscope.cli import app
-from initscope.experiments.metrics import classification_metrics
-from initscope.experiments.optim import OPTIMIZERS, SCHEDULES, lr_at, make_optimizer
-from initscope.experiments.train import RunConfig, RunResult, train
+from initscope.experiments.config import RunConfig
+from initscope.experiments.training import RunResult, train
+from initscope.experiments.training.metrics import classification_metrics
+from initscope.experiments.training.optim import OPTIMIZERS, SCHEDULES, lr_at, make_optimizer
 
 # tiny runs: 16x16 synthetic images, 200 train samples
 TINY = dict(data="synthetic", image_size=16, limit=200, batch_size=32, device="cpu")
@@ -156,3 +157,30 @@ def test_train_command(tmp_path):
     assert len(list(tmp_path.glob("*/result.json"))) == 1
     bad = runner.invoke(app, ["train", "--optimizer", "lamb", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "valid: sgd" in bad.output
+
+
+def test_a_method_that_needs_data_is_planned_on_the_first_train_batch(monkeypatch):
+    from types import SimpleNamespace
+
+    import initscope
+    from initscope.experiments.training import loop
+
+    seen = []
+    real = initscope.init_
+
+    def init_(model, method, **kw):
+        seen.append(kw)
+        return real(model, method, **kw)
+
+    monkeypatch.setattr(initscope, "init_", init_)
+    train(RunConfig(model="plain34", width=4, epochs=1, method="xavier", **TINY), progress=False)
+    assert seen[-1]["input_shape"] == (3, 16, 16) and "example_input" not in seen[-1]
+    # xavier as the loop would see a method that sets its scale on data (LSUV)
+    monkeypatch.setattr(loop, "METHODS", {"xavier": SimpleNamespace(needs_data=True)})
+    r = train(RunConfig(model="plain34", width=4, epochs=1, method="xavier", **TINY), progress=False)
+    batch = seen[-1]["example_input"]
+    assert "input_shape" not in seen[-1] and batch.shape == (32, 3, 16, 16) and batch.device.type == "cpu"
+    from initscope.experiments.data import load_data
+
+    train_x = load_data("synthetic", seed=0, image_size=16, limit=200).train.tensors[0]
+    assert torch.equal(batch, train_x[:32]) and r.status == "finished"

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from initscope.cli_common import console, fail, parse_shape
 
 app = typer.Typer(
     help="Architecture-aware initialization for PyTorch CNNs, with per-layer variance predictions.",
@@ -16,19 +17,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-if not console.is_terminal:  # piped or captured: don't squeeze the tables to 80 columns
-    console.width = 200
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a shape: write it like 3,224,224") from None
-    if not shape or any(s <= 0 for s in shape):
-        raise typer.BadParameter(f"{text!r} is not a shape: write it like 3,224,224")
-    return shape
 
 
 @app.command("plan")
@@ -48,14 +36,13 @@ def plan_cmd(
     from initscope.errors import InitscopeError
     from initscope.models import create_model
 
-    shape = _parse_shape(input_shape)
+    shape = parse_shape(input_shape)
     try:
         net = create_model(model)
         p = make_plan(net, method, input_shape=shape, distribution=distribution,
                       max_std_ratio=max_std_ratio or None, fan=fan, residual=residual, on_unknown=on_unknown)
     except (InitscopeError, ValueError, TypeError) as exc:
-        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-        raise typer.Exit(2) from None
+        raise fail(exc) from None
     if as_json:
         typer.echo(json.dumps(p.to_dict(), indent=1))
         return
@@ -66,7 +53,7 @@ def plan_cmd(
         table.add_row(*row)
     console.print(table)
     for note in p.notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {note}", markup=False)
 
 
 @app.command("methods")
@@ -80,13 +67,10 @@ def methods_cmd() -> None:
     console.print(table)
 
 
-DEMO_REPORT_METHODS = ["xavier", "kaiming-forward", "kaiming-backward", "asv-forward", "asv-backward"]
-
-
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo-output"), "--out", help="folder for the figures and numbers"),
-    draws: int = typer.Option(6, help="weight draws per method (geometric mean; one draw scatters by about 0.85 bits on plain34)"),
+    draws: int = typer.Option(6, help="weight draws per method; the figures show their geometric mean (one draw scatters: docs/theory.md)"),
     batch: int = typer.Option(32, help="inputs per draw"),
     report: bool = typer.Option(True, "--report/--no-report", help="also write the comparison reports (probe figures)"),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="also train the digits sweep and write its report"),
@@ -98,25 +82,12 @@ def demo_cmd(
     variance against depth, measured against predicted) and a short training sweep on scikit-learn's
     digits with the papers' methods, with its report. Needs no data and no network.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from initscope.demo import DEMO_MODELS, run_demo
+    from initscope.demo import DEMO_MODELS, DEMO_REPORT_METHODS, run_demo, run_demo_sweep
     from initscope.methods import METHODS
+    from initscope.progress import step_bar
 
-    total = len(DEMO_MODELS) * len(METHODS)
-    with Progress(TextColumn("{task.description:<36}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("planning", total=total)
-        seen = []
-
-        def step(msg: str) -> None:
-            if seen:
-                bar.advance(task)
-            seen.append(msg)
-            bar.update(task, description=msg)
-
+    with step_bar(len(DEMO_MODELS) * len(METHODS), console=console, description_width=36) as step:
         results = run_demo(out, draws=draws, batch=batch, progress=step)
-        bar.advance(task)
     for r in results:
         table = Table("method", "pred last out", "meas last out", "worst fwd gap", "worst grad gap",
                       title=f"{r.model}: log2(measured/predicted), worst layer")
@@ -125,34 +96,28 @@ def demo_cmd(
             table.add_row(method, f"{t['pred_out'][-1]:.3g}", f"{t['meas_out'][-1]:.3g}", f"{wf:.2f}", f"{wg:.2f}")
         console.print(table)
         console.print(f"saved {r.figure}")
-    pages = []
     if report:
-        from initscope.report import compare
+        from initscope.compare import compare
 
         for name in DEMO_MODELS:
             with console.status(f"comparison report: {name}"):
                 result = compare(name, DEMO_REPORT_METHODS, input_shape=(3, 64, 64), batch=16, seed=0,
                                  out_dir=out / f"report_{name}")
-            pages.append(result.index)
             console.print(f"report: {result.index}")
     if sweep:
-        from initscope.experiments.runner import run_demo_sweep
-
         summary, written = run_demo_sweep(out / "sweep", epochs=epochs)
         console.print(summary.line())
-        pages.append(written.out_dir / "report.html")
-        console.print(f"sweep report: {pages[-1]}")
+        console.print(f"sweep report: {written.out_dir / 'report.html'}")
 
 
 # Commands that live beside their subsystems. Each module defines plain functions; registering them
 # here keeps `initscope --help` in one place. One line per command.
 # -- subsystem commands (keep this marker) --
-from initscope.experiments.cli import train_cmd  # noqa: E402
+from initscope.experiments.commands import report_cmd, sweep_cmd, train_cmd  # noqa: E402
 app.command("train")(train_cmd)
-from initscope.experiments.sweep_cli import report_cmd, sweep_cmd  # noqa: E402
 app.command("sweep")(sweep_cmd)
 app.command("report")(report_cmd)
-from initscope.report.cli import compare_cmd  # noqa: E402
+from initscope.compare.cli import compare_cmd  # noqa: E402
 app.command("compare")(compare_cmd)
 
 

@@ -1,6 +1,6 @@
 """The batch a comparison probes with: i.i.d. Gaussian noise, or images from a data source.
 
-Images come from :func:`initscope.experiments.data.load_data` (the same loading, resizing and
+Images come from :func:`initscope.experiments.data.load_data` (the same sources, loading, resizing and
 normalization as training: pixels to [-1, 1] by default): the first ``batch`` images of the seeded
 train split (then validation and test, for a source smaller than the batch), resized to the model's
 ``(H, W)``, a grey channel repeated when the model takes three. Nothing is downloaded.
@@ -26,28 +26,34 @@ class Batch:
 
 
 def sources() -> tuple[str, ...]:
-    from initscope.experiments.data import SOURCES
+    """What ``--data`` takes: ``gaussian`` and every registered data source as it is written."""
+    from initscope.experiments.data import source_usages
 
-    return (GAUSSIAN, *SOURCES)
+    return (GAUSSIAN, *source_usages())
 
 
-def check_source(data: str | None) -> None:
-    """Raise a ValueError for a source that cannot be read, before anything is computed."""
+def check_source(data: str | None, root: str | Path | None = None) -> None:
+    """Raise a ValueError for a source that cannot be read (unknown, or its files missing), before anything
+    is computed."""
     if data is None or data == GAUSSIAN:
         return
-    if data.startswith("folder:"):
-        root = Path(data[len("folder:"):]).expanduser()
-        if not root.is_dir():
-            raise ValueError(f"data={data!r}: {str(root)!r} is not a folder")
-        return
-    if data not in sources():
-        raise ValueError(f"data={data!r} is not one of {sources()}")
+    from initscope.errors import ConfigError
+    from initscope.experiments.data import parse_data
+
+    try:
+        ref = parse_data(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; or {GAUSSIAN} (i.i.d. N(0, 1) noise, the default)") from None
+    try:
+        ref.check(root)
+    except FileNotFoundError as exc:  # a folder or a torchvision set not on disk: a bad argument, not a crash
+        raise ValueError(str(exc)) from None
 
 
 def load_batch(data: str | None, input_shape: tuple[int, ...], batch: int, seed: int = 0,
                root: str | Path | None = None, normalize: str = "minus-one-one") -> Batch:
     """``batch`` inputs of shape ``input_shape`` from ``data`` (None or ``gaussian``: i.i.d. N(0, 1), seeded)."""
-    check_source(data)
+    check_source(data, root)
     if batch < 1:
         raise ValueError(f"batch={batch} must be at least 1")
     if data is None or data == GAUSSIAN:
@@ -55,14 +61,11 @@ def load_batch(data: str | None, input_shape: tuple[int, ...], batch: int, seed:
         return Batch(torch.randn(batch, *input_shape, generator=gen), "Gaussian: i.i.d. N(0, 1)", True)
     if len(input_shape) != 3:
         raise ValueError(f"input_shape={tuple(input_shape)}: image data needs (C, H, W)")
-    from initscope.experiments.data import load_data
+    from initscope.experiments.data import load_data, parse_data
 
     c, h, w = input_shape
-    channels = c if c in (1, 3) and (data.startswith("folder:") or data == "synthetic") else None
-    try:
-        splits = load_data(data, root=root, seed=seed, image_size=(h, w), normalize=normalize, in_channels=channels)
-    except FileNotFoundError as exc:  # a torchvision set not on disk: a bad argument, not a crash
-        raise ValueError(str(exc)) from None
+    channels = c if c in (1, 3) and parse_data(data).source.converts_channels else None
+    splits = load_data(data, root=root, seed=seed, image_size=(h, w), normalize=normalize, in_channels=channels)
     images, taken = [], 0
     for part in (splits.train, splits.val, splits.test):
         take = min(batch - taken, len(part))

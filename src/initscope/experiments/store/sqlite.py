@@ -3,7 +3,7 @@
 Tables:
 
 ``runs``
-    one row per run: ``run_id`` (primary key, :attr:`RunConfig.run_id`), ``status`` (``running``,
+    one row per run: ``run_id`` (primary key, :attr:`~initscope.experiments.config.RunConfig.run_id`), ``status`` (``running``,
     ``finished``, ``diverged`` or ``failed``), ``config`` (JSON of :meth:`RunConfig.to_dict`), the
     final test metrics ``test_accuracy``, ``test_precision``, ``test_recall``, ``test_f1``,
     ``test_loss``; ``best_epoch`` and ``best_val_accuracy`` (the checkpoint the test metrics come

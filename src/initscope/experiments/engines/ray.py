@@ -6,7 +6,7 @@ GPUs). The driver (the process that called :func:`run_sweep_ray`) is the only wr
 file: a worker sends its events (attempt started, epoch done) through a Ray queue and returns its
 :class:`RunResult`; the driver stores each epoch as it arrives and the result when the task ends. So
 workers on other nodes never open the database, and the claim in the store (one ``BEGIN IMMEDIATE``
-transaction, see :mod:`initscope.experiments.store`) decides, as for the local engine, that a finished
+transaction, see :mod:`initscope.experiments.store.sqlite`) decides, as for the local engine, that a finished
 run is never run again and that two sweeps on one database never run one run twice.
 
 A worker lost mid-run (the process killed, the node gone) is retried by Ray up to ``max_retries``
@@ -33,18 +33,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from initscope.experiments.preflight import check_output
-from initscope.experiments.runner import SweepSummary, TrainFn, _default_train, _label, _result_note, resolve_sweep
+from initscope.experiments.config import RunConfig, SweepConfig
+from initscope.experiments.engines.base import (EngineOption, SweepBar, SweepSummary, TrainFn, default_train, label,
+                                                prepare, register_engine, result_note)
 from initscope.experiments.store import DEFAULT_LEASE_S, Store
-from initscope.experiments.sweep import SweepConfig
+from initscope.threads import torch_threads
 
 # Seconds the driver waits for a task to end before it looks at the event queue again.
 _POLL_S = 0.5
 
 
-def _import_ray():
+def _import_ray() -> Any:
     try:
-        import ray
+        import ray  # the Ray package (imports are absolute: this module is initscope's engines.ray)
     except ImportError as exc:
         raise ImportError("the Ray engine needs Ray: pip install 'initscope[ray]' (or pip install 'ray[default]')") from exc
     return ray
@@ -52,19 +53,17 @@ def _import_ray():
 
 def _run_on_worker(config: Any, out: str, train_fn: TrainFn, events: Any, threads: int, cwd: str) -> Any:
     """One run inside a Ray worker: announce the attempt, train with epochs streamed to the driver, return the result."""
-    import torch
-
     if os.path.isdir(cwd):  # relative paths in the config (folder:PATH, data_root) mean what they meant to the driver
         os.chdir(cwd)
     run_id = config.run_id
     events.put({"run_id": run_id, "event": "start", "host": socket.gethostname(), "pid": os.getpid()})
-    torch.set_num_threads(max(1, threads))
 
     def on_epoch(row: dict) -> None:
         # put() waits for the queue to take the row: every epoch is with the driver before the task returns
         events.put({"run_id": run_id, "event": "epoch", "row": dict(row)})
 
-    return train_fn(config, out_dir=Path(out), progress=False, on_epoch=on_epoch, resume=True)
+    with torch_threads(max(1, threads)):  # a run's threads are the CPUs it asked Ray for
+        return train_fn(config, out_dir=Path(out), progress=False, on_epoch=on_epoch, resume=True)
 
 
 def _gpus_for(config: Any, gpus_per_run: float | None, cluster_gpus: float) -> float:
@@ -76,18 +75,24 @@ def _gpus_for(config: Any, gpus_per_run: float | None, cluster_gpus: float) -> f
     return 1.0 if device == "auto" and cluster_gpus > 0 else 0.0
 
 
+@register_engine("ray", summary="each run a Ray task, on a local Ray or a cluster (needs Ray: the initscope ray extra)",
+                 options=(EngineOption("address", str, "an existing Ray cluster (auto, host:6379, ray://host:10001); "
+                                                       "default: a local Ray"),
+                          EngineOption("cpus_per_run", float, "CPUs each run asks Ray for (default 1)"),
+                          EngineOption("gpus_per_run", float, "GPUs each run asks Ray for (default: 1 for a run on "
+                                                              "CUDA)")))
 def run_sweep_ray(
-    sweep: SweepConfig | Sequence[Any],
+    sweep: SweepConfig | Sequence[RunConfig],
     *,
     db: str | Path | None = None,
     out: str | Path | None = None,
-    address: str | None = None,
-    num_cpus: int | None = None,
     train_fn: TrainFn | None = None,
     progress: bool = True,
     retry_failed: bool = True,
     lease_s: float = DEFAULT_LEASE_S,
     name: str | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
     cpus_per_run: float = 1.0,
     gpus_per_run: float | None = None,
     max_retries: int = 3,
@@ -99,15 +104,15 @@ def run_sweep_ray(
         sweep: a :class:`SweepConfig` (its ``db`` and ``out`` are the defaults) or a list of RunConfigs.
         db: the results database (written by this process only).
         out: the runs' folders (``out/run_id``); on a cluster, a path every node can write.
-        address: an existing Ray cluster (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``); None
-            starts a local Ray (unless this process is already connected to one, which is then used).
-        num_cpus: CPUs of the local Ray (None: all of this machine's); ignored with ``address``.
         train_fn: ``train(config, *, out_dir, progress, on_epoch, resume) -> RunResult``, shipped to the
             workers (it must pickle); the real one by default.
         progress: a progress bar over runs.
         retry_failed: train runs the store holds as ``failed`` again.
         lease_s: a ``running`` run without a heartbeat for this long is taken over.
         name: the sweep's name in the store.
+        address: an existing Ray cluster (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``); None
+            starts a local Ray (unless this process is already connected to one, which is then used).
+        num_cpus: CPUs of the local Ray (None: all of this machine's); ignored with ``address``.
         cpus_per_run: CPUs each task asks for (and torch threads it uses).
         gpus_per_run: GPUs each task asks for; None: 1 for a run on ``cuda``, or on ``auto`` where the
             cluster has GPUs, else 0.
@@ -115,16 +120,15 @@ def run_sweep_ray(
         init_kwargs: more keyword arguments for ``ray.init``.
 
     Returns:
-        A :class:`SweepSummary`, as :func:`initscope.experiments.runner.run_sweep` gives.
+        A :class:`SweepSummary`, as the local engine's :func:`~initscope.experiments.engines.local.run_sweep` gives.
     """
     if cpus_per_run <= 0:
         raise ValueError(f"cpus_per_run must be > 0, got {cpus_per_run!r}")
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
-    runs, db, out, sweep_id, grid, name, label_keys = resolve_sweep(sweep, db=db, out_dir=out, name=name)
-    check_output(out, db)  # an unwritable folder or a full disk stops here, before any worker starts
+    job = prepare(sweep, db=db, out=out, name=name)  # before any worker starts
     ray = _import_ray()
-    train_fn = train_fn or _default_train()
+    train_fn = train_fn or default_train()
     started_here = not ray.is_initialized()
     if started_here:
         kw: dict[str, Any] = dict(init_kwargs or {})
@@ -133,12 +137,12 @@ def run_sweep_ray(
             if num_cpus is not None:
                 kw["num_cpus"] = int(num_cpus)
         ray.init(address=address, **kw)
-    summary = SweepSummary(db=db, out=out, total=len(runs))
+    summary = SweepSummary(db=job.db, out=job.out, total=len(job.runs))
     start = time.perf_counter()
     try:
-        with Store(db, lease_s=lease_s) as store:
-            store.add_sweep(sweep_id, name, grid, [r.run_id for r in runs])
-            _drive(ray, store, runs, out, train_fn, summary, label_keys, progress=progress,
+        with Store(job.db, lease_s=lease_s) as store:
+            store.add_sweep(job.sweep_id, job.name, job.grid, [r.run_id for r in job.runs])
+            _drive(ray, store, job.runs, job.out, train_fn, summary, job.label_keys, progress=progress,
                    retry_failed=retry_failed, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
                    max_retries=max_retries)
     finally:
@@ -148,7 +152,7 @@ def run_sweep_ray(
     return summary
 
 
-def _drive(ray: Any, store: Store, runs: list[Any], out: Path, train_fn: TrainFn, summary: SweepSummary,
+def _drive(ray: Any, store: Store, runs: list[RunConfig], out: Path, train_fn: TrainFn, summary: SweepSummary,
            label_keys: Sequence[str], *, progress: bool, retry_failed: bool, cpus_per_run: float,
            gpus_per_run: float | None, max_retries: int) -> None:
     """Claim, submit, collect: at most as many runs in flight as the cluster can run at once."""
@@ -165,16 +169,15 @@ def _drive(ray: Any, store: Store, runs: list[Any], out: Path, train_fn: TrainFn
     inflight: dict[Any, tuple[Any, str]] = {}  # ObjectRef -> (config, label)
     attempts: Counter = Counter()  # attempts started in this sweep, by run
     claimed: dict[str, int] = {}  # the store's attempt count when this sweep claimed the run
-    with _RunsBar(progress, len(runs)) as bar:
+    with SweepBar(progress, len(runs), title="runs (ray)", epochs=False) as bar:
         try:
             while pending or inflight:
                 while pending and len(inflight) < width:
                     i, cfg = pending.pop(0)
-                    label = _label(cfg, label_keys) or cfg.run_id
                     claim = store.claim(cfg.run_id, cfg.to_dict(), retry_failed=retry_failed)
                     if not claim.taken:
                         summary.skipped[claim.reason] += 1
-                        bar.done()
+                        bar.skip()
                         continue
                     store.set_run_dir(cfg.run_id, out / cfg.run_id)
                     claimed[cfg.run_id] = claim.attempts
@@ -191,17 +194,17 @@ def _drive(ray: Any, store: Store, runs: list[Any], out: Path, train_fn: TrainFn
                     except BaseException:
                         store.release(cfg.run_id)  # claimed but never started: the next sweep takes it
                         raise
-                    inflight[ref] = (cfg, f"{i + 1}/{len(runs)} {label}")
+                    inflight[ref] = (cfg, f"{i + 1}/{len(runs)} {label(cfg, label_keys)}")
                 if not inflight:
                     continue
                 bar.running(len(inflight))
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=_POLL_S)
                 _drain(events, store, attempts, claimed)
                 for ref in ready:
-                    cfg, label = inflight.pop(ref)
-                    status = _collect(ray, store, ref, cfg, attempts[cfg.run_id], max_retries)
+                    cfg, text = inflight.pop(ref)
+                    status = _collect(ray, store, ref, cfg, attempts[cfg.run_id], max_retries, summary)
                     summary.ran[status] += 1
-                    bar.done(f"{status:<8} {label}" + _result_note(store, cfg.run_id))
+                    bar.finish(f"{status:<8} {text}" + result_note(store, cfg.run_id))
         except BaseException:
             # Ctrl-C or a driver error: stop the tasks and give their runs back, as the local engine does
             for ref, (cfg, _) in inflight.items():
@@ -230,7 +233,8 @@ def _drain(events: Any, store: Store, attempts: Counter, claimed: dict[str, int]
             store.add_epoch(run_id, ev["row"])
 
 
-def _collect(ray: Any, store: Store, ref: Any, cfg: Any, attempts: int, max_retries: int) -> str:
+def _collect(ray: Any, store: Store, ref: Any, cfg: RunConfig, attempts: int, max_retries: int,
+             summary: SweepSummary) -> str:
     """Record a finished task: its result, or ``failed`` with why; returns the run's final status."""
     from ray.exceptions import RayTaskError
 
@@ -238,45 +242,18 @@ def _collect(ray: Any, store: Store, ref: Any, cfg: Any, attempts: int, max_retr
         result = ray.get(ref)
     except RayTaskError as exc:  # the train function raised: a result, as in the local engine
         store.fail(cfg.run_id, str(exc))
+        summary.failures.append((cfg.run_id, str(exc)))
         return "failed"
     except Exception as exc:  # noqa: BLE001 - workers lost beyond the retries, node gone, cancelled
         text = (f"{type(exc).__name__}: the run's worker was lost on each of its {max(attempts, 1)} attempt(s) "
                 f"(max_retries={max_retries})\n{traceback.format_exception_only(exc)[-1].strip()}")
         store.add_note(cfg.run_id, f"gave up after {max(attempts, 1)} attempt(s): {type(exc).__name__}")
         store.fail(cfg.run_id, text)
+        summary.failures.append((cfg.run_id, text))
         return "failed"
     if result.status == "failed" and not result.error:
         result.error = "train() returned status 'failed' without an error message"
+    if result.status == "failed":
+        summary.failures.append((cfg.run_id, result.error))
     store.finish(result)
     return result.status
-
-
-class _RunsBar:
-    """One rich progress bar over runs (finished or skipped), its label saying how many are running."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total, self.progress = enabled, total, None
-
-    def __enter__(self) -> "_RunsBar":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn())
-            self.progress.__enter__()
-            self.task = self.progress.add_task("runs (ray)", total=self.total)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def running(self, n: int) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, description=f"runs (ray, {n} running)")
-
-    def done(self, line: str | None = None) -> None:
-        if self.progress is not None:
-            if line:
-                self.progress.console.print(line, highlight=False, markup=False)
-            self.progress.advance(self.task)

@@ -117,9 +117,9 @@ def compare(
         input_shape: one sample's shape, e.g. ``(3, 224, 224)``.
         batch: inputs probed (the same batch for every method).
         seed: seeds the weights of every copy (the same for every method) and the Gaussian batch.
-        data: None for i.i.d. N(0, 1) inputs, or a source of :func:`initscope.experiments.data.load_data`
+        data: None for i.i.d. N(0, 1) inputs, or a data source of :func:`initscope.experiments.data.load_data`
             (``digits``, ``synthetic``, ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``,
-            ``folder:PATH``): the first ``batch`` images of its seeded train split, resized to the input
+            ``folder:PATH``, or one registered): the first ``batch`` images of its seeded train split, resized to the input
             shape, in [-1, 1]. With real data each plan is made from the batch itself
             (``example_input``), so its predictions are for those inputs.
         data_root: where the torchvision sets lie (``load_data``'s ``root``).
@@ -136,7 +136,7 @@ def compare(
     import initscope
     from initscope.api import plan as make_plan
     from initscope.probe import probe
-    from initscope.report.inputs import check_source, load_batch
+    from initscope.compare.inputs import check_source, load_batch
 
     names = parse_methods(methods)
     shape = tuple(int(s) for s in input_shape)
@@ -155,8 +155,9 @@ def compare(
             progress(f"probing {method}")
         torch.manual_seed(seed)  # the same construction-time draws for every copy
         model = build()
-        # Gaussian inputs are exactly what input_shape stands for; real data is planned from itself.
-        if inputs.gaussian:
+        # Gaussian inputs are exactly what input_shape stands for; real data is planned from itself, and so
+        # is the batch for a method that sets its scale on data (needs_data).
+        if inputs.gaussian and not getattr(METHODS[method], "needs_data", False):
             p = make_plan(model, method, input_shape=shape)
         else:
             p = make_plan(model, method, example_input=inputs.inputs)
@@ -164,6 +165,8 @@ def compare(
         result = probe(model, inputs.inputs, plan=p)
         frame = result.to_frame()
         frame.insert(0, "method", method)
+        # the weight layers are the plan's (the rule registry's definition), whatever their class is called
+        frame["weight_layer"] = frame["layer"].isin({layer.name for layer in p.layers})
         frames.append(frame)
         plans[method] = p
         del model, result
@@ -227,7 +230,7 @@ def _draw(frame: pd.DataFrame, out_dir: Path, model: str, shape: tuple[int, ...]
 
 def _write_page(meta: dict, frame: pd.DataFrame, plans: dict[str, InitPlan],
                 figures: dict[str, tuple[Path, Path]], out_dir: Path) -> Path:
-    from initscope.report.html import page_figure, render_page
+    from initscope.compare.html import page_figure, render_page
 
     page_figs = [page_figure(*_CAPTIONS[name], png.read_bytes()) for name, (png, _svg) in figures.items()]
     plan_tables = {m: (p.columns(), p.rows(), list(p.notes)) for m, p in plans.items()}

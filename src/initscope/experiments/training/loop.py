@@ -13,104 +13,43 @@ automatic mixed precision (``torch.autocast`` to float16 and a ``GradScaler``).
 
 Under ``torchrun --nproc_per_node=N`` the run is data-parallel (DistributedDataParallel, gloo on the
 CPU, NCCL on GPUs): rank 0 plans the initialization and broadcasts it, each rank trains on its shard of
-every epoch, and only rank 0 writes; see :mod:`initscope.experiments.distributed`.
+every epoch, and only rank 0 writes; see :mod:`initscope.experiments.training.distributed`.
+
+A :class:`~initscope.experiments.config.RunConfig` is checked when it is made, so ``train`` starts
+from a configuration that can run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Fields that do not change what a run computes, left out of its run_id.
-_NOT_IN_ID = ("device",)
+import initscope
+from initscope.experiments.data import load_data
+from initscope.experiments.training import distributed
+from initscope.experiments.training.checkpoint import load_state, load_weights, save_state, save_weights
+from initscope.experiments.training.metrics import classification_metrics
+from initscope.experiments.training.optim import lr_at, make_optimizer
+from initscope.methods import METHODS
+from initscope.progress import progress_bar
+
+if TYPE_CHECKING:  # the loop reads a config; it never builds or checks one
+    from initscope.experiments.config import RunConfig
+
 # The bar reads the loss (a device sync on a GPU) this many times per epoch, not every step.
 _BAR_UPDATES_PER_EPOCH = 20
 STATUSES = ("finished", "diverged", "failed")
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines one training run; saved with every checkpoint and result."""
-
-    data: str = "digits"
-    data_root: str | None = None
-    model: str = "plain34"
-    width: int = 16
-    norm: str = "default"
-    head: str = "default"
-    method: str = "kaiming-forward"
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    schedule: str = "constant"
-    step_epochs: tuple[int, ...] = ()
-    step_gamma: float = 0.1
-    epochs: int = 5
-    batch_size: int = 64
-    seed: int = 0
-    image_size: int | None = None
-    normalize: str = "minus-one-one"
-    weight_decay: float = 0.0
-    limit: int | None = None
-    device: str = "auto"
-    probe_every: int = 0
-
-    def __post_init__(self) -> None:
-        # canonical types, so that equal configs hash equal (lr=1 and lr=1.0 are one run)
-        self.lr, self.step_gamma, self.weight_decay = float(self.lr), float(self.step_gamma), float(self.weight_decay)
-        self.step_epochs = tuple(int(s) for s in self.step_epochs)
-        if self.data_root is not None:
-            self.data_root = str(self.data_root)
-
-    @property
-    def run_id(self) -> str:
-        """A stable 12-hex-digit hash of the fields that define the result (all but ``device``)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_ID}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict (tuples as lists)."""
-        d = dataclasses.asdict(self)
-        d["step_epochs"] = list(self.step_epochs)
-        return d
-
-    def check(self) -> None:
-        """Refuse an unknown name or an impossible number before anything runs, listing the valid values."""
-        from initscope.experiments.data import NORMALIZATIONS
-        from initscope.experiments.optim import OPTIMIZERS, SCHEDULES
-        from initscope.methods import METHODS
-        from initscope.models.zoo import HEADS, NORMS
-
-        for key, valid in (("method", tuple(METHODS)), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
-                           ("normalize", NORMALIZATIONS), ("norm", NORMS), ("head", HEADS)):
-            if getattr(self, key) not in valid:
-                raise ValueError(f"unknown {key} {getattr(self, key)!r}; valid: {', '.join(valid)}")
-        for key in ("epochs", "batch_size", "width"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        resolve_device(self.device)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        """A RunConfig from a dict; unknown keys are refused by name, with the valid ones listed."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown RunConfig key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
-        return cls(**d)
 
 
 @dataclass
@@ -118,7 +57,7 @@ class RunResult:
     """What a run gives: its status, per-epoch history, best epoch and test metrics."""
 
     run_id: str
-    config: RunConfig
+    config: "RunConfig"
     status: str
     error: str | None = None
     diverged_epoch: int | None = None
@@ -138,16 +77,14 @@ class RunResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when there is a GPU, else the CPU; anything else is passed to ``torch.device``."""
+    """``auto`` is CUDA when there is a GPU, else the CPU; anything else is passed to ``torch.device``
+    (the config has checked that it is a device torch knows)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from exc
+    return torch.device(name)
 
 
-def build_model(config: RunConfig, in_channels: int, num_classes: int) -> nn.Module:
+def build_model(config: "RunConfig", in_channels: int, num_classes: int) -> nn.Module:
     """The model of ``config`` for the data's channels and classes.
 
     initscope's registered models take ``width``, ``norm`` and ``head``; any other torchvision name or
@@ -206,7 +143,16 @@ def _split_tensors(ds, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return x.to(device), y.to(device)
 
 
-def _probe_callback(config: RunConfig, run_dir: Path | None):
+def _planned_from(config: "RunConfig", input_shape: tuple[int, ...], x_train: torch.Tensor) -> dict[str, Any]:
+    """What the initialization is planned from: the input shape (i.i.d. N(0, 1) inputs), or, for a method
+    that sets its scale on data (``needs_data``, such as LSUV), the first batch of the train
+    split, on the CPU where the model is built."""
+    if getattr(METHODS[config.method], "needs_data", False):
+        return {"example_input": x_train[:config.batch_size].cpu()}
+    return {"input_shape": input_shape}
+
+
+def _probe_callback(config: "RunConfig", run_dir: Path | None):
     """The probe's callback when a run asks for it (``probe_every > 0``): it measures every layer's
     distributions at steps 0, N, 2N, ... (step 0 = the initialization) in its own forward and backward pass."""
     if config.probe_every <= 0:
@@ -222,7 +168,7 @@ def _probe_callback(config: RunConfig, run_dir: Path | None):
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def train(config: RunConfig, *, out_dir: Path | None = None, progress: bool = True,
+def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = True,
           on_epoch: Callable[[dict], None] | None = None, resume: bool = True) -> RunResult:
     """Train ``config``; return its :class:`RunResult`.
 
@@ -237,24 +183,15 @@ def train(config: RunConfig, *, out_dir: Path | None = None, progress: bool = Tr
         resume: continue from ``out_dir/<run_id>/state.pt`` when there is one.
 
     Examples:
+        >>> from initscope.experiments.config import RunConfig
         >>> r = train(RunConfig(data="synthetic", width=4, epochs=1), progress=False)
         >>> r.status, sorted(r.test)
         ('finished', ['accuracy', 'f1', 'loss', 'precision', 'recall'])
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    import initscope
-    from initscope.experiments.checkpoint import load_state, load_weights, save_state, save_weights
-    from initscope.experiments.data import load_data
-    from initscope.experiments.metrics import classification_metrics
-    from initscope.experiments import distributed
-    from initscope.experiments.optim import lr_at, make_optimizer
-
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     dist_env = distributed.DistEnv()
     try:
         # -- setup: device, seeds, data ------------------------------------------------------------
-        config.check()
         run_id = config.run_id
         run_dir = Path(out_dir) / run_id if out_dir is not None else None
         # under torchrun: join the process group; this rank's device; only rank 0 writes (see distributed.py)
@@ -274,7 +211,7 @@ def train(config: RunConfig, *, out_dir: Path | None = None, progress: bool = Tr
         # -- setup: model, initialization, optimizer ------------------------------------------------
         model = build_model(config, data.in_channels, data.num_classes)
         if dist_env.is_main:  # planned once; the other ranks get these weights by broadcast below
-            initscope.init_(model, config.method, input_shape=data.input_shape,
+            initscope.init_(model, config.method, **_planned_from(config, data.input_shape, x_train),
                             generator=torch.Generator().manual_seed(config.seed))
         model.to(device)
         opt = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
@@ -302,11 +239,9 @@ def train(config: RunConfig, *, out_dir: Path | None = None, progress: bool = Tr
         steps_per_epoch = max(1, math.ceil(len(x_train) // dist_env.world_size / config.batch_size))
         bar_every = max(1, steps_per_epoch // _BAR_UPDATES_PER_EPOCH)
         step = start * steps_per_epoch
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("loss {task.fields[loss]}  {task.fields[rate]} img/s"), TimeElapsedColumn(),
-                      disable=not progress or not dist_env.is_main, transient=True) as bar:
+        with progress_bar("loss", "rate", enabled=progress and dist_env.is_main, transient=True) as bar:
             task = bar.add_task(f"{run_id} epoch {start + 1}/{config.epochs}", total=steps_per_epoch,
-                                loss="-", rate="-")
+                                loss="loss -", rate="- img/s")
             if probe is not None and start == 0:  # step 0: the initialization itself
                 probe(0, model, x_train[:config.batch_size], y_train[:config.batch_size], F.cross_entropy)
             for epoch in range(start, config.epochs):
@@ -349,8 +284,8 @@ def train(config: RunConfig, *, out_dir: Path | None = None, progress: bool = Tr
                         mean_loss = loss_sum.item() / seen
                         if not math.isfinite(mean_loss) and not dist_env.enabled:  # ranks must step alike
                             break
-                        bar.update(task, completed=i + 1, loss=f"{mean_loss:.4f}",
-                                   rate=f"{seen / (time.perf_counter() - t0):.0f}")
+                        bar.update(task, completed=i + 1, loss=f"loss {mean_loss:.4f}",
+                                   rate=f"{seen / (time.perf_counter() - t0):.0f} img/s")
                 if dist_env.enabled:  # the epoch's numbers over every rank's shard
                     loss_sum, hits, seen_all = distributed.all_sum(dist_env, loss_sum, hits,
                                                                    torch.tensor(seen, device=device))

@@ -14,7 +14,6 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-_WEIGHT_KINDS = ("conv1d", "conv2d", "conv3d", "convtranspose1d", "convtranspose2d", "convtranspose3d", "linear")
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.5em auto;
@@ -85,13 +84,14 @@ def _ratio_cell(value) -> str:
 
 
 def check_table(frame: pd.DataFrame, method: str) -> str:
-    """Measured against predicted, one row per weight layer of one method; flagged rows highlighted.
+    """Measured against predicted, one row per weight layer (``weight_layer``) of one method; flagged rows
+    highlighted.
 
     A layer is flagged when either ratio (measured / predicted second moment) leaves [1/2, 2]; a
     layer with non-finite values anywhere is flagged too, so a NaN never passes silently.
     """
     sub = frame[frame["method"] == method]
-    weight_layers = sub[sub["kind"].isin(_WEIGHT_KINDS)]
+    weight_layers = sub[sub["weight_layer"].astype(bool)]
     nonfinite = sub.groupby("layer", sort=False)["nonfinite"].sum()
     first = weight_layers.sort_values("index", kind="stable").drop_duplicates("layer")
     head = ("#", "layer", "kind", "pred E[u²]", "meas E[u²]", "ratio", "pred E[g²]", "meas E[g²]", "ratio",
@@ -118,7 +118,7 @@ def summary_rows(frame: pd.DataFrame, methods: Sequence[str]) -> list[dict]:
     """Per method: weight layers, flagged layers, and the worst |log2(measured / predicted)| each way."""
     rows = []
     for method in methods:
-        sub = frame[(frame["method"] == method) & frame["kind"].isin(_WEIGHT_KINDS)].drop_duplicates("layer")
+        sub = frame[(frame["method"] == method) & frame["weight_layer"].astype(bool)].drop_duplicates("layer")
         nonfinite = frame[frame["method"] == method].groupby("layer")["nonfinite"].sum()
         flagged = sum(bool(f) or nonfinite.get(n, 0) > 0 for n, f in zip(sub["layer"], sub["flagged"]))
 

@@ -1,0 +1,209 @@
+"""From a source's images to train/validation/test splits: stratified and seeded, normalized, checked.
+
+Every source gives images in [0, 1] and labels (:class:`~initscope.experiments.data.base.Images`);
+everything after that is here and the same for every source: the stratified split per class
+(:func:`stratified_split`), the ``limit`` subset of the train split (:func:`stratified_subset`), the
+refusals of data no run should see (NaN or inf pixels; a class too small to reach every split), and
+the normalization. Pixels are first scaled to [0, 1]; then ``normalize``, both as in the second
+paper: ``minus-one-one`` maps them to [-1, 1] (``2x - 1``), ``mean-subtract`` subtracts the per-pixel
+mean image of the train split (:math:`x - \\bar{x}_{train}`, per channel and position).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+from initscope.experiments.data.base import Images
+
+NORMALIZATIONS = ("minus-one-one", "mean-subtract")
+# The official sets' validation split: a stratified, seeded 1/6 of the official train split (10,000
+# images for MNIST and CIFAR, the size of their test splits).
+OFFICIAL_VAL_FRACTION = 1 / 6
+
+
+@dataclass
+class DataSplits:
+    """Train/validation/test datasets (``TensorDataset`` of normalized images and int64 labels) and facts."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]
+    class_names: list[str]
+    source: str
+    split_indices: dict[str, list[int]] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # sources of files: the image paths split_indices index
+    skipped: list[str] = field(default_factory=list)  # sources of files: images that could not be decoded
+    normalize: str = "minus-one-one"
+    seed: int = 0
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, *self.image_size)
+
+    def save_split(self, path: str | Path) -> Path:
+        """Write the split (indices, and for folders the file paths of each split) as JSON; returns the path."""
+        path = Path(path)
+        doc: dict = {"source": self.source, "seed": self.seed, "class_names": self.class_names,
+                     "indices": self.split_indices, "skipped": self.skipped}
+        if self.files:
+            doc["files"] = {k: [self.files[i] for i in v] for k, v in self.split_indices.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, path)
+        return path
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def class_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """Split ``n`` items into ``len(fractions)`` parts: the first ones rounded, the last takes the rest."""
+    counts = [int(round(n * f)) for f in fractions[:-1]]
+    while sum(counts) > n:  # rounding up in every part could overshoot a tiny class
+        counts[counts.index(max(counts))] -= 1
+    return counts + [n - sum(counts)]
+
+
+def stratified_split(labels: torch.Tensor, fractions: Sequence[float], seed: int) -> list[list[int]]:
+    """Indices of ``labels`` split by ``fractions`` within every class, each class shuffled with ``seed``.
+
+    Class ``c`` with ``n_c`` items gives ``round(f_k n_c)`` to each part but the last, which takes the
+    rest; so every part holds each class in proportion (up to rounding). Returns sorted index lists.
+    """
+    if abs(sum(fractions) - 1) > 1e-6 or any(f < 0 for f in fractions):
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {tuple(fractions)}")
+    g = torch.Generator().manual_seed(seed)
+    parts: list[list[int]] = [[] for _ in fractions]
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        start = 0
+        for part, count in zip(parts, class_counts(len(idx), fractions)):
+            part.extend(idx[start:start + count].tolist())
+            start += count
+    return [sorted(p) for p in parts]
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> list[int]:
+    """``n`` indices of ``labels`` drawn with ``seed``, each class in proportion (largest remainders)."""
+    if n >= len(labels):
+        return list(range(len(labels)))
+    if n < 1:
+        raise ValueError(f"limit must be >= 1, got {n}")
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * n / len(labels)
+    take = exact.floor().long()
+    rest = n - int(take.sum())
+    take[torch.argsort(exact - take, descending=True, stable=True)[:rest]] += 1
+    g = torch.Generator().manual_seed(seed)
+    out: list[int] = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        idx = torch.nonzero(labels == c).flatten()
+        out.extend(idx[torch.randperm(len(idx), generator=g)[:k]].tolist())
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------- normalizing
+
+
+def normalized(x01: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
+    """Apply ``how`` to images in [0, 1]; ``mean-subtract`` takes the mean image of ``x01['train']``."""
+    if how == "minus-one-one":
+        return {k: v * 2 - 1 for k, v in x01.items()}
+    if how == "mean-subtract":
+        mean = x01["train"].mean(dim=0, keepdim=True)
+        return {k: v - mean for k, v in x01.items()}
+    raise ValueError(f"unknown normalize {how!r}; valid: {', '.join(NORMALIZATIONS)}")
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Images (N, C, H, W) at ``size`` (bilinear, antialiased); the same tensor when already that size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def square(image_size: int | Sequence[int] | None, default: tuple[int, int]) -> tuple[int, int]:
+    """``image_size`` as (H, W): an int is a square, None is ``default``."""
+    if image_size is None:
+        return default
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    return (int(image_size[0]), int(image_size[1]))
+
+
+def require_finite(source: str, x: torch.Tensor, files: list[str] | None) -> None:
+    """Refuse images holding NaN or inf: every run on them would end ``diverged``, blaming the initialization."""
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        what = files[first] if files else f"image {first}"
+        raise ValueError(f"{source}: {int(bad.sum())} image(s) hold NaN or inf values, the first is {what}; "
+                         "fix or remove them before training")
+
+
+def min_per_class(fractions: Sequence[float]) -> int:
+    """The fewest images a class needs so that every split with a nonzero fraction gets one of them."""
+    for n in range(1, 1000):
+        if all(c >= 1 for c, f in zip(class_counts(n, fractions), fractions) if f > 0):
+            return n
+    raise ValueError(f"split {tuple(fractions)}: no class size up to 1000 gives every split an image")
+
+
+def require_every_class_in_every_split(source: str, y: torch.Tensor, class_names: list[str],
+                                        fractions: Sequence[float]) -> None:
+    """Refuse data whose smallest classes cannot appear in every split: a class missing from validation
+    or test would make the macro scores average over a class with no samples (a silently wrong number)."""
+    need = min_per_class(fractions)
+    counts = torch.bincount(y, minlength=len(class_names)).tolist()
+    small = [f"{name!r} ({n})" for name, n in zip(class_names, counts) if n < need]
+    if small:
+        raise ValueError(f"{source}: class(es) with too few readable images: {', '.join(small)}; a "
+                         f"{'/'.join(f'{round(100 * f)}' for f in fractions)} split needs at least {need} per class to "
+                         "put one in each of train, validation and test. Add images or remove those classes")
+
+
+def assemble(source: str, images: Images, *, split: Sequence[float], normalize: str, limit: int | None,
+             seed: int) -> DataSplits:
+    """The splits of a source's ``images``: an official test split is kept and a stratified
+    :data:`OFFICIAL_VAL_FRACTION` of the rest is validation; otherwise the images are split ``split``
+    per class with ``seed``. Then the ``limit`` subset of train, the checks, the normalization."""
+    x01, y, names = images.x, images.y, images.class_names
+    require_finite(source, x01, images.files or None)
+    if images.test is not None:
+        require_finite(f"{source} (test split)", images.test[0], None)
+        parts = stratified_split(y, (1 - OFFICIAL_VAL_FRACTION, OFFICIAL_VAL_FRACTION), seed)
+    else:
+        require_every_class_in_every_split(source, y, names, split)
+        parts = stratified_split(y, split, seed)
+    train_idx = parts[0]
+    if limit is not None:
+        sub = stratified_subset(y[train_idx], limit, seed)
+        train_idx = [train_idx[i] for i in sub]
+    keys = ["train", "val", "test"]
+    xs = {k: x01[idx] for k, idx in zip(keys, [train_idx, *parts[1:]])}
+    ys = {k: y[idx] for k, idx in zip(keys, [train_idx, *parts[1:]])}
+    if images.test is not None:
+        xs["test"], ys["test"] = images.test
+    xs = normalized(xs, normalize)
+    return DataSplits(
+        train=TensorDataset(xs["train"].contiguous(), ys["train"]),
+        val=TensorDataset(xs["val"].contiguous(), ys["val"]),
+        test=TensorDataset(xs["test"].contiguous(), ys["test"]),
+        num_classes=len(names), in_channels=x01.shape[1], image_size=tuple(x01.shape[-2:]),
+        class_names=list(names), source=source,
+        split_indices={"train": list(train_idx), **{k: list(v) for k, v in zip(keys[1:], parts[1:])}},
+        files=list(images.files), skipped=list(images.skipped), normalize=normalize, seed=seed,
+    )

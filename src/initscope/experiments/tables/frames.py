@@ -1,0 +1,94 @@
+"""A results store as pandas frames: runs (one row each, every config key a ``cfg_<key>`` column), epochs,
+sweeps; and the selection of runs by their config (``--where``). Read-only: the store is never changed."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def load_runs(db: str | Path) -> pd.DataFrame:
+    """Every run of a store, one row each: the ``runs`` columns, ``config`` parsed, each config key as a
+    ``cfg_<key>`` column, and ``best_val`` (the run's best validation accuracy over its epochs)."""
+    with connect(db) as conn:
+        runs = pd.read_sql_query("SELECT * FROM runs ORDER BY started_at, run_id", conn)
+        best = pd.read_sql_query("SELECT run_id, MAX(val_accuracy) AS best_val, COUNT(*) AS n_epochs "
+                                 "FROM epochs GROUP BY run_id", conn)
+    runs = runs.merge(best, on="run_id", how="left")
+    configs = [json.loads(c) for c in runs["config"]]
+    runs["config"] = configs
+    keys = list(dict.fromkeys(k for c in configs for k in c))
+    for k in keys:
+        runs[f"cfg_{k}"] = [_hashable(c.get(k)) for c in configs]
+    return runs
+
+
+def load_epochs(db: str | Path) -> pd.DataFrame:
+    with connect(db) as conn:
+        return pd.read_sql_query("SELECT * FROM epochs ORDER BY run_id, epoch", conn)
+
+
+def load_sweeps(db: str | Path) -> list[dict[str, Any]]:
+    with connect(db) as conn:
+        try:
+            rows = conn.execute("SELECT sweep_id, name, grid, run_ids, created_at FROM sweeps "
+                                "ORDER BY created_at").fetchall()
+        except sqlite3.OperationalError:  # a store written before sweeps were recorded
+            return []
+    return [{"sweep_id": r[0], "name": r[1], "grid": json.loads(r[2]), "run_ids": json.loads(r[3]),
+             "created_at": r[4]} for r in rows]
+
+
+class connect:
+    """Read-only connection as a context manager (closes, unlike sqlite3's own)."""
+
+    def __init__(self, db: str | Path) -> None:
+        path = Path(db)
+        if not path.is_file():
+            raise FileNotFoundError(f"no results database at {path}")
+        self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
+def _hashable(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def varying_keys(runs: pd.DataFrame) -> list[str]:
+    """Config keys that take more than one value among these runs (``device`` never counts)."""
+    keys = [c[4:] for c in runs.columns if c.startswith("cfg_") and c != "cfg_device"]
+    return [k for k in keys if runs[f"cfg_{k}"].astype(str).nunique(dropna=False) > 1]
+
+
+
+def select_runs(runs: pd.DataFrame, where: Mapping[str, Sequence[Any]]) -> pd.DataFrame:
+    """The runs whose config matches ``where`` (key -> accepted values, compared as text)."""
+    keys = [c[4:] for c in runs.columns if c.startswith("cfg_")]
+    for key, values in where.items():
+        if key not in keys:
+            raise ValueError(f"where: unknown key {key!r}; valid: {', '.join(keys)}")
+        accepted = {str(v) for v in values}
+        col = runs[f"cfg_{key}"]
+        # 1e-3 and 0.001 are one learning rate: compare numbers as numbers where both sides are
+        nums = pd.to_numeric(col, errors="coerce")
+        num_accepted = {float(v) for v in accepted if _is_number(v)}
+        runs = runs[col.astype(str).isin(accepted) | nums.isin(num_accepted)]
+    return runs
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,294 @@
+"""``initscope report``: a results store rendered as the papers' tables and the training curves, on one
+self-contained HTML page, in Markdown, and as CSV (the numbers: :mod:`.papers`; the frames: :mod:`.frames`)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from initscope.experiments.tables.frames import connect, load_epochs, load_runs, load_sweeps, select_runs, varying_keys
+from initscope.experiments.tables.papers import Table, build_tables, counted_runs, in_order
+
+MAX_CURVE_FIGURES = 24
+
+
+@dataclass
+class Report:
+    """What :func:`write_report` made: the tables, the figures and the files written."""
+
+    out_dir: Path
+    tables: list[Table]
+    figures: list[tuple[str, Path]] = field(default_factory=list)  # (caption, png)
+    files: list[Path] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def table(self, key: str) -> Table:
+        for t in self.tables:
+            if t.key == key:
+                return t
+        raise KeyError(f"no table {key!r}; have: {', '.join(t.key for t in self.tables)}")
+
+
+def _curve_frames(runs: pd.DataFrame, epochs: pd.DataFrame) -> list[tuple[str, pd.DataFrame, int]]:
+    """One history frame per group of runs that differ only in method and seed; ``label`` = method,
+    values averaged over seeds epoch by epoch."""
+    counted = counted_runs(runs)
+    if counted.empty or epochs.empty:
+        return []
+    group_keys = [k for k in varying_keys(counted) if k not in ("method", "seed")]
+    cols = ["train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+    out = []
+    groups = counted.groupby([f"cfg_{k}" for k in group_keys], sort=False) if group_keys else [((), counted)]
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        hist = epochs[epochs["run_id"].isin(g["run_id"])].merge(g[["run_id", "cfg_method"]], on="run_id")
+        if hist.empty:
+            continue
+        mean = hist.groupby(["cfg_method", "epoch"], sort=False)[cols].mean().reset_index()
+        order = {m: i for i, m in enumerate(in_order(list(mean["cfg_method"]), "method"))}
+        mean = mean.sort_values(["cfg_method", "epoch"], key=lambda s: s.map(order) if s.name == "cfg_method" else s)
+        mean = mean.rename(columns={"cfg_method": "label"})
+        first = g.iloc[0]
+        fixed = [f"{first['cfg_data']}", f"{first['cfg_model']}", f"{first['cfg_optimizer']}", f"lr {first['cfg_lr']:g}"]
+        name = " · ".join(dict.fromkeys(fixed + [f"{k}={v}" for k, v in zip(group_keys, key)
+                                                 if k not in ("data", "model", "optimizer", "lr")]))
+        out.append((name, mean, int(g["cfg_seed"].nunique()) if "cfg_seed" in g else 1))
+    return out[:MAX_CURVE_FIGURES]
+
+
+def _probe_frames(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Probe tables saved beside runs (``<run_dir>/probe.parquet``), concatenated per group of runs that
+    differ only in method, first seed only, earliest probe only (the initialization)."""
+    counted = counted_runs(runs)
+    if "run_dir" not in counted:
+        return []
+    frames: dict[str, list[pd.DataFrame]] = {}
+    first_seed = counted["cfg_seed"].min() if "cfg_seed" in counted else None
+    for r in counted.to_dict("records"):
+        if r.get("run_dir") is None or (first_seed is not None and r["cfg_seed"] != first_seed):
+            continue
+        path = Path(r["run_dir"]) / "probe.parquet"
+        if not path.is_file():
+            continue
+        f = pd.read_parquet(path)
+        for col in ("epoch", "step"):  # several probes in one file: keep the first (at initialization)
+            if col in f.columns:
+                f = f[f[col] == f[col].min()]
+        f = f.drop(columns=["method"], errors="ignore").assign(method=r["cfg_method"])
+        key = f"{r['cfg_data']} · {r['cfg_model']}"
+        frames.setdefault(key, []).append(f)
+    return [(k, pd.concat(v, ignore_index=True)) for k, v in frames.items()]
+
+
+def _slug(text: str) -> str:
+    keep = "".join(ch if ch.isalnum() or ch == "-" else "_" for ch in text)
+    return "_".join(filter(None, keep.split("_")))[:80]
+
+
+def _what_was_run(db: Path, runs: pd.DataFrame, epochs: pd.DataFrame) -> dict[str, Any]:
+    sweeps = load_sweeps(db)
+    planned = {rid for s in sweeps for rid in s["run_ids"]}
+    with connect(db) as conn:
+        present = {r[0] for r in conn.execute("SELECT run_id FROM runs")}
+    counts = runs["status"].value_counts().to_dict()
+    failed = runs[runs["status"] == "failed"]
+    errors = [(r["run_id"], (r["error"] or "").strip().splitlines()[-1:] or [""]) for r in failed.to_dict("records")]
+    seconds = float(pd.to_numeric(epochs.get("seconds", pd.Series(dtype=float)), errors="coerce").sum())
+    fixed_keys = [k[4:] for k in runs.columns if k.startswith("cfg_") and k[4:] not in varying_keys(runs)]
+    fixed = {k: runs[f"cfg_{k}"].iloc[0] for k in fixed_keys} if len(runs) else {}
+    return {
+        "sweeps": sweeps,
+        "counts": {s: int(counts.get(s, 0)) for s in ("finished", "diverged", "failed", "running")},
+        "not_started": len(planned - present),
+        "total": len(runs),
+        "varying": {k: in_order(list(runs[f"cfg_{k}"]), k) for k in varying_keys(runs)},
+        "fixed": fixed,
+        "failed": [(rid, line[0]) for rid, line in errors],
+        "train_seconds": seconds,
+    }
+
+
+def _summary_markdown(s: dict[str, Any]) -> str:
+    c = s["counts"]
+    lines = []
+    if s.get("where"):
+        lines += ["Only the runs with " + "; ".join(f"{k} in {', '.join(v)}" for k, v in s["where"].items())
+                  + " (the sweeps below list everything that was asked for).", ""]
+    lines += [f"{s['total']} run{'s' if s['total'] != 1 else ''} in the database: {c['finished']} finished, {c['diverged']} diverged, "
+             f"{c['failed']} failed, {c['running']} running or interrupted"
+             + (f"; {s['not_started']} of the sweeps' runs not started yet" if s["not_started"] else "")
+             + f". Training time, summed over runs: {s['train_seconds'] / 60:.1f} min.", ""]
+    for sw in s["sweeps"]:
+        n = len(sw["run_ids"])
+        lines.append(f"- sweep `{sw['name'] or sw['sweep_id']}` ({n} runs, first started {sw['created_at']}):")
+        for k, v in sw["grid"].get("grid", {}).items():
+            if isinstance(v, dict):  # learning rates per optimizer
+                lines.append(f"  - {k}: " + "; ".join(f"{o}: {', '.join(map(str, lr))}" for o, lr in v.items()))
+            else:
+                lines.append(f"  - {k}: {', '.join(map(str, v))}")
+        fixed = sw["grid"].get("run", {})
+        if fixed:
+            lines.append("  - fixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
+    if not s["sweeps"]:
+        for k, v in s["varying"].items():
+            lines.append(f"- {k}: {', '.join(map(str, v))}")
+    if s["fixed"]:
+        lines.append("")
+        lines.append("Same in every run: " + ", ".join(f"{k}={v}" for k, v in s["fixed"].items()) + ".")
+    if s["failed"]:
+        lines.append("")
+        lines.append("Failed runs (last line of the error):")
+        lines.extend(f"- `{rid}`: {msg}" for rid, msg in s["failed"])
+    return "\n".join(lines)
+
+
+def _md_to_html_list(text: str) -> str:
+    """The summary's few Markdown forms (paragraphs, two-level bullets, `code`) as HTML."""
+    out, depth = [], 0
+    for line in text.splitlines():
+        stripped = line.lstrip()
+        level = (len(line) - len(stripped)) // 2 + 1 if stripped.startswith("- ") else 0
+        while depth < level:
+            out.append("<ul>")
+            depth += 1
+        while depth > level:
+            out.append("</ul>")
+            depth -= 1
+        body = html.escape(stripped[2:] if level else stripped)
+        parts = body.split("`")
+        body = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+        if level:
+            out.append(f"<li>{body}</li>")
+        elif body:
+            out.append(f"<p>{body}</p>")
+    out.extend("</ul>" for _ in range(depth))
+    return "\n".join(out)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;
+text-align:right}th{background:#f4f4f4}tbody th{text-align:left}caption{caption-side:bottom;font-size:12px;
+color:#555;text-align:left;padding-top:4px}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}"""
+
+
+
+def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = None,
+                 figures: bool = True, where: Mapping[str, Sequence[Any]] | None = None) -> Report:
+    """Render the tables (Markdown, HTML, CSV) and the curves of a results database into ``out_dir``.
+
+    Writes ``report.md``, ``report.html`` (self-contained: figures embedded as base64 PNG), one CSV per
+    table (long form, with ``std``, ``n`` and the chosen ``setting``), ``runs.csv`` (every run) and the
+    figures as PNG and SVG under ``figures/``. ``where`` keeps only the runs whose config matches
+    (``{"optimizer": ["adam"]}``), for a table restricted as a paper's was.
+    """
+    db, out_dir = Path(db), Path(out_dir)
+    runs = load_runs(db)
+    if where:
+        runs = select_runs(runs, where)
+    epochs = load_epochs(db)
+    epochs = epochs[epochs["run_id"].isin(runs["run_id"])]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(runs) if len(runs) else []
+    report = Report(out_dir, tables)
+    report.summary = _what_was_run(db, runs, epochs) if len(runs) else {
+        "sweeps": load_sweeps(db), "counts": dict.fromkeys(("finished", "diverged", "failed", "running"), 0),
+        "not_started": 0, "total": 0, "varying": {}, "fixed": {}, "failed": [], "train_seconds": 0.0}
+    report.summary["where"] = {k: [str(v) for v in vs] for k, vs in (where or {}).items()}
+
+    for t in tables:
+        path = out_dir / f"{t.key}.csv"
+        t.data.to_csv(path, index=False)
+        report.files.append(path)
+    runs_csv = out_dir / "runs.csv"
+    flat = runs.drop(columns=["config"]).rename(columns=lambda c: c[4:] if c.startswith("cfg_") else c)
+    flat = flat.loc[:, ~flat.columns.duplicated()]
+    flat.to_csv(runs_csv, index=False)
+    report.files.append(runs_csv)
+
+    if figures:
+        from initscope.plotting.curves import plot_training_curves
+
+        fig_dir = out_dir / "figures"
+        for name, frame, n in _curve_frames(runs, epochs):
+            png = fig_dir / f"curves_{_slug(name)}.png"
+            plot_training_curves(frame, path=png, title=f"{name} (mean over {n} seed{'s' if n != 1 else ''})")
+            report.figures.append((f"Training curves: {name}; training dashed, validation solid.", png))
+        report.figures.extend(_write_probe_figures(runs, fig_dir))
+        report.files.extend(p for _, p in report.figures)
+
+    heading = title or f"initscope results: {db.name}"
+    md = _render_markdown(report, heading)
+    (out_dir / "report.md").write_text(md)
+    (out_dir / "report.html").write_text(_render_html(report, heading))
+    report.files[:0] = [out_dir / "report.md", out_dir / "report.html"]
+    return report
+
+
+def _write_probe_figures(runs: pd.DataFrame, fig_dir: Path) -> list[tuple[str, Path]]:
+    probes = _probe_frames(runs)
+    if not probes:
+        return []
+    from initscope import plotting
+
+    made = []
+    plots = [("depth", "variance against depth, measured (solid) and predicted (dashed)",
+              getattr(plotting, "plot_depth", None), {}),
+             ("activation", "activation histograms at initialization",
+              getattr(plotting, "plot_histograms", None), {"quantity": "activation"}),
+             ("gradient", "gradient histograms at initialization",
+              getattr(plotting, "plot_histograms", None), {"quantity": "output_grad"})]
+    for name, frame in probes:
+        for kind, caption, fn, kw in plots:
+            if fn is None:
+                continue
+            png = fig_dir / f"probe_{kind}_{_slug(name)}.png"
+            try:
+                fn(frame, path=png, title=f"{name}: {caption}", **kw)
+            except ValueError as exc:  # e.g. the probe ran without histograms
+                made.append((f"(no {kind} figure for {name}: {exc})", None))
+                continue
+            made.append((f"Probe, {name}: {caption}.", png))
+    return [(c, p) for c, p in made if p is not None]
+
+
+_NO_RUNS = "No finished or diverged runs yet."
+
+
+def _render_markdown(report: Report, heading: str) -> str:
+    parts = [f"# {heading}", "", "## What was run", "", _summary_markdown(report.summary), ""]
+    for t in report.tables:
+        if t.data.empty:
+            parts += [f"## {t.title}", "", _NO_RUNS, ""]
+            continue
+        parts += [f"## {t.title}", "", t.markdown(), "", f"*{t.caption}* CSV: `{t.key}.csv`.", ""]
+    if report.figures:
+        parts += ["## Figures", ""]
+        for caption, png in report.figures:
+            rel = png.relative_to(report.out_dir).as_posix()
+            parts += [f"![{caption}]({rel})", "", caption, ""]
+    return "\n".join(parts)
+
+
+def _render_html(report: Report, heading: str) -> str:
+    body = [f"<h1>{html.escape(heading)}</h1>", "<h2>What was run</h2>", _md_to_html_list(_summary_markdown(report.summary))]
+    for t in report.tables:
+        if t.data.empty:
+            body += [f"<h2>{html.escape(t.title)}</h2>", f"<p>{_NO_RUNS}</p>"]
+            continue
+        table = t.html().replace("<table>", f"<table><caption>{html.escape(t.caption)}</caption>", 1)
+        body += [f"<h2>{html.escape(t.title)}</h2>", table]
+    if report.figures:
+        body.append("<h2>Figures</h2>")
+        for caption, png in report.figures:
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(heading)}</title><style>{_CSS}</style></head><body>"
+            + "\n".join(body) + "</body></html>")
