@@ -8,8 +8,8 @@ from torch import nn
 from initscope import models
 from initscope.models import create, create_model, list_models, register_model
 
-OWN = ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "plain34", "plain50", "resnet18", "resnet18-nobn",
-       "resnet34", "resnet50"]
+OWN = ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "plain34", "plain50", "resnet110", "resnet18",
+       "resnet18-nobn", "resnet20", "resnet34", "resnet50", "resnet56"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,7 +21,8 @@ def _weights(model):
 
 def test_listing():
     assert list_models() == OWN
-    assert list_models("resnet*") == ["resnet18", "resnet18-nobn", "resnet34", "resnet50"]
+    assert list_models("resnet*") == ["resnet110", "resnet18", "resnet18-nobn", "resnet20", "resnet34", "resnet50",
+                                      "resnet56"]
     assert create is create_model
 
 

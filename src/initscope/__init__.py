@@ -19,6 +19,22 @@ from initscope.stats import Grad, Signal
 
 __version__ = "0.1.0"
 
+# The experiments' registries, imported when first asked for (the data and engine modules are not
+# needed to plan or probe).
+_LAZY = {
+    "register_source": ("initscope.experiments.data", "register_source"),
+    "register_engine": ("initscope.experiments.engines", "register_engine"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'initscope' has no attribute {name!r}")
+
 __all__ = [
     "METHODS",
     "Context",
@@ -43,8 +59,10 @@ __all__ = [
     "plan",
     "plan_of",
     "probe",
+    "register_engine",
     "register_method",
     "register_rule",
+    "register_source",
     "sample_",
     "unregister_method",
     "unregister_rule",
