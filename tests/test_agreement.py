@@ -12,7 +12,7 @@ from initscope.models import create_model
 
 from conftest import log2_gaps
 
-METHODS = ["kaiming-forward", "asv-forward", "asv-backward", "asv-forward-exact", "asv-backward-exact"]
+METHODS = ["kaiming-forward", "asv-forward", "asv-backward", "asv-forward-exact", "asv-backward-exact", "asv-balanced"]
 TOL = 0.75  # log2 units: a factor 2^0.75
 
 
@@ -83,3 +83,19 @@ def test_batchnorm_resnet_gradients_hold_under_the_scale_policy():
     fwd, bwd = log2_gaps(model, p, (3, 64, 64), batch=16, draws=4, seed=0)
     assert max(abs(g) for g in fwd) < TOL
     assert max(abs(g) for g in bwd) < 0.5, f"gradient off by up to 2^{max(bwd, key=abs):+.2f}"
+
+
+def test_balanced_is_the_geometric_mean_of_the_exact_variants():
+    # Forward and gradient cannot both be 1: asv-balanced splits the architecture's mismatch.
+    import math
+
+    model = create_model("plain34", width=16)
+    f = initscope.plan(model, "asv-forward-exact", input_shape=(3, 72, 72))
+    b = initscope.plan(model, "asv-backward-exact", input_shape=(3, 72, 72))
+    m = initscope.plan(model, "asv-balanced", input_shape=(3, 72, 72))
+    for lf, lb, lm in zip(f.layers, b.layers, m.layers):
+        assert lm.std == pytest.approx(math.sqrt(lf.std * lb.std), rel=1e-12), lm.name
+    mismatch = math.log2(b.layers[-1].pred_out_var)  # the logits under asv-backward-exact: 2^11.8 here
+    assert mismatch > 10
+    assert math.log2(m.layers[-1].pred_out_var) == pytest.approx(mismatch / 2, abs=0.3)
+    assert math.log2(m.layers[0].pred_in_grad_var) == pytest.approx(-mismatch / 2, abs=0.3)

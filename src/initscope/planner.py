@@ -28,8 +28,8 @@ from initscope.errors import InitscopeError
 from initscope.graph.propagate import Pass, Resolved, WeightHook
 from initscope.graph.trace import trace
 from initscope.methods import Method, get_method
-from initscope.methods.base import Layer, check_finite
-from initscope.methods.job import Job, LayerInfo
+from initscope.methods.base import Layer
+from initscope.methods.job import Job, LayerInfo, formula_stds
 from initscope.methods.residual import ResidualAdd, find_residual_adds
 from initscope.options import Options
 from initscope.plan import InitPlan, LayerPlan, unwrap_model
@@ -195,19 +195,6 @@ def _same_tensor(resolved: Resolved, node: Any) -> Any:
     return node
 
 
-def _weight_std(m: Method, info: LayerInfo, opts: Options) -> tuple[float, bool]:
-    """One std for one weight: the method's, or, for a weight several calls use, the geometric mean of
-    the variances the calls ask for. A chain of the calls (a recurrent conv) then has the gain the
-    per-call stds would give it together; each call is off by its own factor."""
-    if len(info.views) == 1:
-        return m.std(info, opts)
-    asked = [m.std(view, opts) for view in info.views]
-    for (std, _), view in zip(asked, info.views):
-        check_finite(std, view, m)
-    log_var = sum(2.0 * math.log(std) if std > 0 else -math.inf for std, _ in asked) / len(asked)
-    return (math.exp(0.5 * log_var) if math.isfinite(log_var) else 0.0), any(bit for _, bit in asked)
-
-
 def _norm_knobs(resolved: Resolved, adds: list[ResidualAdd]) -> tuple[frozenset[fx.Node], bool]:
     """The normalizations that scale a residual branch, and whether any holds other than γ = 1, β = 0."""
     knobs, changed = set(), False
@@ -306,14 +293,7 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
 
     # Stds from the method's formula (the exact variants start from the paper's); every call of a
     # weight gets the weight's std.
-    stds, clamped = {}, set()
-    for info in infos:
-        std, bit = _weight_std(m, info, opts)
-        check_finite(std, info, m)
-        for node in info.nodes:
-            stds[node] = std
-        if bit:
-            clamped.add(info.node)
+    stds, clamped = formula_stds(m, infos, opts)
     bias_m2 = {info.node: m.bias_m2(info) for info in infos if info.bias is not None and m.bias_m2(info)}
 
     # The full propagation, in which a method may choose its stds.

@@ -8,6 +8,7 @@ A method that chooses its stds from the propagation (the exact ASV variants) run
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from initscope.graph.propagate import FixedStds, Pass, Resolved, WeightHook
-from initscope.methods.base import Layer
+from initscope.methods.base import Layer, Method, check_finite
 from initscope.methods.residual import ResidualAdd, ResidualPolicy
 from initscope.stats.signal import Signal
 
@@ -45,6 +46,32 @@ class LayerInfo(Layer):
     @property
     def calls(self) -> int:
         return len(self.nodes)
+
+
+def weight_std(m: Method, info: LayerInfo, opts: "Options") -> tuple[float, bool]:
+    """One std for one weight: the method's, or, for a weight several calls use, the geometric mean of
+    the variances the calls ask for. A chain of the calls (a recurrent conv) then has the gain the
+    per-call stds would give it together; each call is off by its own factor."""
+    if len(info.views) == 1:
+        return m.std(info, opts)
+    asked = [m.std(view, opts) for view in info.views]
+    for (std, _), view in zip(asked, info.views):
+        check_finite(std, view, m)
+    log_var = sum(2.0 * math.log(std) if std > 0 else -math.inf for std, _ in asked) / len(asked)
+    return (math.exp(0.5 * log_var) if math.isfinite(log_var) else 0.0), any(bit for _, bit in asked)
+
+
+def formula_stds(m: Method, layers: list[LayerInfo], opts: "Options") -> tuple[dict[fx.Node, float], set[fx.Node]]:
+    """Every call node's std under ``m``'s formula (one std per weight), and the weights a clamp set."""
+    stds, clamped = {}, set()
+    for info in layers:
+        std, bit = weight_std(m, info, opts)
+        check_finite(std, info, m)
+        for node in info.nodes:
+            stds[node] = std
+        if bit:
+            clamped.add(info.node)
+    return stds, clamped
 
 
 @dataclass
