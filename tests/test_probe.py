@@ -465,3 +465,22 @@ def test_targets_and_loss_fn():
     model.zero_grad()
     p2 = initscope.probe(TupleOut(), torch.randn(2, 3), loss_fn=lambda out: out[0].sum())
     assert p2["fc"].stats["output_grad"].mean == 1.0
+
+
+def test_a_conv_before_a_norm_gets_the_activation_after_the_norm():
+    # Conv -> BatchNorm -> ReLU, as in most CNNs: the activation box plots and histograms of the
+    # second paper (its Fig. 3 and 6) were empty, because the ReLU reads the norm's output, not the conv's.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                          nn.ReLU6(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    x = torch.randn(4, 3, 12, 12)
+    p = initscope.probe(model, x)
+    with torch.no_grad():
+        a1 = model[2](model[1](model[0](x)))
+        a2 = model[5](model[4](model[3](a1)))
+    assert p["0"].stats["activation"].second_moment == pytest.approx(_sm(a1), rel=1e-9)
+    assert p["3"].stats["activation"].second_moment == pytest.approx(_sm(a2), rel=1e-9)
+    assert "activation" not in p["6"].stats  # a projection with no activation after its norm
+    pa = initscope.probe(model, x, layers="all")
+    assert pa["0"].stats["activation"].second_moment == pytest.approx(_sm(a1), rel=1e-9)
+    assert pa["1"].stats["activation"].second_moment == pytest.approx(_sm(a1), rel=1e-9)

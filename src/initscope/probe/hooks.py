@@ -191,8 +191,8 @@ class Recorder:
             self.records[layer] = LayerRecord(layer, "add", None)
         self._by_module = {id(r.module): r for r in self.records.values() if r.module is not None}
         self._handles: list = []
-        self._producers: dict[int, tuple[weakref.ref, int, LayerRecord]] = {}
-        self._pending: dict[int, LayerRecord | None] = {}
+        self._producers: dict[int, tuple[weakref.ref, int, list[LayerRecord]]] = {}
+        self._pending: dict[int, list[LayerRecord]] = {}
         self._cache: dict[int, tuple[weakref.ref, int, Stats]] = {}
         self.stack: list[tuple[str, nn.Module | None, tuple[int, ...] | None]] = []
         self._next_index = 0
@@ -235,20 +235,27 @@ class Recorder:
         if "output_grad" in self.quantities and out.requires_grad:
             out.register_hook(self._grad_hook(rec, "output_grad"))
         if "activation" in self.quantities:
-            # Weak, with the version counter: the tensor is not kept alive, and one changed in place since
-            # (out += identity) is no longer this layer's output.
-            self._producers[id(out)] = (weakref.ref(out), out._version, rec)
+            self._produce(out, [rec])
 
-    def _producer_of(self, x) -> LayerRecord | None:
+    def _produce(self, out: torch.Tensor, recs: list[LayerRecord]) -> None:
+        """Remember that the activation applied to ``out`` is that of ``recs``' layers.
+
+        Weak, with the version counter: the tensor is not kept alive, and one changed in place since
+        (out += identity) is no longer these layers' output.
+        """
+        known = self._producer_of(out)
+        self._producers[id(out)] = (weakref.ref(out), out._version, known + [r for r in recs if r not in known])
+
+    def _producer_of(self, x) -> list[LayerRecord]:
         if not isinstance(x, torch.Tensor):
-            return None
+            return []
         found = self._producers.get(id(x))
         if found is None:
-            return None
-        ref, version, rec = found
+            return []
+        ref, version, recs = found
         if ref() is not x or x._version != version:
-            return None
-        return rec
+            return []
+        return recs
 
     # -- module hooks --------------------------------------------------------------------------------
     def _pre(self, name: str, module: nn.Module):
@@ -259,7 +266,7 @@ class Recorder:
             x = args[0] if args else None
             self.stack.append((name, mod, tuple(x.shape) if isinstance(x, torch.Tensor) else None))
             if is_act:
-                self._pending[id(mod)] = self._producer_of(x)
+                self._pending[id(mod)] = list(self._producer_of(x))
             if rec is not None:
                 self.enter(rec, x)
         return hook
@@ -267,14 +274,23 @@ class Recorder:
     def _post(self, module: nn.Module):
         rec = self._by_module.get(id(module))
         is_act = isinstance(module, ACTIVATIONS)
+        is_norm = isinstance(module, NORMS)
 
         def hook(mod, args, out):
             if rec is not None:
                 self.exit(rec, out)
+            if is_norm and "activation" in self.quantities and isinstance(out, torch.Tensor):
+                # Conv -> BatchNorm -> ReLU: the conv's activation is the ReLU after its norm (the
+                # second paper's figures), so a norm hands its input's layers on to its output.
+                upstream = [r for r in self._producer_of(args[0] if args else None) if "activation" not in r.stats]
+                if upstream:
+                    self._produce(out, upstream)
             if is_act:
-                producer = self._pending.pop(id(mod), None)
-                if producer is not None and "activation" not in producer.stats and isinstance(out, torch.Tensor):
-                    producer.stats["activation"] = self.summarize(out)
+                producers = self._pending.pop(id(mod), [])
+                if isinstance(out, torch.Tensor):
+                    for producer in producers:
+                        if "activation" not in producer.stats:
+                            producer.stats["activation"] = self.summarize(out)
             if self.stack:
                 self.stack.pop()
         return hook
