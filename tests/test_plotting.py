@@ -260,3 +260,21 @@ def test_save_figure_bad_suffix(tmp_path, frame):
     with pytest.raises(ValueError, match="'.pdf'|\\.pdf"):
         save_figure(fig, tmp_path / "x.pdf")
     assert not list(tmp_path.iterdir())
+
+
+def test_depth_plot_draws_the_band_a_measurement_may_stay_in():
+    import torch
+
+    import initscope
+    from initscope.models import create_model
+    from initscope.plotting import plot_depth
+
+    model = create_model("plain34", width=8)
+    initscope.init_(model, "kaiming-forward", input_shape=(3, 32, 32), generator=torch.Generator().manual_seed(0))
+    frame = initscope.probe(model, torch.randn(8, 3, 32, 32)).to_frame()
+    frame["method"] = "kaiming-forward"
+    fig = plot_depth(frame)
+    bands = [c for ax in fig.axes for c in ax.collections if (c.get_gid() or "").startswith("band-")]
+    assert {c.get_gid() for c in bands} == {"band-forward|kaiming-forward", "band-backward|kaiming-forward"}
+    # Deep in the net the band is wider than the fixed factor of 2 the flags used to have.
+    assert frame.loc[frame["quantity"] == "output", "flag_out_bits"].max() > 1.0

@@ -484,3 +484,25 @@ def test_a_conv_before_a_norm_gets_the_activation_after_the_norm():
     pa = initscope.probe(model, x, layers="all")
     assert pa["0"].stats["activation"].second_moment == pytest.approx(_sm(a1), rel=1e-9)
     assert pa["1"].stats["activation"].second_moment == pytest.approx(_sm(a1), rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["xavier", "kaiming-forward", "asv-backward"])
+def test_flags_are_set_by_the_plans_own_spread(method):
+    # The README's compare (plain34, 3x64x64, one draw): a fixed 2x threshold flagged 24 weight layers
+    # per method, though each sat inside the draw-to-draw scatter the plan predicts (~1.4 bits deep in
+    # the net). A layer broken on purpose (its weights x10 after planning) is still flagged.
+    from initscope.models import create_model
+
+    model = create_model("plain34")
+    p = initscope.init_(model, method, input_shape=(3, 64, 64), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    clean = initscope.probe(model, x)
+    assert clean.flagged == []
+    deep = [layer for layer in clean.layers if layer.pred_out_spread > 0.5]
+    assert deep and all(layer.flag_out_bits > 1.0 for layer in deep)
+    broken = p.layers[20].name
+    with torch.no_grad():
+        model.get_submodule(broken).weight.mul_(10.0)
+    flagged = initscope.probe(model, x).flagged
+    assert broken in flagged
+    assert all(name in flagged for name in [l.name for l in p.layers[20:]][:3])

@@ -85,6 +85,10 @@ def depth_series(frame, method: str) -> dict[str, list]:
         "pred_out": [col(n, "output", "pred_out_var") for n in layers],
         "meas_grad": [col(n, "input_grad", "second_moment") for n in layers],
         "pred_grad": [col(n, "output", "pred_in_grad_var") for n in layers],
+        # How far a measurement may lie from the prediction before it is flagged (bits; the plan's
+        # draw-to-draw spread, see initscope.probe.flag_limit); NaN in frames without it.
+        "band_out": [col(n, "output", "flag_out_bits") for n in layers],
+        "band_grad": [col(n, "output", "flag_grad_bits") for n in layers],
     }
 
 
@@ -119,12 +123,17 @@ def plot_depth(frame, *, path: str | Path | None = None, title: str | None = Non
         s = depth_series(frame, method)
         x = list(range(len(s["layers"])))
         c = colors[method]
-        for ax, meas, pred, side in ((fwd, s["meas_out"], s["pred_out"], "forward"),
-                                     (bwd, s["meas_grad"], s["pred_grad"], "backward")):
+        for ax, meas, pred, band, side in ((fwd, s["meas_out"], s["pred_out"], s["band_out"], "forward"),
+                                           (bwd, s["meas_grad"], s["pred_grad"], s["band_grad"], "backward")):
             ax.plot(x, _positive(meas), "-", color=c, lw=1.6, label=method or "measured",
                     gid=f"measured-{side}|{method}")
             if any(v == v for v in pred):
                 ax.plot(x, _positive(pred), "--", color=c, lw=1.2, gid=f"predicted-{side}|{method}")
+                lo = [p * 2.0 ** -b if p > 0 and b == b else math.nan for p, b in zip(pred, band)]
+                hi = [p * 2.0 ** b if p > 0 and b == b else math.nan for p, b in zip(pred, band)]
+                if any(v == v for v in lo):
+                    # What the plan allows a measurement: outside the band a layer is flagged.
+                    ax.fill_between(x, lo, hi, color=c, alpha=0.12, lw=0, gid=f"band-{side}|{method}")
                 drew_prediction = True
     fwd.set_title("forward: E[u²] at each weight layer's output", fontsize=10)
     bwd.set_title("backward: E[(∂L/∂x)²] at each weight layer's input", fontsize=10)
@@ -136,7 +145,7 @@ def plot_depth(frame, *, path: str | Path | None = None, title: str | None = Non
     fwd.set_ylabel("second moment")
     handles, labels = fwd.get_legend_handles_labels()
     handles += [Line2D([], [], color="k", ls="-"), Line2D([], [], color="k", ls="--")]
-    labels += ["measured", "predicted" if drew_prediction else "predicted (no plan)"]
+    labels += ["measured", "predicted (band: not flagged)" if drew_prediction else "predicted (no plan)"]
     fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(title or "second moments against depth: measured (solid), predicted (dashed)", fontsize=11)
     if path is not None:

@@ -24,10 +24,23 @@ STAT_COLUMNS: tuple[str, ...] = (
     "hist_lo", "hist_hi", "hist_counts",
 )
 PRED_COLUMNS: tuple[str, ...] = (
-    "pred_out_var", "pred_in_grad_var", "meas_out_var", "meas_in_grad_var", "out_ratio", "in_grad_ratio", "flagged",
+    "pred_out_var", "pred_in_grad_var", "pred_out_spread", "pred_grad_spread", "meas_out_var", "meas_in_grad_var",
+    "out_ratio", "in_grad_ratio", "draws", "flag_out_bits", "flag_grad_bits", "flagged",
 )
 COLUMNS: tuple[str, ...] = ("layer", "index", "kind", "quantity", *STAT_COLUMNS, *PRED_COLUMNS)
-FLAG_FACTOR = 2.0
+# A measurement is flagged when it lies outside what the plan predicts for it: more than FLAG_Z of the
+# plan's own draw-to-draw spread away (log2 units, shrinking as 1/sqrt(draws) when draws are averaged),
+# and never closer than FLAG_FLOOR_BITS (the rules' own accuracy: measured within 0.75 bits on the
+# agreement nets), so that one draw's scatter deep in a plain net reads as what it is.
+FLAG_Z = 3.0
+FLAG_FLOOR_BITS = 1.0
+
+
+def flag_limit(spread: float, draws: int = 1) -> float:
+    """How far (in bits, |log2(measured / predicted)|) a measurement may lie from its prediction."""
+    if not (math.isfinite(spread) and spread > 0):
+        return FLAG_FLOOR_BITS
+    return max(FLAG_FLOOR_BITS, FLAG_Z * spread / math.sqrt(max(draws, 1)))
 _NAN = float("nan")
 _TEXT_COLUMNS = ("method", "layer", "kind", "quantity")
 
@@ -52,6 +65,9 @@ class LayerStats:
     stats: dict[str, Stats] = field(default_factory=dict)
     pred_out_var: float = _NAN
     pred_in_grad_var: float = _NAN
+    pred_out_spread: float = _NAN  # the plan's sd of log2 of one draw's pred_out_var
+    pred_grad_spread: float = _NAN
+    draws: int = 1  # draws the measurements average (geometric mean)
 
     @property
     def meas_out_var(self) -> float:
@@ -78,12 +94,23 @@ class LayerStats:
         return sum(s.nonfinite for s in self.stats.values())
 
     @property
+    def flag_out_bits(self) -> float:
+        """How far the measured output may lie from the prediction, in bits (:func:`flag_limit`)."""
+        return flag_limit(self.pred_out_spread, self.draws)
+
+    @property
+    def flag_grad_bits(self) -> float:
+        return flag_limit(self.pred_grad_spread, self.draws)
+
+    @property
     def flagged(self) -> bool:
-        """A ratio outside ``[1/2, 2]`` (or not a number where there is a prediction), or a non-finite entry."""
+        """A ratio further from 1 than the plan's own spread allows (:func:`flag_limit`), a ratio that is
+        not a number where there is a prediction, or a non-finite entry."""
         if self.nonfinite > 0:
             return True
-        for pred, ratio in ((self.pred_out_var, self.out_ratio), (self.pred_in_grad_var, self.in_grad_ratio)):
-            if math.isfinite(pred) and pred > 0 and not (1.0 / FLAG_FACTOR <= ratio <= FLAG_FACTOR):
+        for pred, ratio, limit in ((self.pred_out_var, self.out_ratio, self.flag_out_bits),
+                                   (self.pred_in_grad_var, self.in_grad_ratio, self.flag_grad_bits)):
+            if math.isfinite(pred) and pred > 0 and not (ratio > 0 and abs(math.log2(ratio)) <= limit):
                 return True
         return False
 
@@ -91,10 +118,15 @@ class LayerStats:
         return {
             "pred_out_var": float(self.pred_out_var),
             "pred_in_grad_var": float(self.pred_in_grad_var),
+            "pred_out_spread": float(self.pred_out_spread),
+            "pred_grad_spread": float(self.pred_grad_spread),
             "meas_out_var": float(self.meas_out_var),
             "meas_in_grad_var": float(self.meas_in_grad_var),
             "out_ratio": float(self.out_ratio),
             "in_grad_ratio": float(self.in_grad_ratio),
+            "draws": int(self.draws),
+            "flag_out_bits": float(self.flag_out_bits),
+            "flag_grad_bits": float(self.flag_grad_bits),
             "flagged": bool(self.flagged),
         }
 
@@ -137,7 +169,7 @@ class Probe:
                 rows.append({"layer": layer.name, "index": layer.index, "kind": layer.kind, "quantity": quantity,
                              **s.as_row(), **per_layer})
         frame = pd.DataFrame(rows, columns=list(COLUMNS))
-        return frame.astype({"index": "int64", "count": "int64", "nonfinite": "int64", "flagged": "bool"})
+        return frame.astype({"index": "int64", "count": "int64", "nonfinite": "int64", "draws": "int64", "flagged": "bool"})
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_frame` to ``path``: Parquet for ``.parquet``, CSV for ``.csv``."""
@@ -357,7 +389,9 @@ def build(recorder: Recorder, plan: InitPlan | None) -> Probe:
         lp = preds.get(rec.name)
         layers.append(LayerStats(rec.name, rec.kind, rec.index, dict(rec.stats),
                                  float(lp.pred_out_var) if lp is not None else _NAN,
-                                 float(lp.pred_in_grad_var) if lp is not None else _NAN))
+                                 float(lp.pred_in_grad_var) if lp is not None else _NAN,
+                                 float(lp.out_spread) if lp is not None else _NAN,
+                                 float(lp.grad_spread) if lp is not None else _NAN))
     missing = recorder.uncalled()
     if missing:
         warnings.warn(f"not called in the forward pass, so not probed: {', '.join(missing)}", stacklevel=3)
