@@ -93,6 +93,12 @@ def _fresh(unit: Signal, inputs: list[Signal], channels: int) -> Signal:
     return unit.with_(scatter=Scatter(base + offset_scatter(unit.shared.xcorr) / max(channels, 1), channels, base))
 
 
+def _with_logvar(g: Grad, logvar: float) -> Grad:
+    """``g`` with the scatter ``logvar``: ``g`` itself when it already carries it (a gradient through
+    a normalization-headed net carries none, and a copy per edge is most of what the step costs)."""
+    return g if g.scatter.logvar == logvar else g.with_(scatter=Scatter(logvar))
+
+
 def _map_signals(value: Any, fn: Callable[[Signal], Signal]) -> Any:
     if isinstance(value, Signal):
         return fn(value) if value.const is None else value
@@ -269,7 +275,7 @@ class Pass:
             else:
                 contributions = rule.backward(ctx, g)
                 contributions = {
-                    sig: cg if cg is None else cg.with_(scatter=Scatter(rule.grad_fluctuation(ctx, g, sig)))
+                    sig: cg if cg is None else _with_logvar(cg, rule.grad_fluctuation(ctx, g, sig))
                     for sig, cg in contributions.items()
                 }
                 if self.residual is not None:

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 
 # -- the parts -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Layout:
     """Which dim of a tensor is its channel and which dims are its positions.
 
@@ -87,7 +87,7 @@ _FIRST_DIMS = ((), (0,), (0, 1))
 CHANNELS_FIRST = Layout()
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Hidden:
     """Spatial statistics kept across a reshape that hides the positions.
 
@@ -107,7 +107,7 @@ class Hidden:
         return Hidden(self.shape, None if self.cov is None else self.cov * factor, self.rho)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Spatial:
     """How the positions of one channel co-vary: a Signal's values, or a Grad's gradients.
 
@@ -144,7 +144,7 @@ class Spatial:
         return self if self.hidden is None else Spatial(self.cov, self.rho)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Shared:
     """The part of the second moment that elements sharing no weights have in common.
 
@@ -172,7 +172,7 @@ class Shared:
         return self.xcorr if self.pooled is None else self.pooled
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Activated:
     """This tensor is ``f(u)``, f an elementwise monotone function: ``f`` and ``pre``, the Signal of u.
 
@@ -194,7 +194,7 @@ class Activated:
         return Activated(self.f, self.pre.scaled(factor)) if self.f.homogeneous else None
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Blocks:
     """The Signals of a channel concatenation's blocks, in channel order (``parts``).
 
@@ -219,7 +219,7 @@ class Blocks:
         return Blocks(tuple(p.scaled(factor) for p in self.parts))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Scatter:
     """Finite width (see :mod:`initscope.stats.fluctuation`): how one weight draw scatters.
 
@@ -578,7 +578,7 @@ class Grad(_Positions):
         rho = (self.spatial.rho * weights[0] + other.spatial.rho * weights[1]) / total if total > 0 else 0.0
         spatial = Spatial(cov, rho, _add_hidden(self.spatial.hidden, other.spatial.hidden, weights))
         return Grad(self.shape, self.m2 + other.m2, self.layout, spatial, pre=pre, dead=dead,
-                    scatter=Scatter(logvar))
+                    scatter=Scatter(logvar) if logvar else NO_SCATTER)
 
 
 _GRAD_PARTS = _parts_table(("spatial", Spatial, UNCORRELATED), ("scatter", Scatter, NO_SCATTER))
