@@ -168,7 +168,7 @@ def test_batchnorm_removes_the_pooled_mean_share(size, kernel, padding, monkeypa
     monkeypatch.setattr(Job, "run", keep)
     initscope.plan(model, "kaiming-forward", input_shape=(c_in, size, size), cache=False)
     conv = next(n for n in seen["pass"].r.traced.nodes if n.target == "1")
-    predicted = seen["pass"].values[conv].pooled
+    predicted = seen["pass"].values[conv].shared.pooled
     g = torch.Generator().manual_seed(0)
     shares = []
     with torch.no_grad():

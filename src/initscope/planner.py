@@ -36,7 +36,7 @@ from initscope.plan import InitPlan, LayerPlan, unwrap_model
 from initscope.rules.base import WeightRule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.fluctuation import typical
-from initscope.stats.signal import Signal
+from initscope.stats.signal import Shared, Signal, Spatial
 from initscope.threads import one_intra_op_thread
 
 
@@ -96,7 +96,7 @@ def signal_of_batch(x: torch.Tensor, max_cov: int) -> Signal:
         elif d > 1:
             s = pos.sum(1)
             rho = float(((s**2) - (pos**2).sum(1)).mean() / (d * (d - 1)) / total)
-    return Signal(shape, m2, cov=cov, rho=rho, xcorr=xcorr, dist=dist)
+    return Signal(shape, m2, spatial=Spatial(cov, rho), shared=Shared(xcorr), dist=dist)
 
 
 def make_inputs(input_shape, example_input, max_cov: int) -> tuple[list[Signal], list[Signal], Any]:
@@ -316,7 +316,7 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
         alpha = residual.alphas.get(node)
         std = stds[node] * (alpha if alpha is not None else 1.0)
         sig = final.signal(node)
-        out = typical(sig.mean_m2, sig.logvar) * (alpha**2 if alpha is not None else 1.0)
+        out = typical(sig.mean_m2, sig.scatter.logvar) * (alpha**2 if alpha is not None else 1.0)
         g_in = final.grad_at(info.input_node) if isinstance(info.input_node, fx.Node) else None
         fan_in, fan_out = info.fans(opts.fan)
         layers.append(
@@ -336,9 +336,9 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
                 clamped=node in clamped,
                 residual_scale=alpha,
                 pred_out_var=out,
-                pred_in_grad_var=typical(g_in.mean_m2, g_in.logvar) if g_in is not None else 0.0,
-                out_spread=math.sqrt(sig.logvar) / math.log(2),
-                grad_spread=math.sqrt(g_in.logvar) / math.log(2) if g_in is not None else 0.0,
+                pred_in_grad_var=typical(g_in.mean_m2, g_in.scatter.logvar) if g_in is not None else 0.0,
+                out_spread=math.sqrt(sig.scatter.logvar) / math.log(2),
+                grad_spread=math.sqrt(g_in.scatter.logvar) / math.log(2) if g_in is not None else 0.0,
                 calls=info.calls,
                 bias=m.bias if info.bias is not None else "none",
                 weight_path=info.weight_path,

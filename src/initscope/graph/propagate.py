@@ -27,7 +27,7 @@ from initscope.graph.trace import Traced
 from initscope.rules import registry
 from initscope.rules.base import Context, Rule, WeightRule
 from initscope.stats.fluctuation import combine, offset_scatter
-from initscope.stats.signal import Grad, Signal
+from initscope.stats.signal import Grad, Scatter, Shared, Signal, Spatial
 
 ON_UNKNOWN = ("error", "kaiming", "skip")
 
@@ -81,17 +81,22 @@ def finish_weight_forward(unit: Signal, var: float, bias_m2: float) -> Signal:
     m = unit.mean_m2 * var
     total = m + bias_m2
     share = (lambda c: (c * m + bias_m2) / total) if total > 0 else (lambda c: c)
-    cov = None if unit.cov is None else unit.cov * var + bias_m2
-    return Signal(unit.shape, unit.m2 * var + bias_m2, cov=cov, rho=share(unit.rho), xcorr=share(unit.xcorr),
-                  logvar=unit.logvar, fresh=unit.fresh, base_logvar=unit.base_logvar,
-                  pooled=None if unit.pooled is None else share(unit.pooled))
+    cov = None if unit.spatial.cov is None else unit.spatial.cov * var + bias_m2
+    pooled = unit.shared.pooled
+    return Signal(unit.shape, unit.m2 * var + bias_m2, unit.layout, Spatial(cov, share(unit.spatial.rho)),
+                  Shared(share(unit.shared.xcorr), None if pooled is None else share(pooled)), scatter=unit.scatter)
 
 
 def _fresh(unit: Signal, inputs: list[Signal], channels: int) -> Signal:
     """A weight layer's output: new channel offsets on top of the scatter its input carries."""
-    base = combine([s.logvar for s in inputs], [s.mean_m2 for s in inputs]) if inputs else 0.0
-    return unit.with_(logvar=base + offset_scatter(unit.xcorr) / max(channels, 1), fresh=channels,
-                   base_logvar=base)
+    base = combine([s.scatter.logvar for s in inputs], [s.mean_m2 for s in inputs]) if inputs else 0.0
+    return unit.with_(scatter=Scatter(base + offset_scatter(unit.shared.xcorr) / max(channels, 1), channels, base))
+
+
+def _with_logvar(g: Grad, logvar: float) -> Grad:
+    """``g`` with the scatter ``logvar``: ``g`` itself when it already carries it (a gradient through
+    a normalization-headed net carries none, and a copy per edge is most of what the step costs)."""
+    return g if g.scatter.logvar == logvar else g.with_(scatter=Scatter(logvar))
 
 
 def _map_signals(value: Any, fn: Callable[[Signal], Signal]) -> Any:
@@ -264,13 +269,13 @@ class Pass:
                 unit = rule.backward_unit(ctx, g)
                 x = rule.input_signal(ctx)
                 arrived = self._arrived(x)
-                unit = unit.with_(logvar=g.logvar)
+                unit = unit.with_(scatter=g.scatter)
                 var = self.weights.backward(node, ctx, unit, arrived)
                 contributions = {x: unit if self.local else unit.scaled(var)}
             else:
                 contributions = rule.backward(ctx, g)
                 contributions = {
-                    sig: cg if cg is None else cg.with_(logvar=rule.grad_fluctuation(ctx, g, sig))
+                    sig: cg if cg is None else _with_logvar(cg, rule.grad_fluctuation(ctx, g, sig))
                     for sig, cg in contributions.items()
                 }
                 if self.residual is not None:
@@ -292,6 +297,10 @@ class Pass:
         if owner is None:
             return  # a constant, or a value no node produced (a Python number turned tensor)
         node, index = owner
+        if g.layout is not sig.layout and g.layout != sig.layout:
+            # A gradient is in the layout of the tensor it is at; statistics a rule gave it for the
+            # positions of another layout are dropped with it (Grad.with_).
+            g = g.with_(layout=sig.layout)
         if index is None:
             prev = self.grads.get(node)
             self.grads[node] = g if prev is None else prev + g

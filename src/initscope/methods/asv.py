@@ -98,7 +98,7 @@ class ExactForward(FixedStds):
     def forward(self, node, ctx, unit):
         if node not in self.stds:
             info = self.infos[node]
-            a = typical(unit.mean_m2, unit.logvar)
+            a = typical(unit.mean_m2, unit.scatter.logvar)
             std = math.sqrt(1.0 / a) if a > 0 else math.inf
             std, bit = clamp(std, info.geometry, "forward", self.ratio)
             if not math.isfinite(std):
@@ -131,7 +131,7 @@ class ExactBackward(FixedStds):
         target = 1.0
         if node in self.starts and arrived is not None and arrived.mean_m2 > 0:
             target = self.beta * arrived.mean_m2 / self.starts[node]
-        a = typical(unit.mean_m2, unit.logvar)
+        a = typical(unit.mean_m2, unit.scatter.logvar)
         if a <= 0:
             self.silent.add(node)
             std = self.stds[node]

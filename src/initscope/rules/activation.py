@@ -32,7 +32,8 @@ from initscope.stats.elementwise import Activation, known_activation
 from initscope.stats.gaussian import dual_from_coefficients, hermite_coefficients, normal_cdf
 from initscope.stats.fluctuation import channel_scatter
 from initscope.stats.maps import correlation
-from initscope.stats.signal import Grad, Signal, cat_maps, compact, matched_cov, mean_of
+from initscope.stats.signal import (Activated, Grad, Scatter, Shared, Signal, Spatial, cat_maps, channel_map, compact,
+                                    matched_cov, mean_of)
 
 _SCALES = torch.logspace(-6, 6, 481, dtype=DTYPE)
 _R = torch.linspace(-1.0, 1.0, 401, dtype=DTYPE)
@@ -242,31 +243,21 @@ def _map_signal(act: Activation, x: Signal) -> tuple[Signal, _Applied | None]:
     if act.slope is not None and x.nonneg:
         # f is the identity on non-negative inputs (a ReLU after a max pool of ReLUs, or after an
         # identity residual block); it is still f of x, whose mask a sum's gradient reads.
-        return x.with_(act=act, pre=x), None
+        return x.with_(activated=Activated(act, x)), None
     applied = apply_activation(act, x)
     scale = math.sqrt(max(x.mean_m2, 1e-300))
-    cov, rho = None, x.rho
-    if x.cov is not None:
+    cov, rho = None, x.spatial.rho
+    if x.spatial.cov is not None:
         d = x.positions
-        corr = correlation(x.cov, d)
+        corr = correlation(x.spatial.cov, d)
         out_corr = _map_corr(act, applied, corr, x.mean_m2, scale)
-        m_out = compact(applied.m2, x.shape).mean(dim=(0, 1)).expand(x.spatial).reshape(d).clamp(min=0)
-        s = m_out.sqrt()
-        cov = (out_corr * torch.outer(s, s)).reshape(x.cov.shape)
+        s = channel_map(applied.m2, x.shape, x.layout).reshape(d).clamp(min=0).sqrt()
+        cov = (out_corr * torch.outer(s, s)).reshape(x.spatial.cov.shape)
     elif x.positions > 1:
-        rho = float(_map_corr(act, applied, float(x.rho), x.mean_m2, scale))
-    xcorr = float(_map_corr(act, applied, float(x.xcorr), x.mean_m2, scale))
-    monotone = act.monotone
-    out = Signal(
-        x.shape,
-        applied.m2,
-        cov=cov,
-        rho=rho,
-        xcorr=xcorr,
-        dist=applied.dist,
-        act=act if monotone else None,
-        pre=x if monotone else None,
-    )
+        rho = float(_map_corr(act, applied, float(x.spatial.rho), x.mean_m2, scale))
+    xcorr = float(_map_corr(act, applied, float(x.shared.xcorr), x.mean_m2, scale))
+    out = Signal(x.shape, applied.m2, x.layout, Spatial(cov, rho), Shared(xcorr), dist=applied.dist,
+                 activated=Activated(act, x) if act.monotone else None)
     return out, applied
 
 
@@ -300,39 +291,38 @@ class ElementwiseRule(Rule):
         act = self.activation(ctx, x, *args, **kwargs)
         if x.const is not None:
             return Signal.constant(act.fn(x.const))
-        if x.parts is None:
+        if x.blocks is None:
             out, applied = _map_signal(act, x)
             ctx.put(Applied(act, applied))
             return out
         # A concatenation: each block through f with its own marginal and correlations (after a
         # BatchNorm a max-pooled ReLU block is recentred and skewed, a conv block Gaussian).
         outs, dm2 = [], []
-        for part in x.parts:
+        for part in x.blocks.parts:
             out, applied = _map_signal(act, part)
             outs.append(out)
             dm2.append(torch.ones((1,) * len(part.shape), dtype=DTYPE) if applied is None else applied.dm2)
         whole = apply_activation(act, x)  # the mixture's constants, for the gradient's correlations
-        shapes = [p.shape for p in x.parts]
+        shapes = [p.shape for p in x.blocks.parts]
         ctx.put(Applied(act, replace(whole, dm2=cat_maps(dm2, shapes, 1))))
         out = concat_signals(outs, 1)
-        monotone = act.monotone
-        return out.with_(act=act if monotone else None, pre=x if monotone else None)
+        return out.with_(activated=Activated(act, x) if act.monotone else None)
 
     def fluctuation(self, ctx: Context, inputs: list[Signal], out: Signal) -> Signal:
         x = ctx.args[0]
         stored = ctx.get(Applied)
-        if not isinstance(x, Signal) or not x.fresh or stored is None or stored.applied is None:
+        if not isinstance(x, Signal) or not x.scatter.fresh or stored is None or stored.applied is None:
             return super().fluctuation(ctx, inputs, out)
         # Right after a weight layer: the channel offsets it drew decide each channel's share.
         act = stored.act
         scale = 1.0 if act.homogeneous else math.sqrt(max(x.mean_m2, 1e-300))
-        fwd, bwd = _scatter(act, _key(x.xcorr), _key(scale))
-        ctx.put(_GradScatter(bwd / x.fresh))
-        return out.with_(logvar=x.base_logvar + fwd / x.fresh, fresh=0, base_logvar=0.0)
+        fwd, bwd = _scatter(act, _key(x.shared.xcorr), _key(scale))
+        ctx.put(_GradScatter(bwd / x.scatter.fresh))
+        return out.with_(scatter=Scatter(x.scatter.base_logvar + fwd / x.scatter.fresh))
 
     def grad_fluctuation(self, ctx: Context, grad: Grad, x: Signal) -> float:
         held = ctx.get(_GradScatter)
-        return grad.logvar + (0.0 if held is None else held.logvar)
+        return grad.scatter.logvar + (0.0 if held is None else held.logvar)
 
     def backward(self, ctx: Context, grad: Grad) -> dict:
         x = ctx.args[0]
@@ -340,7 +330,7 @@ class ElementwiseRule(Rule):
             return {}
         stored = ctx.get(Applied)
         if stored is None:
-            return {x: Grad(x.shape, grad.live(), grad.cov, rho=grad.rho)}
+            return {x: Grad(x.shape, grad.live(), spatial=grad.spatial.without_hidden())}
         act, applied = stored.act, stored.applied
         if applied is None:
             return {x: _identity_backward(act, x, grad)}
@@ -348,26 +338,26 @@ class ElementwiseRule(Rule):
         if grad.pre is not None:
             m2 = m2 + grad.pre
         cov, rho = None, 0.0
-        if grad.cov is not None and x.positions > 1:
+        if grad.spatial.cov is not None and x.positions > 1:
             d = x.positions
             scale = math.sqrt(max(x.mean_m2, 1e-300))
             corr = correlation(x.full(), d)
             mask = _map_mask(act, applied, corr, scale) * float(applied.out.dm2)
-            cov = grad.cov * mask.reshape(grad.cov.shape)
-            if x.parts is not None:
+            cov = grad.spatial.cov * mask.reshape(grad.spatial.cov.shape)
+            if x.blocks is not None:
                 # Blocks pass different shares (a recentred max-pooled block more than half): the
                 # mixture's mask gives the correlations, the blocks' shares the diagonal.
-                cov = matched_cov(cov, m2, x.shape)
-        elif grad.rho != 0.0 and x.positions > 1:
+                cov = matched_cov(cov, m2, x.shape, x.layout)
+        elif grad.spatial.rho != 0.0 and x.positions > 1:
             # E[f'_p f'_q g_p g_q] = E[f'_p f'_q] E[g_p g_q]; the pre part is already through the mask.
             scale = math.sqrt(max(x.mean_m2, 1e-300))
             through = mean_of(grad.m2 * applied.dm2)
             kept = float(_map_mask(act, applied, float(x.mean_corr()), scale))
             pre = 0.0 if grad.pre is None else mean_of(grad.pre)
             total = through + pre
-            rho = grad.rho * (kept * through + pre) / total if total > 0 else 0.0
+            rho = grad.spatial.rho * (kept * through + pre) / total if total > 0 else 0.0
         # Both parts went through this mask: the pre part was handed over as already through it.
-        return {x: Grad(x.shape, m2, cov, masked_by=x if act.slope == 0.0 else None, rho=rho)}
+        return {x: Grad(x.shape, m2, spatial=Spatial(cov, rho), masked_by=x if act.slope == 0.0 else None)}
 
 
 def _identity_backward(act: Activation, x: Signal, grad: Grad) -> Grad:
@@ -385,11 +375,11 @@ def _identity_backward(act: Activation, x: Signal, grad: Grad) -> Grad:
     share = positive + a * a * (1.0 - positive)
     # What a max pool or a sum already took through this mask (``pre``) passes as it is.
     live = grad.m2 * share if grad.pre is None else grad.m2 * share + grad.pre
-    same_mask = a == 0.0 and x.act is not None and x.act.slope == 0.0 and x.pre is not None
-    cov = None if grad.cov is None else grad.cov * share
+    same_mask = a == 0.0 and x.activated is not None and x.activated.f.slope == 0.0
+    spatial = Spatial(None if grad.spatial.cov is None else grad.spatial.cov * share, grad.spatial.rho)
     if same_mask:
-        return Grad(x.shape, torch.zeros_like(live), cov, pre=live, masked_by=x, rho=grad.rho)
-    return Grad(x.shape, live, cov, masked_by=x if a == 0.0 else None, rho=grad.rho)
+        return Grad(x.shape, torch.zeros_like(live), spatial=spatial, pre=live, masked_by=x)
+    return Grad(x.shape, live, spatial=spatial, masked_by=x if a == 0.0 else None)
 
 
 # -- which nodes are activations -------------------------------------------------------------------

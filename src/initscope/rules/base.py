@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from torch import nn
 
 from initscope.stats.fluctuation import combine
-from initscope.stats.signal import Grad, Signal
+from initscope.stats.signal import Grad, Scatter, Signal
 
 if TYPE_CHECKING:
     import torch.fx
@@ -107,23 +107,25 @@ class Rule:
     # Finite-width scatter (initscope.stats.fluctuation). The defaults fit ops that mix no channels
     # with their own random weights: one input passes its scatter on, several combine by share.
     def fluctuation(self, ctx: Context, inputs: list[Signal], out: Signal) -> Signal:
-        """``out`` with its ``logvar`` (and ``fresh``/``base_logvar``) set from the inputs'."""
+        """``out`` with its :class:`~initscope.stats.signal.Scatter` set from the inputs'."""
         if not inputs:
             return out
         if len(inputs) == 1:
             x = inputs[0]
-            keep = x.fresh if out.shape[1:2] == x.shape[1:2] else 0
-            return out.with_(logvar=x.logvar, fresh=keep, base_logvar=x.base_logvar)
-        logvar = combine([s.logvar for s in inputs], [s.mean_m2 for s in inputs])
-        return out.with_(logvar=logvar, fresh=0, base_logvar=0.0)
+            # A weight layer's ``fresh`` channel count goes on only while the op keeps the channels.
+            if out.shape[1:2] == x.shape[1:2]:
+                return out.with_(scatter=x.scatter)
+            return out.with_(scatter=Scatter(x.scatter.logvar, 0, x.scatter.base_logvar))
+        logvar = combine([s.scatter.logvar for s in inputs], [s.mean_m2 for s in inputs])
+        return out.with_(scatter=Scatter(logvar))
 
     def grad_fluctuation(self, ctx: Context, grad: "Grad | list[Grad | None]", x: Signal) -> float:
         """``Var(log g)`` of the gradient this op sends to input ``x``, given ``grad`` at its output
         (one per output for an op that returns several, ``None`` where no gradient arrived)."""
         if isinstance(grad, Grad):
-            return grad.logvar
+            return grad.scatter.logvar
         arrived = [g for g in grad if g is not None]
-        return combine([g.logvar for g in arrived], [g.mean_m2 for g in arrived]) if arrived else 0.0
+        return combine([g.scatter.logvar for g in arrived], [g.mean_m2 for g in arrived]) if arrived else 0.0
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from initscope.geometry import Axis, prod
 from initscope.rules.base import Context, LayerGeometry, WeightRule
 from initscope.rules.registry import register_rule
 from initscope.stats.maps import apply_axes, apply_axes_t, tied_taps, tied_taps_t
-from initscope.stats.signal import Grad, Signal, compact
+from initscope.stats.signal import Grad, Shared, Signal, Spatial, compact
 
 
 def _tuple(value, dims: int) -> tuple[int, ...]:
@@ -128,15 +128,15 @@ def conv_forward_unit(ctx: Context, x: Signal, spec: ConvSpec) -> Signal:
     if not spec.pointwise:
         m = apply_axes(m, [a.counts for a in spec.axes])
     m2 = _per_channel(m, spec.c_out, spec.groups)
-    cov, rho = None, x.rho
+    cov, rho = None, x.spatial.rho
     out_positions = prod(spec.out_spatial)
     if ctx.keep_cov(out_positions) and x.positions <= 16 * ctx.max_cov:
         scale = spec.c_in // spec.groups
         k = x.full()
         cov = scale * (k if spec.pointwise else tied_taps(k, [a.taps for a in spec.axes]))
-    elif x.cov is not None:
+    elif x.spatial.cov is not None:
         rho = x.mean_corr()
-    return Signal(out_shape, m2, cov=cov, rho=rho, xcorr=x.xcorr, pooled=_pooled_share(x, spec))
+    return Signal(out_shape, m2, spatial=Spatial(cov, rho), shared=Shared(x.shared.xcorr, _pooled_share(x, spec)))
 
 
 def _pooled_share(x: Signal, spec: ConvSpec) -> float | None:
@@ -147,7 +147,7 @@ def _pooled_share(x: Signal, spec: ConvSpec) -> float | None:
     (``sqrt(xcorr m2)`` per position) the share is ``Σ_t (Σ_p μ_{p+t})² / (P Σ_p Σ_t E[x²_{p+t}])``,
     ``xcorr`` itself on a map without borders. On a 2×2 map under a 3×3 kernel it is 9/16 of ``xcorr``.
     """
-    if spec.pointwise or x.xcorr <= 0 or not spec.axes:
+    if spec.pointwise or x.shared.xcorr <= 0 or not spec.axes:
         return None
     m = x.channel_map()
     per_tap = apply_axes(m.sqrt(), [a.reads for a in spec.axes])
@@ -155,7 +155,7 @@ def _pooled_share(x: Signal, spec: ConvSpec) -> float | None:
     positions = prod(spec.out_spatial)
     if total <= 0:
         return None
-    return x.xcorr * float((per_tap**2).sum()) / (positions * total)
+    return x.shared.xcorr * float((per_tap**2).sum()) / (positions * total)
 
 
 def conv_backward_unit(ctx: Context, x: Signal, spec: ConvSpec, grad: Grad) -> Grad:
@@ -166,17 +166,17 @@ def conv_backward_unit(ctx: Context, x: Signal, spec: ConvSpec, grad: Grad) -> G
         g = apply_axes_t(g, [a.counts for a in spec.axes])
     m2 = _per_channel(g, spec.c_in, spec.groups)
     cov, rho = None, 0.0
-    if grad.cov is not None and ctx.keep_cov(x.positions):
+    if grad.spatial.cov is not None and ctx.keep_cov(x.positions):
         scale = spec.c_out // spec.groups
         if spec.pointwise:
-            cov = scale * grad.cov
+            cov = scale * grad.spatial.cov
         else:
-            cov = scale * tied_taps_t(grad.cov, [a.taps for a in spec.axes], [a.length for a in spec.axes])
+            cov = scale * tied_taps_t(grad.spatial.cov, [a.taps for a in spec.axes], [a.length for a in spec.axes])
     elif x.positions > 1:
         # Independent weights: E[g'_p g'_q] = v Σ_o Σ_t E[g_{o,p+t} g_{o,q+t}], each pair moved by the
         # same taps as the diagonal, so the average correlation carries over (borders aside).
         rho = grad.mean_corr()
-    return Grad(x.shape, m2, cov, rho=rho)
+    return Grad(x.shape, m2, spatial=Spatial(cov, rho))
 
 
 class _ConvBase(WeightRule):
@@ -259,7 +259,7 @@ def linear_forward_unit(ctx: Context, x: Signal, in_features: int, out_features:
         return Signal.unit(out_shape)
     m = compact(x.m2, x.shape)
     m2 = in_features * m.mean(dim=-1, keepdim=True) if m.shape[-1] > 1 else in_features * m
-    return Signal(out_shape, m2, rho=x.rho, xcorr=x.xcorr)
+    return Signal(out_shape, m2, spatial=Spatial(rho=x.spatial.rho), shared=Shared(x.shared.xcorr))
 
 
 def linear_backward_unit(ctx: Context, x: Signal, out_features: int, grad: Grad) -> Grad:

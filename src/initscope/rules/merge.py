@@ -6,7 +6,7 @@ vanishes, and for two non-negative ones (two ReLU outputs) it is ``E[a] E[b]``. 
 gradient reaches both unchanged.
 
 **Concatenation** stacks second-moment maps; its spatial correlation is the channel-weighted mean.
-Over channels it also keeps its blocks (``Signal.parts``): a BatchNorm or an activation after it
+Over channels it also keeps its blocks (``Signal.blocks``): a BatchNorm or an activation after it
 treats each block with its own statistics (see :func:`concat_signals`).
 
 **Multiplication** ``x * s`` by an independent tensor (a squeeze-excitation gate, a layer scale):
@@ -28,7 +28,8 @@ from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.gaussian import normal_cdf
-from initscope.stats.signal import Grad, Signal, cat_maps, channel_map, compact, matched_cov, mean_of
+from initscope.stats.signal import (Activated, Blocks, Grad, Shared, Signal, Spatial, cat_maps, channel_map, compact,
+                                    matched_cov, mean_of)
 
 
 def broadcast_shape(*shapes: torch.Size) -> torch.Size:
@@ -104,7 +105,7 @@ def add_signals(a: Signal, b: Signal, alpha: float = 1.0, same: bool = False) ->
     ma, mb = compact(a.m2, shape), compact(b.m2, shape)
     if same:
         # x + alpha x: fully coherent.
-        return a.scaled((1 + alpha) ** 2).with_(shape=shape)
+        return a.scaled((1 + alpha) ** 2)
     mua, mub = _mean_map(a), _mean_map(b)
     cross = 2 * alpha * mua * mub
     m2 = (ma + alpha**2 * mb + cross).clamp(min=0)
@@ -113,22 +114,23 @@ def add_signals(a: Signal, b: Signal, alpha: float = 1.0, same: bool = False) ->
     cov = None
     spatial_a = a.const is None and tuple(a.shape) == tuple(shape)
     spatial_b = b.const is None and tuple(b.shape) == tuple(shape)
-    if (a.cov is not None or b.cov is not None) and spatial_a and spatial_b:
+    if (a.spatial.cov is not None or b.spatial.cov is not None) and spatial_a and spatial_b:
         cov = a.full() + alpha**2 * b.full() + c
-    elif a.cov is not None and spatial_a and b.positions <= 1:
-        cov = a.cov + alpha**2 * mean_of(mb) + c
-    elif b.cov is not None and spatial_b and a.positions <= 1:
-        cov = alpha**2 * b.cov + mean_of(ma) + c
-    rho = (a.rho * mean_of(ma) + alpha**2 * b.rho * mean_of(mb) + c) / total
-    xcorr = (a.xcorr * mean_of(ma) + alpha**2 * b.xcorr * mean_of(mb) + c) / total
-    return Signal(shape, m2, cov=cov, rho=min(rho, 1.0), xcorr=min(xcorr, 1.0), dist=_sum_dist(a, b, alpha))
+    elif a.spatial.cov is not None and spatial_a and b.positions <= 1:
+        cov = a.spatial.cov + alpha**2 * mean_of(mb) + c
+    elif b.spatial.cov is not None and spatial_b and a.positions <= 1:
+        cov = alpha**2 * b.spatial.cov + mean_of(ma) + c
+    rho = (a.spatial.rho * mean_of(ma) + alpha**2 * b.spatial.rho * mean_of(mb) + c) / total
+    xcorr = (a.shared.xcorr * mean_of(ma) + alpha**2 * b.shared.xcorr * mean_of(mb) + c) / total
+    layout = a.layout if a.const is None else b.layout
+    return Signal(shape, m2, layout, Spatial(cov, min(rho, 1.0)), Shared(min(xcorr, 1.0)), dist=_sum_dist(a, b, alpha))
 
 
 def _grad_for(x: Signal, grad: Grad, factor: float) -> Grad:
     m2 = reduce_to(grad.total() * factor, grad.shape, x.shape)
     same = tuple(x.shape) == tuple(grad.shape)
-    cov = grad.cov * factor if grad.cov is not None and same else None
-    return Grad(x.shape, m2, cov, rho=grad.rho if same else 0.0)
+    cov = grad.spatial.cov * factor if grad.spatial.cov is not None and same else None
+    return Grad(x.shape, m2, spatial=Spatial(cov, grad.spatial.rho if same else 0.0))
 
 
 class AddRule(Rule):
@@ -173,16 +175,16 @@ def _shortcut_grad(s: Signal, other: Any, other_factor: float, grad: Grad, out: 
     """
     if grad.masked_by is None or grad.masked_by is not out:
         return None
-    if s.act is None or s.act.slope != 0.0 or s.pre is None:
+    if s.activated is None or s.activated.f.slope != 0.0:
         return None
     if not isinstance(other, Signal) or other.const is not None or other.dist is not None:
         return None
     if not isinstance(out, Signal) or tuple(s.shape) != tuple(grad.shape):
         return None
-    qz, qo = s.pre.mean_m2, max(other.mean_m2 * other_factor, 0.0)
+    qz, qo = s.activated.pre.mean_m2, max(other.mean_m2 * other_factor, 0.0)
     if qz <= 0:
         return None
-    z = s.pre.dist
+    z = s.activated.pre.dist
     if z is None:
         joint = 0.25 + math.asin(math.sqrt(qz / (qz + qo))) / (2 * math.pi)
     elif qo == 0:
@@ -196,8 +198,8 @@ def _shortcut_grad(s: Signal, other: Any, other_factor: float, grad: Grad, out: 
         return None
     arrived = compact(grad.total(), s.shape) * own
     live = arrived * min(joint / passed, 1.0)
-    return Grad(s.shape, torch.zeros_like(live), None, pre=live, logvar=grad.logvar, dead=arrived - live,
-                rho=grad.mean_corr())
+    return Grad(s.shape, torch.zeros_like(live), spatial=Spatial(rho=grad.mean_corr()), pre=live, dead=arrived - live,
+                scatter=grad.scatter)
 
 
 register_rule(operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__")(AddRule)
@@ -212,7 +214,7 @@ class SubRule(AddRule):
 class NegRule(Rule):
     def forward(self, ctx, x):
         dist = None if x.dist is None else x.dist.scale(-1.0)
-        return x.with_(dist=dist, act=None, pre=None, const=None if x.const is None else -x.const)
+        return x.with_(dist=dist, activated=None, const=None if x.const is None else -x.const)
 
     def backward(self, ctx, grad):
         return {ctx.args[0]: grad.scaled(1.0)}
@@ -250,15 +252,15 @@ def _gate_pairs(grad: Grad, x: Signal) -> float:
     ``s_p = sqrt(E[g_p²] E[x_p²])`` (channel averages).
     """
     d = x.positions
-    if grad.cov is not None and x.cov is not None:
-        gk, xk = grad.cov.reshape(d, d), x.cov.reshape(d, d)
+    if grad.spatial.cov is not None and x.spatial.cov is not None:
+        gk, xk = grad.spatial.cov.reshape(d, d), x.spatial.cov.reshape(d, d)
         both = float((gk * xk).sum())
         diag = float((gk.diagonal() * xk.diagonal()).sum())
         return both / diag if diag > 0 else 1.0
     corr = grad.mean_corr() * x.mean_corr()
     if corr == 0.0:
         return 1.0
-    s = (channel_map(grad.total(), grad.shape) * x.channel_map()).reshape(-1).clamp(min=0.0)
+    s = (channel_map(grad.total(), grad.shape, grad.layout) * x.channel_map()).reshape(-1).clamp(min=0.0)
     diag = float(s.sum())
     if diag <= 0:
         return 1.0
@@ -275,7 +277,7 @@ class MulRule(Rule):
             c = float(b) if isinstance(b, Number) else float(b.const)
             out = a.scaled(c * c)
             if c < 0 and a.dist is not None:
-                out = out.with_(dist=a.dist.scale(-1.0), act=None, pre=None)
+                out = out.with_(dist=a.dist.scale(-1.0), activated=None)
             return out
         shape = broadcast_shape(a.shape, b.shape)
         mb = _const_m2(b)
@@ -283,16 +285,17 @@ class MulRule(Rule):
         m2 = ma * compact(mb, shape)
         b_spatial = b.positions > 1 and tuple(b.shape[2:]) == tuple(shape[2:])
         cov = None
-        if a.cov is not None and tuple(a.shape) == tuple(shape):
+        if a.spatial.cov is not None and tuple(a.shape) == tuple(shape):
             if not b_spatial:
-                cov = a.cov * mean_of(mb)
-            elif b.cov is not None:
-                cov = a.cov * b.cov
-        rho = a.rho * (1.0 if not b_spatial else b.rho)
+                cov = a.spatial.cov * mean_of(mb)
+            elif b.spatial.cov is not None:
+                cov = a.spatial.cov * b.spatial.cov
+        rho = a.spatial.rho * (1.0 if not b_spatial else b.spatial.rho)
         dist = a.dist if not b_spatial else None
         if b.const is not None and bool((b.const < 0).any()):
             dist = None
-        return Signal(shape, m2, cov=cov, rho=rho, xcorr=a.xcorr * (b.xcorr if b.const is None else 1.0), dist=dist)
+        xcorr = a.shared.xcorr * (b.shared.xcorr if b.const is None else 1.0)
+        return Signal(shape, m2, a.layout, Spatial(cov, rho), Shared(xcorr), dist=dist)
 
     def backward(self, ctx: Context, grad: Grad) -> dict:
         a, b = _spanning_first(ctx.args[0], ctx.args[1])
@@ -306,9 +309,9 @@ class MulRule(Rule):
             cov, rho = None, 0.0
             if tuple(a.shape) == tuple(grad.shape) and not (b.positions > 1):
                 # A broadcast factor scales every position of one channel alike.
-                cov = None if grad.cov is None else grad.cov * mean_of(_const_m2(b))
-                rho = grad.rho
-            out[a] = Grad(a.shape, g, cov, rho=rho)
+                cov = None if grad.spatial.cov is None else grad.spatial.cov * mean_of(_const_m2(b))
+                rho = grad.spatial.rho
+            out[a] = Grad(a.shape, g, spatial=Spatial(cov, rho))
         if b.const is None:
             g = reduce_to(grad.total() * compact(a.m2, grad.shape), grad.shape, b.shape)
             if b.positions <= 1 and a.positions > 1:
@@ -338,8 +341,8 @@ class DivRule(Rule):
         c = b.const if isinstance(b, Signal) else torch.as_tensor(float(b), dtype=DTYPE)
         g = reduce_to(grad.total() / compact(c**2, grad.shape), grad.shape, a.shape)
         one = c.numel() == 1
-        cov = None if grad.cov is None or not one else grad.cov / float(c) ** 2
-        return {a: Grad(a.shape, g, cov, rho=grad.rho if one else 0.0)}
+        cov = None if grad.spatial.cov is None or not one else grad.spatial.cov / float(c) ** 2
+        return {a: Grad(a.shape, g, spatial=Spatial(cov, grad.spatial.rho if one else 0.0))}
 
 
 def _cat_args(tensors, dim) -> tuple[list[Signal], int]:
@@ -375,8 +378,8 @@ def concat_signals(tensors: list[Signal], dim: int) -> Signal:
     The whole tensor is described as the mixture of its blocks: second-moment maps stacked, spatial
     covariance averaged over channels, ``rho``, ``xcorr`` and ``pooled`` averaged by second moment
     (each is a share of it), the marginal a channel-weighted mixture. A concatenation over channels
-    also keeps the blocks themselves as ``parts`` (those of a block that is itself a concatenation,
-    flattened), for the ops that treat channels apart.
+    also keeps the blocks themselves (:class:`~initscope.stats.signal.Blocks`; those of a block that is
+    itself a concatenation, flattened), for the ops that treat channels apart.
     """
     shapes = [t.shape for t in tensors]
     m2 = cat_maps([t.m2 for t in tensors], shapes, dim)
@@ -388,27 +391,28 @@ def concat_signals(tensors: list[Signal], dim: int) -> Signal:
     counts = [s[dim] for s in shapes]
     cov = None
     if dim == 1 and all(t.positions > 1 for t in tensors):
-        if any(t.cov is not None for t in tensors):
+        if any(t.spatial.cov is not None for t in tensors):
             cov = sum(t.full() * (n / sum(counts)) for t, n in zip(tensors, counts))
-    rho = sum(t.rho * w for t, w in zip(tensors, weights))
-    xcorr = sum(t.xcorr * w for t, w in zip(tensors, weights))
+    rho = sum(t.spatial.rho * w for t, w in zip(tensors, weights))
+    xcorr = sum(t.shared.xcorr * w for t, w in zip(tensors, weights))
     pooled = None
-    if any(t.pooled is not None for t in tensors):
-        # What a BatchNorm over the whole would subtract; the blocks' own shares are in ``parts``.
-        pooled = sum((t.xcorr if t.pooled is None else t.pooled) * w for t, w in zip(tensors, weights))
+    if any(t.shared.pooled is not None for t in tensors):
+        # What a BatchNorm over the whole would subtract; the blocks' own shares are in ``blocks``.
+        pooled = sum(t.shared.batch_mean * w for t, w in zip(tensors, weights))
     dist = _mixture_dist(tensors, counts) if len(tensors) > 1 else tensors[0].dist
-    parts = None
+    blocks = None
     if dim == 1 and len(shape) >= 2 and len(tensors) > 1 and all(t.const is None for t in tensors):
-        parts = tuple(p for t in tensors for p in (t.parts if t.parts is not None else (t,)))
-    act, pre = None, None
-    first = tensors[0].act
-    if first is not None and all(t.act is not None and t.act.key == first.key and t.pre is not None for t in tensors):
+        blocks = Blocks(tuple(p for t in tensors for p in (t.blocks.parts if t.blocks is not None else (t,))))
+    activated = None
+    first = tensors[0].activated
+    if first is not None and all(t.activated is not None and t.activated.f.key == first.f.key for t in tensors):
         # cat(f(u_1), f(u_2)) = f(cat(u_1, u_2)): a max pool after it reads the pre-activations, as
         # it does after one activation (max relu(u) = relu(max u)). SqueezeNet's fire modules
         # concatenate two ReLU outputs before its max pools; read as one non-Gaussian map, the pools'
         # outputs were predicted 1.0-1.5 bits high.
-        act, pre = first, concat_signals([t.pre for t in tensors], dim)
-    return Signal(shape, m2, cov=cov, rho=rho, xcorr=xcorr, dist=dist, pooled=pooled, parts=parts, act=act, pre=pre)
+        activated = Activated(first.f, concat_signals([t.activated.pre for t in tensors], dim))
+    return Signal(shape, m2, tensors[0].layout, Spatial(cov, rho), Shared(xcorr, pooled), dist=dist,
+                  activated=activated, blocks=blocks)
 
 
 def _slice(m: Tensor | None, shape: torch.Size, dim: int, start: int, n: int) -> Tensor | None:
@@ -439,10 +443,10 @@ class CatRule(Rule):
             part = Grad(t.shape, m2, pre=pre, dead=dead)
             start += n
             cov = None
-            if dim == 1 and grad.cov is not None:
+            if dim == 1 and grad.spatial.cov is not None:
                 # The whole's covariance is the channel average; this block's diagonal is its own map.
                 whole = compact(grad.total(), grad.shape)
-                cov = grad.cov if whole.shape[1] == 1 else matched_cov(grad.cov, part.total(), t.shape)
-            part = part.with_(cov=cov, rho=grad.rho if dim == 1 else 0.0)
+                cov = grad.spatial.cov if whole.shape[1] == 1 else matched_cov(grad.spatial.cov, part.total(), t.shape)
+            part = part.with_(spatial=Spatial(cov, grad.spatial.rho if dim == 1 else 0.0))
             out[t] = out[t] + part if t in out else part
         return out

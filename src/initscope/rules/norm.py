@@ -10,7 +10,7 @@ divides by the same standard deviation. Two refinements over that:
 * The per-position pattern inside the pooled set survives: a BatchNorm output keeps its input's
   quieter border, rescaled to mean ``γ² + β²``; a LayerNorm over channels equalizes every position.
 * BatchNorm and InstanceNorm pool within a channel, so over a concatenation of blocks with
-  different statistics (``Signal.parts``: a DenseNet layer's input) each block is normalized with its
+  different statistics (``Signal.blocks``: a DenseNet layer's input) each block is normalized with its
   own: its own mean share removed, its own marginal recentred, its own covariance. The output is the
   concatenation of the normalized blocks, and so are the scales the gradient is divided by.
 
@@ -31,7 +31,8 @@ from initscope.rules.base import Context, Rule
 from initscope.rules.merge import concat_signals
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE
-from initscope.stats.signal import Grad, Signal, cat_maps, channel_blocks, compact, matched_cov, mean_of
+from initscope.stats.signal import (NO_SCATTER, Grad, Shared, Signal, Spatial, cat_maps, channel_blocks, compact,
+                                    matched_cov, mean_of)
 
 
 def _param(value: Any) -> Tensor | None:
@@ -110,7 +111,7 @@ class _Norm:
         """Fraction of the second moment the subtracted mean carries."""
         if self.kind == "instance":
             return max(0.0, x.mean_corr()) if x.positions > 1 else 1.0
-        share = x.xcorr if x.pooled is None or self.kind != "batch" else x.pooled
+        share = x.shared.batch_mean if self.kind == "batch" else x.shared.xcorr
         return max(0.0, min(share, 1.0 - 1e-9))
 
 
@@ -132,15 +133,16 @@ def _forward_one(ctx: Context, x: Signal, norm: _Norm) -> tuple[Signal, Tensor]:
     w2, b2, v = mean_of(norm.w2), mean_of(norm.b2), mean_of(var)
     out_mean = max(mean_of(m2), 1e-300)
     cov = None
-    if x.cov is not None:
+    if x.spatial.cov is not None:
         d = x.positions
         s = x.channel_map().reshape(d).sqrt()
-        cov = (w2 * (x.cov.reshape(d, d) - r * torch.outer(s, s)) / v + b2).reshape(x.cov.shape)
-    rho = (w2 * (x.rho - r) * x.mean_m2 / v + b2) / out_mean
+        cov = (w2 * (x.spatial.cov.reshape(d, d) - r * torch.outer(s, s)) / v + b2).reshape(x.spatial.cov.shape)
+    rho = (w2 * (x.spatial.rho - r) * x.mean_m2 / v + b2) / out_mean
     dist = None
     if x.dist is not None:
         dist = x.dist.shift(-x.dist.mean).standardized()
-    out = Signal(x.shape, m2, cov=cov, rho=max(min(rho, 1.0), -1.0), xcorr=min(b2 / out_mean, 1.0), dist=dist)
+    out = Signal(x.shape, m2, x.layout, Spatial(cov, max(min(rho, 1.0), -1.0)), Shared(min(b2 / out_mean, 1.0)),
+                 dist=dist)
     return out, var
 
 
@@ -153,7 +155,7 @@ class NormScales:
 
 
 def _forward(ctx: Context, x: Signal, norm: _Norm) -> Signal:
-    if x.parts is None or not norm.per_channel:
+    if x.blocks is None or not norm.per_channel:
         out, var = _forward_one(ctx, x, norm)
         ctx.put(NormScales(norm, var))
         return out
@@ -162,7 +164,7 @@ def _forward(ctx: Context, x: Signal, norm: _Norm) -> Signal:
         out, var = _forward_one(ctx, part, norm.block(start, count, part.shape))
         outs.append(out)
         variances.append(var)
-    var = cat_maps(variances, [p.shape for p in x.parts], 1)
+    var = cat_maps(variances, [p.shape for p in x.blocks.parts], 1)
     ctx.put(NormScales(norm, var))
     return concat_signals(outs, 1)
 
@@ -172,11 +174,14 @@ def _backward(ctx: Context, x: Signal, grad: Grad) -> Grad:
     scale = held.norm.w2 / held.var
     m2 = grad.total() * scale
     cov = None
-    if grad.cov is not None:
+    if grad.spatial.cov is not None:
         # A scale that differs between channels (blocks of a concatenation, per-channel γ) scales the
         # channel-averaged map by the average of the products: match the covariance to the map.
-        cov = grad.cov * mean_of(scale) if scale.numel() == 1 else matched_cov(grad.cov, m2, x.shape)
-    return Grad(x.shape, m2, cov, rho=grad.mean_corr() if cov is None else 0.0)
+        if scale.numel() == 1:
+            cov = grad.spatial.cov * mean_of(scale)
+        else:
+            cov = matched_cov(grad.spatial.cov, m2, x.shape, x.layout)
+    return Grad(x.shape, m2, spatial=Spatial(cov, grad.mean_corr() if cov is None else 0.0))
 
 
 class NormRule(Rule):
@@ -184,7 +189,7 @@ class NormRule(Rule):
 
     def fluctuation(self, ctx, inputs, out):
         # Each channel (group, position) is divided by its own scale: no draw-to-draw scatter is left.
-        return out.with_(logvar=0.0, fresh=0, base_logvar=0.0)
+        return out.with_(scatter=NO_SCATTER)
 
     def norm(self, ctx: Context, x: Signal, *args, **kwargs) -> _Norm:
         raise NotImplementedError

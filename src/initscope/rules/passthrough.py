@@ -27,7 +27,7 @@ from torch import nn
 from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
-from initscope.stats.signal import Grad, Hidden, Signal, compact, shrink
+from initscope.stats.signal import Grad, Hidden, Shared, Signal, Spatial, compact, shrink
 
 try:  # torchvision is optional for the core
     from torchvision.ops import stochastic_depth as _stochastic_depth
@@ -44,7 +44,12 @@ class IdentityRule(Rule):
         return x.with_() if isinstance(x, Signal) else x
 
     def backward(self, ctx: Context, grad: Grad) -> dict:
-        return {ctx.args[0]: Grad(grad.shape, grad.m2, grad.cov, grad.pre, rho=grad.rho)}
+        return {ctx.args[0]: _passed(grad)}
+
+
+def _passed(grad: Grad) -> Grad:
+    """The gradient through an identity: its maps and its own positions' statistics."""
+    return Grad(grad.shape, grad.m2, spatial=grad.spatial.without_hidden(), pre=grad.pre)
 
 
 _IDENTITY_MODULES = (nn.Identity, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -110,34 +115,35 @@ class DropoutRule(Rule):
         if p <= 0.0 or x.const is not None:
             return x.with_()
         if p >= 1.0:
-            return Signal(x.shape, torch.zeros_like(compact(x.m2, x.shape)), dist=None)
+            return Signal(x.shape, torch.zeros_like(compact(x.m2, x.shape)), x.layout)
         k = 1.0 - p
-        cov = x.cov
+        cov = x.spatial.cov
         if cov is not None:
             cov = _grow_diagonal(cov, x.positions, 1.0 / k) if unit == "element" else cov / k
         cross = 1.0 if unit == "batch" else k  # what the cross-sample correlations keep
-        spatial = k if unit == "element" else 1.0
+        within = k if unit == "element" else 1.0  # what the correlations between positions keep
         base = x.dist if x.dist is not None else Dist.gaussian()
         dist = Dist.mixture([Dist(torch.zeros(1, dtype=DTYPE), torch.ones(1, dtype=DTYPE)), base.scale(1.0 / k)],
                             [p, k]).standardized()
-        return Signal(x.shape, x.m2 / k, cov=cov, rho=x.rho * spatial, xcorr=x.xcorr * cross, dist=dist,
-                      pooled=None if x.pooled is None else x.pooled * cross)
+        pooled = None if x.shared.pooled is None else x.shared.pooled * cross
+        return Signal(x.shape, x.m2 / k, x.layout, Spatial(cov, x.spatial.rho * within),
+                      Shared(x.shared.xcorr * cross, pooled), dist=dist)
 
     def backward(self, ctx: Context, grad: Grad) -> dict:
         x = ctx.args[0]
         p, unit = self._drop(ctx)
         if p <= 0.0:
-            return {x: Grad(grad.shape, grad.m2, grad.cov, grad.pre, rho=grad.rho)}
+            return {x: _passed(grad)}
         if p >= 1.0:  # every element dropped: no gradient passes
             return {x: grad.scaled(0.0)}
         k = 1.0 - p
         g = grad.scaled(1.0 / k)
-        cov = grad.cov
+        cov = grad.spatial.cov
         if cov is not None:
             cov = _grow_diagonal(cov, grad.positions, 1.0 / k) if unit == "element" else cov / k
         # A dropped element's gradient is zero at both ends of a pair: off-diagonal terms keep their size.
-        rho = grad.rho * (k if unit == "element" else 1.0)
-        return {x: Grad(grad.shape, g.m2, cov, g.pre, dead=g.dead, rho=rho)}
+        rho = grad.spatial.rho * (k if unit == "element" else 1.0)
+        return {x: Grad(grad.shape, g.m2, spatial=Spatial(cov, rho), pre=g.pre, dead=g.dead)}
 
 
 def _grow_diagonal(cov: torch.Tensor, positions: int, factor: float) -> torch.Tensor:
@@ -209,7 +215,7 @@ class ShapeRule(Rule):
             return _wrap_const(out)
         kept = None
         if sum(s.const is None for s in sigs) == 1 and _hidden_of(x) is not None:
-            kept = self._keeps_positions(ctx, args, kwargs, x, _hidden_of(x).spatial)
+            kept = self._keeps_positions(ctx, args, kwargs, x, _hidden_of(x).shape)
         ctx.put(KeptPositions(kept))
         return _wrap(out, x, kept)
 
@@ -247,11 +253,11 @@ class ShapeRule(Rule):
             cov, rho, hidden = None, 0.0, None
             if kept is not None and all(kept):
                 hidden = _hidden_back(s, outs, grads)
-                if hidden is not None and _ordinary(s.shape, hidden.spatial):
+                if hidden is not None and _ordinary(s.shape, hidden.shape):
                     cov, rho, hidden = hidden.cov, hidden.rho, None
             elif keep_cov and not isinstance(grad, (tuple, list)):
-                cov, rho = grad.cov, grad.rho
-            result[s] = Grad(s.shape, g, cov, rho=rho, hidden=hidden)
+                cov, rho = grad.spatial.cov, grad.spatial.rho
+            result[s] = Grad(s.shape, g, spatial=Spatial(cov, rho, hidden))
         return result
 
 
@@ -273,24 +279,25 @@ def _ordinary(shape: torch.Size, spatial: torch.Size) -> bool:
 
 
 def _hidden_of(x: Signal | Grad) -> Hidden | None:
-    """The spatial statistics ``x`` carries: of its own ``shape[2:]``, or hidden by an earlier shape op."""
-    if x.hidden is not None:
-        return x.hidden
-    if len(x.shape) < 3:
+    """The spatial statistics ``x`` carries: of its own positions, or hidden by an earlier shape op."""
+    if x.spatial.hidden is not None:
+        return x.spatial.hidden
+    positions = x.spatial_shape
+    if not positions:
         return None
-    return Hidden(torch.Size(x.shape[2:]), x.cov, x.rho)
+    return Hidden(positions, x.spatial.cov, x.spatial.rho)
 
 
 def _hidden_back(x: Signal, outs: list, grads: list) -> Hidden | None:
     """The spatial statistics of the gradient at ``x`` from those at the op's outputs, when the op
     keeps every element's position: the channel average over outputs, each by its share of ``x``."""
-    spatial = _hidden_of(x).spatial
+    spatial = _hidden_of(x).shape
     covs, rhos, total = [], 0.0, 0.0
     for o, g in zip(outs, grads):
         if g is None:
             continue
         h = _hidden_of(g)
-        if h is None or h.spatial != spatial:
+        if h is None or h.shape != spatial:
             return None
         share = o.numel() / x.shape.numel()
         covs.append(None if h.cov is None else h.cov * share)
@@ -315,15 +322,21 @@ def _wrap(out, x: Signal, kept: list[bool] | None = None, index: int = 0):
         if kept is not None:
             hidden = _hidden_of(x)
             if not kept[index]:
-                return Signal(shape, shrink(out), rho=x.rho, xcorr=x.xcorr, dist=x.dist)
-            if _ordinary(shape, hidden.spatial):
-                return Signal(shape, shrink(out), cov=hidden.cov, rho=hidden.rho, xcorr=x.xcorr, dist=x.dist)
-            return Signal(shape, shrink(out), rho=x.rho, xcorr=x.xcorr, dist=x.dist, hidden=hidden)
+                return _moved(out, x, Spatial(rho=x.spatial.rho))
+            if _ordinary(shape, hidden.shape):
+                return _moved(out, x, Spatial(hidden.cov, hidden.rho))
+            return _moved(out, x, Spatial(rho=x.spatial.rho, hidden=hidden))
         same_layout = len(shape) == len(x.shape) and shape[2:] == x.shape[2:]
-        return Signal(shape, shrink(out), cov=x.cov if same_layout else None, rho=x.rho, xcorr=x.xcorr, dist=x.dist)
+        return _moved(out, x, Spatial(x.spatial.cov if same_layout else None, x.spatial.rho))
     if isinstance(out, (tuple, list)):
         return type(out)(_wrap(o, x, kept, i) for i, o in enumerate(out))
     return out
+
+
+def _moved(out: torch.Tensor, x: Signal, spatial: Spatial) -> Signal:
+    """The Signal of a shape op's output, whose second moments ``out`` are x's moved: x's marginal and
+    its cross-sample share (not its ``pooled`` share, which depends on positions), and ``spatial``."""
+    return Signal(torch.Size(out.shape), shrink(out), spatial=spatial, shared=Shared(x.shared.xcorr), dist=x.dist)
 
 
 def _wrap_const(out):
@@ -356,7 +369,7 @@ class PadRule(ShapeRule):
         if mode != "constant":
             raise ValueError(f"F.pad with mode={mode!r} at {ctx.where!r} is not modelled; only constant padding is")
         out = F.pad(_materialize(x), pad, "constant", float(value or 0.0) ** 2)
-        return Signal(torch.Size(out.shape), shrink(out), rho=x.rho, xcorr=x.xcorr, dist=x.dist)
+        return _moved(out, x, Spatial(rho=x.spatial.rho))
 
 
 @register_rule(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
@@ -364,7 +377,7 @@ class PadModule(ShapeRule):
     def forward(self, ctx: Context, x):
         m = ctx.module
         out = F.pad(_materialize(x), m.padding, "constant", float(m.value) ** 2)
-        return Signal(torch.Size(out.shape), shrink(out), rho=x.rho, xcorr=x.xcorr, dist=x.dist)
+        return _moved(out, x, Spatial(rho=x.spatial.rho))
 
     def call(self, ctx: Context, x):
         return F.pad(x, ctx.module.padding, "constant", 0.0)

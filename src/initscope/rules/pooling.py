@@ -35,7 +35,7 @@ from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.gaussian import max_conditional_mean, max_of_normals
 from initscope.stats.maps import apply_axes, apply_axes_t, diagonal, sandwich, sandwich_t
-from initscope.stats.signal import Grad, Signal, compact, mean_corr_of, mean_of
+from initscope.stats.signal import Grad, Shared, Signal, Spatial, compact, mean_corr_of, mean_of
 
 
 def _tuple(value, dims: int) -> tuple:
@@ -136,12 +136,13 @@ def avg_forward(ctx: Context, x: Signal, spec: PoolSpec) -> Signal:
     if ctx.plane:
         # The paper's model: uniform inputs, independent windows of nominal size.
         t = spec.nominal
-        rho = x.rho if ctx.local else x.mean_corr()
+        rho = x.spatial.rho if ctx.local else x.mean_corr()
         m2 = m.mean() * ((1 - rho) / t + rho) * torch.ones(out_shape[-d:], dtype=DTYPE)
-        return Signal(out_shape, compact(m2, out_shape), rho=rho, xcorr=x.xcorr, dist=_pooled_dist(x, mean_of(m2)))
+        return Signal(out_shape, compact(m2, out_shape), spatial=Spatial(rho=rho), shared=Shared(x.shared.xcorr),
+                      dist=_pooled_dist(x, mean_of(m2)))
     out_positions = prod(spec.out_spatial)
-    cov, rho = None, x.rho
-    if x.positions <= 16 * ctx.max_cov and (x.cov is not None or ctx.keep_cov(out_positions)):
+    cov, rho = None, x.spatial.rho
+    if x.positions <= 16 * ctx.max_cov and (x.spatial.cov is not None or ctx.keep_cov(out_positions)):
         k_out = sandwich(x.full(), w)
         diag = diagonal(k_out, torch.Size(spec.out_spatial))
         chan = apply_axes(_channel_mean(m, d), wsq)
@@ -149,14 +150,14 @@ def avg_forward(ctx: Context, x: Signal, spec: PoolSpec) -> Signal:
         if ctx.keep_cov(out_positions):
             cov = k_out
         else:
-            rho = Signal(out_shape, m2, cov=k_out).mean_corr() if out_positions > 1 else 0.0
+            rho = Signal(out_shape, m2, spatial=Spatial(k_out)).mean_corr() if out_positions > 1 else 0.0
     else:
-        rho_in = max(x.rho, -1.0 / (x.positions - 1)) if x.positions > 1 else x.rho
+        rho_in = max(x.spatial.rho, -1.0 / (x.positions - 1)) if x.positions > 1 else x.spatial.rho
         m2 = ((1 - rho_in) * apply_axes(m, wsq) + rho_in * ps**2).clamp(min=0.0)
-        rho = x.rho * mean_of(ps**2) / max(mean_of(m2), 1e-300)
-    xcorr = x.xcorr * mean_of(ps**2) / max(mean_of(m2), 1e-300)
-    return Signal(out_shape, compact(m2, out_shape), cov=cov, rho=min(rho, 1.0), xcorr=min(xcorr, 1.0),
-                  dist=_pooled_dist(x, mean_of(m2)))
+        rho = x.spatial.rho * mean_of(ps**2) / max(mean_of(m2), 1e-300)
+    xcorr = x.shared.xcorr * mean_of(ps**2) / max(mean_of(m2), 1e-300)
+    return Signal(out_shape, compact(m2, out_shape), spatial=Spatial(cov, min(rho, 1.0)),
+                  shared=Shared(min(xcorr, 1.0)), dist=_pooled_dist(x, mean_of(m2)))
 
 
 def _pooled_dist(x: Signal, m2_out: float) -> Dist | None:
@@ -179,8 +180,8 @@ def avg_backward(ctx: Context, x: Signal, spec: PoolSpec, grad: Grad) -> Grad:
     w, wsq = spec.weights(), [p**2 for p in spec.weights()]
     m2 = apply_axes_t(g, wsq)
     cov, rho = None, 0.0
-    if grad.cov is not None:
-        full = sandwich_t(grad.cov, w)
+    if grad.spatial.cov is not None:
+        full = sandwich_t(grad.spatial.cov, w)
         cross = diagonal(full, _spatial(x, d)) - apply_axes_t(_channel_mean(g, d), wsq)
         m2 = m2 + cross
         if ctx.keep_cov(x.positions):
@@ -193,12 +194,12 @@ def avg_backward(ctx: Context, x: Signal, spec: PoolSpec, grad: Grad) -> Grad:
             cov = sandwich_t(torch.diag(_channel_mean(g, d).reshape(1)).reshape(*(1,) * d, *(1,) * d), w)
         else:
             rho = 1.0
-    elif grad.rho != 0.0 and x.positions > 1:
+    elif grad.spatial.rho != 0.0 and x.positions > 1:
         # Overlapping windows add ρ Σ_{w≠w'∋p} a_w a_w' E[g²] to each position (nothing when they do not
         # overlap); pairs of positions in one window are a vanishing share of a large map's pairs.
-        rho = grad.rho
+        rho = grad.spatial.rho
         m2 = (1 - rho) * m2 + rho * apply_axes_t(g.sqrt(), w) ** 2
-    return Grad(x.shape, compact(m2, x.shape), cov, rho=rho)
+    return Grad(x.shape, compact(m2, x.shape), spatial=Spatial(cov, rho))
 
 
 # -- max pooling -----------------------------------------------------------------------------------
@@ -222,9 +223,8 @@ class _MaxInput:
 
 
 def _max_input(x: Signal, plane: bool) -> _MaxInput:
-    if x.act is not None and x.pre is not None:
-        pre = x.pre
-        f = x.act
+    if x.activated is not None:
+        pre, f = x.activated.pre, x.activated.f
     else:
         pre, f = x, None
     corr = 0.0 if plane or pre.dist is not None else max(0.0, pre.mean_corr())
@@ -287,11 +287,11 @@ def max_forward(ctx: Context, x: Signal, spec: PoolSpec) -> Signal:
     # Correlation of two windows' maxima (taken as sharing no input).
     cross = _off_window_corr(mi, typical, mi.corr, scale)
     if mi.pre.dist is None:
-        xcorr = _off_window_corr(mi, typical, min(max(mi.pre.xcorr, 0.0), 1.0), scale)
+        xcorr = _off_window_corr(mi, typical, min(max(mi.pre.shared.xcorr, 0.0), 1.0), scale)
     else:
         # Maxima of independent windows share their mean: E[M]²/E[M²], larger than the input's share
         # (a max of non-negative values is further from zero than its inputs).
-        xcorr = max(cross, x.xcorr)
+        xcorr = max(cross, x.shared.xcorr)
     out_positions = prod(spec.out_spatial)
     cov = None
     if ctx.keep_cov(out_positions):
@@ -299,7 +299,7 @@ def max_forward(ctx: Context, x: Signal, spec: PoolSpec) -> Signal:
         k = cross * torch.outer(s, s)
         k.diagonal().copy_(s**2)
         cov = k.reshape(*spec.out_spatial, *spec.out_spatial)
-    return Signal(out_shape, compact(m2, out_shape), cov=cov, rho=cross, xcorr=xcorr, dist=image)
+    return Signal(out_shape, compact(m2, out_shape), spatial=Spatial(cov, cross), shared=Shared(xcorr), dist=image)
 
 
 def _off_window_corr(mi: _MaxInput, count: int, corr: float, scale: float) -> float:
@@ -326,8 +326,8 @@ def max_backward(ctx: Context, x: Signal, spec: PoolSpec, grad: Grad) -> Grad:
         for t in sizes.unique().tolist():
             per_window[sizes == t] = _active(mi, int(t), scale) / t
         m2 = apply_axes_t(g * per_window, spec.members())
-        if grad.cov is not None:
-            m2 = m2 + _overlap_terms(mi, spec, grad.cov, sizes, scale).reshape(x.shape[-d:])
+        if grad.spatial.cov is not None:
+            m2 = m2 + _overlap_terms(mi, spec, grad.spatial.cov, sizes, scale).reshape(x.shape[-d:])
     m2 = compact(m2, x.shape)
     # Two positions in different windows both carry gradient only when each is its window's argmax (and,
     # behind a ReLU, positive): E[1_p 1_q] E[g_w g_w'] against E[1_p] E[g²], which scales the windows'
@@ -337,8 +337,8 @@ def max_backward(ctx: Context, x: Signal, spec: PoolSpec, grad: Grad) -> Grad:
         rho = grad.mean_corr() * min(mean_of(m2) / max(mean_of(g), 1e-300), 1.0)
     if mi.f is not None:
         # Already taken through the activation in front; its backward adds this as it is.
-        return Grad(x.shape, torch.zeros_like(m2), None, m2, rho=rho)
-    return Grad(x.shape, m2, rho=rho)
+        return Grad(x.shape, torch.zeros_like(m2), spatial=Spatial(rho=rho), pre=m2)
+    return Grad(x.shape, m2, spatial=Spatial(rho=rho))
 
 
 def _overlap_terms(mi: _MaxInput, spec: PoolSpec, gcov: Tensor, sizes: Tensor, scale: float) -> Tensor:
@@ -515,7 +515,10 @@ class MeanRule(PoolRule):
         if p["keepdim"]:
             return out
         m2 = compact(out.m2, out.shape)
-        return out.with_(shape=torch.Size(x.shape[:-k]), m2=m2.reshape(m2.shape[:-k]), cov=None)
+        # The pooled dims go: no covariance between positions is left, the one correlation and the
+        # shared share stay as they were.
+        return out.with_(shape=torch.Size(x.shape[:-k]), m2=m2.reshape(m2.shape[:-k]),
+                         spatial=Spatial(rho=out.spatial.rho), shared=out.shared)
 
     def backward(self, ctx, grad):
         x = ctx.args[0]
@@ -524,7 +527,8 @@ class MeanRule(PoolRule):
         k = len(spec.windows)
         if not dims.keepdim:
             g = compact(grad.total(), grad.shape)
-            grad = Grad(torch.Size((*grad.shape, *(1,) * k)), g.reshape(*g.shape, *(1,) * k), grad.cov)
+            grad = Grad(torch.Size((*grad.shape, *(1,) * k)), g.reshape(*g.shape, *(1,) * k),
+                        spatial=Spatial(grad.spatial.cov))
         return {x: avg_backward(ctx, x, spec, grad)}
 
 
