@@ -6,9 +6,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from initscope.graph.propagate import ON_UNKNOWN
-from initscope.methods.classic import FANS
-from initscope.methods.residual import POLICIES
 from initscope.sampling import DISTRIBUTIONS
+
+# Fans: "true" counts groups as they are; "framework" as torch.nn.init does (initscope.methods.base.Layer.fans).
+FANS = ("true", "framework")
+# Residual policies (initscope.methods.residual).
+POLICIES = ("none", "scale", "zero")
 
 
 def _number(value: object) -> bool:

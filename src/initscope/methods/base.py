@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from torch import nn
 
+from initscope.options import FANS, Options
 from initscope.registry import Registry
 from initscope.rules.base import LayerGeometry
-
-if TYPE_CHECKING:
-    from initscope.options import Options
 
 DIRECTIONS = ("forward", "backward")
 
@@ -64,7 +62,7 @@ class Layer:
         if convention == "framework":
             fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(self.weight)
             return int(fan_in), int(fan_out)
-        raise ValueError(f"fan={convention!r} is not one of ('true', 'framework')")
+        raise ValueError(f"fan={convention!r} is not one of {FANS}")
 
 
 class Method:
@@ -96,7 +94,7 @@ class Method:
     needs_data: bool = False
     adjusts: bool = False
 
-    def std(self, layer: Layer, options: "Options") -> tuple[float, bool]:
+    def std(self, layer: Layer, options: Options) -> tuple[float, bool]:
         """The std of ``layer``'s weights, and whether a clamp set it."""
         raise NotImplementedError(f"method {self.name!r} does not say how to set a std")
 
@@ -104,11 +102,11 @@ class Method:
         """The second moment of the bias this method draws (0 for zero biases)."""
         return 0.0
 
-    def law(self, options: "Options") -> str:
+    def law(self, options: Options) -> str:
         """The distribution every layer of the plan is drawn from."""
         return options.distribution or self.distribution
 
-    def check(self, options: "Options", example_input: Any) -> None:
+    def check(self, options: Options, example_input: Any) -> None:
         """Refuse options (or a missing batch) this method cannot plan with, naming what to do."""
         if options.distribution is not None and self.fixed_distribution:
             raise ValueError(f"method {self.name!r} draws its own way ({self.distribution}); leave distribution=None")

@@ -14,9 +14,6 @@ from torch import nn
 
 from initscope.methods.base import Layer, Method, register_method
 
-FANS = ("true", "framework")
-
-
 def xavier_std(fan_in: int, fan_out: int) -> float:
     r"""Glorot and Bengio (2010): :math:`\sigma^2 = 2 / (\mathrm{fan\_in} + \mathrm{fan\_out})`."""
     return math.sqrt(2.0 / (fan_in + fan_out))

@@ -28,13 +28,13 @@ from numbers import Number
 import torch.fx as fx
 
 from initscope.graph.propagate import Pass, Resolved, ResidualHook
+from initscope.options import POLICIES  # noqa: F401  (the policies this module implements)
 from initscope.rules.activation import ElementwiseRule
 from initscope.rules.base import WeightRule
 from initscope.rules.merge import AddRule, MulRule, SubRule
 from initscope.rules.norm import NormRule
 from initscope.stats.signal import Signal
 
-POLICIES = ("none", "scale", "zero")
 
 
 @dataclass
