@@ -238,7 +238,7 @@ def _not_run(exc: Exception, shape: Any) -> ValueError:
 
 def build_plan(
     model: nn.Module,
-    method: str,
+    method: "str | Method",
     input_shape: Any = None,
     example_input: Any = None,
     options: Options | None = None,
@@ -251,13 +251,16 @@ def build_plan(
     before the propagation starts: :func:`initscope.init_` starts drawing the weights there.
     """
     opts = options or Options()
-    m: Method = get_method(method)
+    # A registered method by name, or a Method object of the caller's own (initscope.audit plans the
+    # weights a model holds with one that is not registered).
+    m: Method = method if isinstance(method, Method) else get_method(method)
     m.check(opts, example_input)
     model = unwrap_model(model)
     _check_model(model)
     full_inputs, local_inputs, shape = make_inputs(input_shape, example_input, opts.max_cov_positions)
     resolved = Resolved.of(trace(model))
-    key = plan_cache.plan_key(resolved, m, opts.to_dict(), shape) if cache and example_input is None else None
+    cacheable = cache and example_input is None and not m.reads_weights
+    key = plan_cache.plan_key(resolved, m, opts.to_dict(), shape) if cacheable else None
     remembered = plan_cache.lookup(key)
     if remembered is not None:
         return remembered

@@ -81,6 +81,8 @@ class Method:
         exact: the std is chosen from the full propagation (:meth:`full_pass`), not from a formula.
         needs_data: the method needs ``example_input`` (a real batch) to plan.
         adjusts: the drawn weights are rescaled on data before they are written (:meth:`adjust`).
+        reads_weights: the stds depend on the values the weights hold now (the plan cache, which keys
+            plans by shapes and never by drawn values, keeps none of its plans).
     """
 
     name: str = ""
@@ -93,6 +95,7 @@ class Method:
     exact: bool = False
     needs_data: bool = False
     adjusts: bool = False
+    reads_weights: bool = False
 
     def std(self, layer: Layer, options: Options) -> tuple[float, bool]:
         """The std of ``layer``'s weights, and whether a clamp set it."""
