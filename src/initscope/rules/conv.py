@@ -22,7 +22,7 @@ from initscope.geometry import Axis, prod
 from initscope.rules.base import Context, LayerGeometry, WeightRule
 from initscope.rules.registry import register_rule
 from initscope.stats.maps import apply_axes, apply_axes_t, tied_taps, tied_taps_t
-from initscope.stats.signal import Grad, Shared, Signal, Spatial, compact
+from initscope.stats.signal import CHANNELS_FIRST, Grad, Layout, Shared, Signal, Spatial, compact
 
 
 def _tuple(value, dims: int) -> tuple[int, ...]:
@@ -259,7 +259,17 @@ def linear_forward_unit(ctx: Context, x: Signal, in_features: int, out_features:
         return Signal.unit(out_shape)
     m = compact(x.m2, x.shape)
     m2 = in_features * m.mean(dim=-1, keepdim=True) if m.shape[-1] > 1 else in_features * m
-    return Signal(out_shape, m2, spatial=Spatial(rho=x.spatial.rho), shared=Shared(x.shared.xcorr))
+    return Signal(out_shape, m2, _linear_layout(x), spatial=Spatial(rho=x.spatial.rho), shared=Shared(x.shared.xcorr))
+
+
+def _linear_layout(x: Signal) -> Layout:
+    """A Linear mixes the last dim: on a token tensor ``(N, L, E)`` the tokens are its positions, and
+    so they stay (a layout that names the positions is kept)."""
+    if x.layout.spatial is not None:
+        return x.layout
+    if len(x.shape) == 3:
+        return Layout(-1, (1,))
+    return CHANNELS_FIRST
 
 
 def linear_backward_unit(ctx: Context, x: Signal, out_features: int, grad: Grad) -> Grad:
@@ -267,7 +277,9 @@ def linear_backward_unit(ctx: Context, x: Signal, out_features: int, grad: Grad)
         return Grad.unit(x.shape)
     g = compact(grad.total(), grad.shape)
     g = out_features * g.mean(dim=-1, keepdim=True) if g.shape[-1] > 1 else out_features * g
-    return Grad(x.shape, g)
+    # The same weights at every token: the tokens' gradient correlation carries over.
+    rho = grad.spatial.rho if x.layout.spatial is not None else 0.0
+    return Grad(x.shape, g, x.layout, Spatial(rho=rho))
 
 
 class _LinearBase(WeightRule):

@@ -411,7 +411,9 @@ def concat_signals(tensors: list[Signal], dim: int) -> Signal:
         # concatenate two ReLU outputs before its max pools; read as one non-Gaussian map, the pools'
         # outputs were predicted 1.0-1.5 bits high.
         activated = Activated(first.f, concat_signals([t.activated.pre for t in tensors], dim))
-    return Signal(shape, m2, tensors[0].layout, Spatial(cov, rho), Shared(xcorr, pooled), dist=dist,
+    # A constant block (a class token) has no layout of its own: the tensors' is the first computed one's.
+    layout = next((t.layout for t in tensors if t.const is None), tensors[0].layout)
+    return Signal(shape, m2, layout, Spatial(cov, rho), Shared(xcorr, pooled), dist=dist,
                   activated=activated, blocks=blocks)
 
 

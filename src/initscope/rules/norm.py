@@ -109,6 +109,11 @@ class _Norm:
 
     def removed(self, x: Signal) -> float:
         """Fraction of the second moment the subtracted mean carries."""
+        if self.kind == "layer" and x.layout.spatial is not None:
+            # A LayerNorm over a token's channels subtracts the token's mean over channels. What the
+            # channels share there is the marginal's mean (after an activation), not the offsets a
+            # Linear gives each channel across samples (``xcorr``): those average out over channels.
+            return max(0.0, min(x.mean_fraction**2, 1.0 - 1e-9))
         if self.kind == "instance":
             return max(0.0, x.mean_corr()) if x.positions > 1 else 1.0
         share = x.shared.batch_mean if self.kind == "batch" else x.shared.xcorr

@@ -27,7 +27,7 @@ from torch import nn
 from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
-from initscope.stats.signal import Grad, Hidden, Shared, Signal, Spatial, compact, shrink
+from initscope.stats.signal import Grad, Hidden, Layout, Shared, Signal, Spatial, compact, shrink
 
 try:  # torchvision is optional for the core
     from torchvision.ops import stochastic_depth as _stochastic_depth
@@ -214,10 +214,30 @@ class ShapeRule(Rule):
         if consts:
             return _wrap_const(out)
         kept = None
-        if sum(s.const is None for s in sigs) == 1 and _hidden_of(x) is not None:
+        single = sum(s.const is None for s in sigs) == 1
+        tokens = _token_dim(x) if single else None
+        if tokens is not None:
+            # One position dim (the tokens of an (N, L, E) tensor, a Conv1d's length): followed through
+            # the op, so that the output knows its tokens (heads split off, transposes, unbind).
+            layouts = self._track_tokens(ctx, args, kwargs, x, tokens)
+            ctx.put(TrackedTokens(layouts))
+            return _with_layouts(_wrap(out, x, None), layouts, x)
+        if single and x.layout.spatial is None and _hidden_of(x) is not None:
             kept = self._keeps_positions(ctx, args, kwargs, x, _hidden_of(x).shape)
         ctx.put(KeptPositions(kept))
         return _wrap(out, x, kept)
+
+    def _track_tokens(self, ctx: Context, args, kwargs, x: Signal, dim: int) -> list[Layout | None]:
+        """Per output, the layout whose one position dim holds x's tokens (None: they were split up
+        or mixed with other dims)."""
+        length = int(x.shape[dim])
+        shape = [1] * len(x.shape)
+        shape[dim] = length
+        ids = torch.arange(length, dtype=DTYPE).reshape(shape).expand(x.shape).contiguous()
+        out = self.call(ctx, *_swap(args, lambda s: ids if s is x else _materialize(s)),
+                        **_swap(kwargs, lambda s: ids if s is x else _materialize(s)))
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        return [_token_layout_of(o, length) for o in outs]
 
     def _keeps_positions(self, ctx: Context, args, kwargs, x: Signal, spatial: torch.Size) -> list[bool]:
         """For each output of the op, whether every element keeps the spatial position (the last
@@ -235,6 +255,9 @@ class ShapeRule(Rule):
         if _picks_from_outputs(ctx, ctx.args):
             return {ctx.args[0][ctx.args[1]]: grad}
         sigs = [s for s in _signals(ctx.args) + _signals(ctx.kwargs) if s.const is None]
+        if not sigs:
+            # Only constants went in (a class token expanded over the batch): nothing to send back.
+            return {}
         primals = {s: _materialize(s).requires_grad_(True) for s in sigs}
         with torch.enable_grad():
             out = self.call(ctx, *_swap(ctx.args, lambda s: primals.get(s, _materialize(s))),
@@ -244,6 +267,9 @@ class ShapeRule(Rule):
             pairs = [(o, compact(g.total(), g.shape).expand(o.shape)) for o, g in zip(outs, grads) if g is not None]
             got = torch.autograd.grad([o for o, _ in pairs], list(primals.values()), [g for _, g in pairs],
                                       allow_unused=True)
+        tracked = ctx.get(TrackedTokens)
+        if tracked is not None:
+            return self._token_backward(ctx, grad, sigs, got, tracked)
         held = ctx.get(KeptPositions)
         kept = None if held is None else held.kept
         keep_cov = _keeps_layout(ctx, sigs[0]) if sigs and kept is None else False
@@ -259,6 +285,78 @@ class ShapeRule(Rule):
                 cov, rho = grad.spatial.cov, grad.spatial.rho
             result[s] = Grad(s.shape, g, spatial=Spatial(cov, rho, hidden))
         return result
+
+    def _token_backward(self, ctx: Context, grad, sigs: list, got: tuple, tracked: "TrackedTokens") -> dict:
+        """Gradients of a shape op on a token tensor: in the input's layout, with the token correlation
+        of the outputs that kept the tokens."""
+        rho = _token_grad_rho(grad, tracked.layouts) if all(lay is not None for lay in tracked.layouts) else 0.0
+        result = {}
+        for s, g in zip(sigs, got):
+            g = torch.zeros((), dtype=DTYPE) if g is None else shrink(g.detach())
+            result[s] = Grad(s.shape, g, s.layout, Spatial(rho=rho))
+        return result
+
+
+@dataclass(frozen=True)
+class TrackedTokens:
+    """Per output of a shape op on a token tensor, its layout (None where the tokens were mixed)."""
+
+    layouts: list
+
+
+def _token_dim(x: Signal) -> int | None:
+    """The one position dim of a tensor whose layout has a single one of size > 1 (tokens), else None."""
+    nd = len(x.shape)
+    if nd < 3:
+        return None
+    if x.layout.spatial is None:
+        dims = tuple(range(2, nd))
+    else:
+        dims = tuple(d % nd for d in x.layout.spatial)
+    if len(dims) != 1 or int(x.shape[dims[0]]) < 2:
+        return None
+    return dims[0]
+
+
+def _token_layout_of(o: Any, length: int) -> "Layout | None":
+    """The layout of a shape op's output ``o`` run on token numbers: its one dim along which they run
+    0..L-1 (every other dim constant), with the channel last (first when the tokens are last)."""
+    if not isinstance(o, torch.Tensor) or o.ndim < 2:
+        return None
+    varying = [d for d in range(o.ndim) if o.shape[d] > 1 and not torch.equal(o, o.narrow(d, 0, 1).expand_as(o))]
+    if len(varying) != 1 or o.shape[varying[0]] != length:
+        return None
+    d = varying[0]
+    line = o.movedim(d, -1).reshape(-1, length)[0]
+    if not torch.equal(line, torch.arange(length, dtype=line.dtype)):
+        return None
+    return Layout(-1 if d != o.ndim - 1 else 0, (d,))
+
+
+def _with_layouts(result: Any, layouts: list, x: Signal) -> Any:
+    """The op's output Signals with the tracked layouts and x's token correlation where tokens stay
+    tokens; the ``(N, C, *spatial)`` layout and no correlation where they were mixed."""
+    if isinstance(result, Signal):
+        lay = layouts[0] if layouts else None
+        if lay is None:
+            return result.with_(spatial=Spatial())
+        return result.with_(layout=lay, spatial=Spatial(rho=x.spatial.rho), shared=result.shared)
+    if isinstance(result, (tuple, list)):
+        return type(result)(_with_layouts(r, [layouts[i]] if i < len(layouts) else [], x)
+                            for i, r in enumerate(result))
+    return result
+
+
+def _token_grad_rho(grad, layouts: list) -> float:
+    """The tokens' gradient correlation, from the outputs that kept the tokens (weighted by size)."""
+    grads = list(grad) if isinstance(grad, (tuple, list)) else [grad]
+    num = den = 0.0
+    for g, lay in zip(grads, layouts):
+        if g is None or lay is None:
+            continue
+        w = g.mean_m2
+        num, den = num + g.spatial.rho * w, den + w
+    return num / den if den > 0 else 0.0
 
 
 def _keeps_layout(ctx: Context, x: Signal) -> bool:

@@ -1,0 +1,470 @@
+r"""Softmax attention, the softmax itself, and products of two tensors (``matmul``, ``bmm``, ``einsum``).
+
+Scaled dot-product attention (``F.scaled_dot_product_attention``; ``nn.MultiheadAttention`` and
+timm's ``Attention`` reach it, see :mod:`initscope.graph.trace`) at initialization. q, k and v are
+projections of the tokens by independent weights, so, given the tokens, they are independent
+zero-mean fields; across tokens each carries the tokens' correlation ρ (one number, ``spatial.rho``
+of a token tensor: :class:`~initscope.stats.signal.Layout` ``(-1, (token dim,))``).
+
+* Logits ``s_ij = q_i·k_j / √d``: ``E[s_ij²] = E[q²] E[k²]`` (the 1/√d cancels the d terms), and
+  ``Cov(s_ij, s_i'j') = E[q²]E[k²] C_ii' D_jj'`` with C, D the q and k token correlations. A softmax
+  is blind to what a row shares, so it sees logits of variance ``E[q²]E[k²](1 - ρ_k)``, and rows
+  that share ``ρ_q(1 - ρ_k)`` of it.
+* Weights ``a_ij = softmax_j(s_ij)``: ``Σ_j a_ij = 1`` and ``A₂ = E[Σ_j a_ij²]``, between 1/L (flat)
+  and 1 (one-hot); for L Gaussian logits of variance S², ``A₂ ≈ e^{S²}/L`` while that is small.
+* Output ``o_i = Σ_j a_ij v_j``: ``E[o_i²] = E[v²] (ρ_v + (1 - ρ_v) A₂)``; the common part ρ_v of v
+  passes whole (the weights sum to one), the rest is averaged down by A₂. Two outputs share
+  ``ρ_v + (1 - ρ_v) E[Σ_j a_ij a_i'j]``: attention makes tokens alike.
+* Backward: ``∂L/∂v_j = Σ_i a_ij g_i`` (what a column of weights collects), and through the softmax
+  ``∂L/∂s_ij = a_ij (g_i·v_j - Σ_j' a_ij' g_i·v_j')``, to q and k by the other's values.
+
+The softmax's expectations (A₂, the column sums, the backward through it) have no closed form at
+finite L and S². The rule computes them at this Gaussian model by a fixed-seed simulation of the
+attention op itself (:func:`simulate`): q, k, v drawn with the propagated per-token second moments and
+token correlations, the real softmax, the real backward with the arriving gradient's per-token map
+and correlation. Deterministic (one generator seed), so a plan is reproducible; its statistical noise
+is ~1 % per token, and the means over tokens are used wherever the inputs are token-uniform.
+
+Products of two tensors that are not attention (``matmul``, ``bmm``, two-operand ``einsum``): for
+independent factors ``E[(Σ_k a_k b_k)²] = Σ_k E[a_k²]E[b_k²] (1 + (K - 1) c_a c_b)`` with c the
+correlation of each factor along the contracted dim (``rho`` when it is the layout's positions,
+``xcorr`` when it is the channel). A softmax's output carries its weights' correlation along the
+softmax dim, ``(1 - A₂)/((L - 1)A₂)``, so ``softmax(qkᵀ) @ v`` written out gives the same forward as
+the fused op.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from initscope.rules.base import Context, Rule
+from initscope.rules.registry import register_rule
+from initscope.stats.dist import DTYPE
+from initscope.stats.signal import Grad, Layout, Shared, Signal, Spatial, compact
+
+# Tokens simulated per call: per-token maps carry ~sqrt(2 / (rows·d)) relative noise.
+_TOKENS = 16384
+_SEED = 0
+
+
+def tokens_layout(ndim: int, dim: int) -> Layout:
+    """The layout of a tensor whose positions are one dim (``dim``) and whose channel is the last."""
+    return Layout(-1, (dim % ndim,))
+
+
+def _token_map(m2: Tensor, shape: torch.Size, dim: int) -> Tensor:
+    """Mean of an elementwise map over every dim but ``dim``: one value per token, shape ``(L,)``."""
+    m = compact(m2, shape)
+    nd = len(shape)
+    dim %= nd
+    others = tuple(d for d in range(nd) if d != dim)
+    t = m.mean(dim=others) if others else m
+    return t.reshape(-1).expand(int(shape[dim])).clone()
+
+
+def _corr(x: Signal | Grad, dim: int) -> float:
+    """The correlation between two elements along ``dim`` (0 when the layout does not say)."""
+    nd = len(x.shape)
+    lay = x.layout
+    if lay.spatial is not None and tuple(d % nd for d in lay.spatial) == (dim % nd,):
+        return float(x.spatial.rho)
+    if isinstance(x, Signal) and lay.channel_dim(nd) == dim % nd and lay.spatial is not None:
+        return float(x.shared.xcorr)
+    return 0.0
+
+
+def _clip(r: float) -> float:
+    return min(max(float(r), 0.0), 0.999)
+
+
+def _field(gen: torch.Generator, rows: int, length: int, width: int, m: Tensor, rho: float) -> Tensor:
+    """Gaussian ``(rows, length, width)`` with per-token second moment ``m`` and token correlation rho."""
+    common = torch.randn(rows, 1, width, generator=gen, dtype=torch.float32)
+    own = torch.randn(rows, length, width, generator=gen, dtype=torch.float32)
+    z = math.sqrt(rho) * common + math.sqrt(1.0 - rho) * own
+    return z * m.to(torch.float32).clamp(min=0).sqrt().reshape(1, length, 1)
+
+
+@dataclass(frozen=True)
+class Simulated:
+    """What the simulation measured: per-token maps and token correlations."""
+
+    out: Tensor
+    out_rho: float
+    gq: Tensor | None = None
+    gk: Tensor | None = None
+    gv: Tensor | None = None
+    gq_rho: float = 0.0
+    gk_rho: float = 0.0
+    gv_rho: float = 0.0
+
+
+def _token_corr(t: Tensor) -> float:
+    """Mean correlation between two tokens of ``(rows, L, width)``."""
+    rows, length, width = t.shape
+    if length < 2:
+        return 0.0
+    total = float((t**2).sum())
+    if total <= 0:
+        return 0.0
+    s = t.sum(1)
+    pairs = float((s**2).sum()) - total
+    return pairs / (length - 1) / total
+
+
+def _key(t: Tensor | None) -> tuple | None:
+    if t is None:
+        return None
+    return tuple(round(float(v), 10) for v in t.reshape(-1))
+
+
+@lru_cache(maxsize=256)
+def _simulate_cached(mq, mk, mv, rq, rk, rv, g, rg, d, dv, scale, mask_key, causal):
+    mask = _MASKS.get(mask_key)
+    lq, lk = len(mq), len(mk)
+    rows = max(8, min(512, _TOKENS // max(lq, 1)))
+    gen = torch.Generator().manual_seed(_SEED)
+    mqt, mkt, mvt = (torch.tensor(v, dtype=torch.float64) for v in (mq, mk, mv))
+    with torch.enable_grad():
+        q = _field(gen, rows, lq, d, mqt, rq).requires_grad_(True)
+        k = _field(gen, rows, lk, d, mkt, rk).requires_grad_(True)
+        v = _field(gen, rows, lk, dv, mvt, rv).requires_grad_(True)
+        s = q @ k.transpose(-2, -1) * scale
+        if mask is not None:
+            bank = mask.reshape(-1, lq, lk).to(torch.float32)
+            idx = torch.arange(rows) % bank.shape[0]
+            s = s + bank[idx]
+        if causal:
+            s = s.masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu(1 + lk - lq), float("-inf"))
+        o = torch.softmax(s, dim=-1) @ v
+        out = (o.detach().double() ** 2).mean(dim=(0, 2))
+        out_rho = _token_corr(o.detach().double())
+        if g is None:
+            return Simulated(out, out_rho)
+        go = _field(gen, rows, lq, dv, torch.tensor(g, dtype=torch.float64), rg)
+        gq, gk, gv = torch.autograd.grad(o, (q, k, v), go)
+    maps = [(t.double() ** 2).mean(dim=(0, 2)) for t in (gq, gk, gv)]
+    return Simulated(out, out_rho, *maps, *(_token_corr(t.double()) for t in (gq, gk, gv)))
+
+
+_MASKS: dict = {}
+
+
+def simulate(mq: Tensor, mk: Tensor, mv: Tensor, rq: float, rk: float, rv: float, d: int, dv: int, scale: float,
+             g: Tensor | None = None, rg: float = 0.0, mask: Tensor | None = None, causal: bool = False) -> Simulated:
+    """Attention at the Gaussian model (see the module): per-token maps in, per-token maps out."""
+    mask_key = None
+    if mask is not None:
+        mask_key = ("mask", tuple(mask.shape), hash(mask.to(torch.float64).numpy().tobytes()))
+        _MASKS[mask_key] = mask
+    # Token-uniform inputs give token-uniform outputs: simulate with uniform maps and average.
+    return _simulate_cached(_key(mq), _key(mk), _key(mv), round(_clip(rq), 6), round(_clip(rk), 6),
+                            round(_clip(rv), 6), _key(g), round(_clip(rg), 6), int(d), int(dv),
+                            float(scale), mask_key, bool(causal))
+
+
+def _uniform_if(t: Tensor, uniform: bool) -> Tensor:
+    return torch.full_like(t, float(t.mean())) if uniform else t
+
+
+def _is_uniform(*maps: Tensor | None) -> bool:
+    for m in maps:
+        if m is not None and m.numel() > 1 and float(m.max() - m.min()) > 1e-9 * max(float(m.abs().max()), 1e-300):
+            return False
+    return True
+
+
+def _mask_value(mask) -> Tensor | None:
+    """An attention mask as an additive float tensor (None: no mask)."""
+    if mask is None:
+        return None
+    value = mask.const if isinstance(mask, Signal) else mask
+    if value is None:
+        # A mask computed from the input: not modelled (its second moment is no mask).
+        return None
+    value = torch.as_tensor(value)
+    if value.dtype == torch.bool:
+        return torch.zeros(value.shape, dtype=torch.float64).masked_fill(~value, float("-inf"))
+    return value.to(torch.float64)
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What the attention's forward leaves its backward."""
+
+    q: Signal
+    k: Signal
+    v: Signal
+    d: int
+    dv: int
+    scale: float
+    mask: Tensor | None
+    causal: bool
+
+
+def attention_forward(ctx: Context, q: Signal, k: Signal, v: Signal, scale: float | None = None,
+                      mask=None, causal: bool = False) -> Signal:
+    """The Signal of ``softmax(q kᵀ · scale + mask) v`` (tokens at dim -2 of each)."""
+    d, dv = int(q.shape[-1]), int(v.shape[-1])
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    mq, mk, mv = (_token_map(s.m2, s.shape, -2) for s in (q, k, v))
+    m = _mask_value(mask)
+    uniform = _is_uniform(mq, mk, mv) and m is None
+    sim = simulate(mq, mk, mv, _corr(q, -2), _corr(k, -2), _corr(v, -2), d, dv, scale, mask=m, causal=causal)
+    ctx.put(AttentionCall(q, k, v, d, dv, scale, m, causal))
+    shape = torch.Size((*torch.broadcast_shapes(q.shape[:-2], v.shape[:-2]), int(q.shape[-2]), dv))
+    nd = len(shape)
+    out = _uniform_if(sim.out, uniform).reshape((1,) * (nd - 2) + (-1, 1))
+    return Signal(shape, out.to(DTYPE), tokens_layout(nd, -2), Spatial(rho=sim.out_rho), Shared(v.shared.xcorr))
+
+
+def attention_backward(ctx: Context, grad: Grad) -> dict:
+    call = ctx.get(AttentionCall)
+    q, k, v = call.q, call.k, call.v
+    g = _token_map(grad.total(), grad.shape, -2)
+    mq, mk, mv = (_token_map(s.m2, s.shape, -2) for s in (q, k, v))
+    uniform = _is_uniform(mq, mk, mv, g) and call.mask is None
+    sim = simulate(mq, mk, mv, _corr(q, -2), _corr(k, -2), _corr(v, -2), call.d, call.dv, call.scale,
+                   g=g, rg=_corr(grad, -2), mask=call.mask, causal=call.causal)
+    out: dict = {}
+    for sig, gm, rho in ((q, sim.gq, sim.gq_rho), (k, sim.gk, sim.gk_rho), (v, sim.gv, sim.gv_rho)):
+        if sig.const is not None:
+            continue
+        nd = len(sig.shape)
+        m = _uniform_if(gm, uniform).reshape((1,) * (nd - 2) + (-1, 1)).to(DTYPE)
+        # Heads broadcast over a shared k or v (grouped-query attention): summed back.
+        reps = math.prod(grad.shape[:-2]) / max(math.prod(sig.shape[:-2]), 1)
+        part = Grad(sig.shape, m * reps, tokens_layout(nd, -2), Spatial(rho=rho))
+        out[sig] = out[sig] + part if sig in out else part
+    return out
+
+
+def _bind(args: tuple, kwargs: dict, names: tuple, defaults: dict) -> dict:
+    out = dict(defaults)
+    out.update(dict(zip(names, args)))
+    out.update(kwargs)
+    return out
+
+
+@register_rule(F.scaled_dot_product_attention)
+class ScaledDotProductAttention(Rule):
+    """``F.scaled_dot_product_attention``: forward ``E[v²](ρ_v + (1 - ρ_v) A₂)`` per token; backward
+    through the simulated softmax (module docstring). Dropout inside it is taken as eval (p ignored
+    when the node runs in eval mode, as an initialization is planned)."""
+
+    def forward(self, ctx: Context, *args, **kwargs) -> Signal:
+        p = _bind(args, kwargs, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"),
+                  {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None})
+        return attention_forward(ctx, p["query"], p["key"], p["value"], p["scale"], p["attn_mask"],
+                                 bool(p["is_causal"]))
+
+    def backward(self, ctx: Context, grad: Grad) -> dict:
+        return attention_backward(ctx, grad)
+
+
+# -- the softmax alone -----------------------------------------------------------------------------
+@lru_cache(maxsize=512)
+def softmax_stats(length: int, var: float, rho_g: float) -> tuple[float, float, float]:
+    """For a softmax over ``length`` Gaussian logits of variance ``var`` (what a row does not share):
+    ``A₂ = E[Σ_j a_j²]``, the correlation of two weights of a row, and ``E[(∂L/∂s_j)²] / E[(∂L/∂a_j)²]``
+    for a gradient at the weights with correlation ``rho_g`` along the row. Fixed-seed simulation."""
+    rows = max(64, min(4096, _TOKENS * 4 // max(length, 1)))
+    gen = torch.Generator().manual_seed(_SEED)
+    with torch.enable_grad():
+        s = (torch.randn(rows, length, generator=gen, dtype=torch.float64) * math.sqrt(max(var, 0.0))).requires_grad_(True)
+        a = torch.softmax(s, dim=-1)
+        rg = _clip(rho_g)
+        ga = math.sqrt(rg) * torch.randn(rows, 1, generator=gen, dtype=torch.float64) \
+            + math.sqrt(1 - rg) * torch.randn(rows, length, generator=gen, dtype=torch.float64)
+        (gs,) = torch.autograd.grad(a, s, ga)
+    a = a.detach()
+    a2 = float((a**2).sum(-1).mean())
+    corr = (1.0 - a2) / ((length - 1) * a2) if length > 1 and a2 > 0 else 0.0
+    back = float((gs**2).mean() / (ga**2).mean())
+    return a2, corr, back
+
+
+class SoftmaxRule(Rule):
+    """``softmax(x, dim)``: weights of second moment ``A₂/L`` that sum to one along ``dim``."""
+
+    def _dim(self, ctx: Context, x: Signal, args, kwargs) -> int:
+        p = _bind(args, kwargs, ("dim",), {"dim": None})
+        if p["dim"] is None:
+            if ctx.module is not None and getattr(ctx.module, "dim", None) is not None:
+                return int(ctx.module.dim) % len(x.shape)
+            return len(x.shape) - 1
+        return int(p["dim"]) % len(x.shape)
+
+    def forward(self, ctx: Context, x: Signal, *args, **kwargs) -> Signal:
+        dim = self._dim(ctx, x, args, kwargs)
+        length = int(x.shape[dim])
+        var = x.mean_m2 * (1.0 - _clip(_corr(x, dim)))
+        a2, corr, _ = softmax_stats(length, round(var, 8), 0.0)
+        nd = len(x.shape)
+        out = Signal(x.shape, torch.full((1,) * nd, a2 / length, dtype=DTYPE), Layout(-1, (dim,)) if dim != nd - 1
+                     else Layout(0, (dim,)), Spatial(rho=corr), Shared(min(1.0, 1.0 / (length * a2))))
+        return out
+
+    def backward(self, ctx: Context, grad: Grad) -> dict:
+        x = ctx.args[0]
+        dim = self._dim(ctx, x, ctx.args[1:], ctx.kwargs)
+        length = int(x.shape[dim])
+        var = x.mean_m2 * (1.0 - _clip(_corr(x, dim)))
+        _, _, back = softmax_stats(length, round(var, 8), round(_clip(_corr(grad, dim)), 6))
+        return {x: Grad(x.shape, grad.total() * back, x.layout, Spatial(rho=0.0))}
+
+
+register_rule(F.softmax, torch.softmax, "softmax", nn.Softmax)(SoftmaxRule)
+
+
+# -- products of two tensors -----------------------------------------------------------------------
+def _product_corr(x: Signal | Grad, dim: int) -> float:
+    return _clip(_corr(x, dim))
+
+
+def _einsum_maps(equation: str, a: Tensor, b: Tensor) -> Tensor:
+    return torch.einsum(equation, a, b)
+
+
+@dataclass(frozen=True)
+class Product:
+    """An einsum equation for the two factors (matmul in einsum form) and the contracted letters."""
+
+    equation: str
+    contracted: str
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _matmul_equation(na: int, nb: int) -> str:
+    """``a @ b`` as an einsum over broadcast batch dims (both at least 2-d)."""
+    nbatch = max(na, nb) - 2
+    batch = _LETTERS[:nbatch]
+    m, k, n = "x", "y", "z"
+    ea = batch[nbatch - (na - 2):] + m + k
+    eb = batch[nbatch - (nb - 2):] + k + n
+    return f"{ea},{eb}->{batch}{m}{n}"
+
+
+def _parse(equation: str) -> tuple[str, str, str]:
+    eq = equation.replace(" ", "")
+    ins, out = eq.split("->")
+    a, b = ins.split(",")
+    return a, b, out
+
+
+def _compact_for(x: Signal | Grad, spec: str) -> Tensor:
+    m = compact(x.total() if isinstance(x, Grad) else x.m2, x.shape)
+    return m.expand(x.shape) if len(spec) == len(x.shape) else m
+
+
+def _factor(x: Signal | Grad, spec: str, letter: str) -> float:
+    return _product_corr(x, spec.index(letter))
+
+
+def product_forward(ctx: Context, equation: str, a: Signal, b: Signal) -> Signal:
+    ea, eb, eo = _parse(equation)
+    contracted = "".join(c for c in ea if c in eb and c not in eo)
+    ma, mb = compact(a.m2, a.shape), compact(b.m2, b.shape)
+    m2 = torch.einsum(equation, ma.expand(a.shape), mb.expand(b.shape))
+    corr = 1.0
+    for c in contracted:
+        size = int(a.shape[ea.index(c)])
+        corr *= 1.0 + (size - 1) * _factor(a, ea, c) * _factor(b, eb, c)
+    out_shape = torch.Size(m2.shape)
+    nd = len(out_shape)
+    # The output's positions: b's along its last letter when that is kept, else a's along its first
+    # free letter (q kᵀ: the keys; a v: the queries).
+    layout, rho = Layout(), 0.0
+    if nd >= 2:
+        last = eo[-1]
+        if last in eb and _factor(b, eb, last) > 0:
+            layout, rho = Layout(0, (nd - 1,)), _factor(b, eb, last)
+        elif eo[-2] in ea:
+            layout, rho = tokens_layout(nd, -2), _factor(a, ea, eo[-2])
+    ctx.put(Product(equation, contracted))
+    xcorr = a.shared.xcorr * b.shared.xcorr
+    from initscope.stats.signal import shrink
+
+    return Signal(out_shape, shrink(m2 * corr).to(DTYPE), layout, Spatial(rho=rho), Shared(min(xcorr, 1.0)))
+
+
+def product_backward(ctx: Context, grad: Grad, a: Signal, b: Signal) -> dict:
+    held = ctx.get(Product)
+    ea, eb, eo = _parse(held.equation)
+    g = grad.total()
+    gm = compact(g, grad.shape).expand(grad.shape)
+    out = {}
+    from initscope.stats.signal import shrink
+
+    for x, ex, other, eother in ((a, ea, b, eb), (b, eb, a, ea)):
+        if x.const is not None:
+            continue
+        mo = compact(other.m2, other.shape).expand(other.shape)
+        m = torch.einsum(f"{eo},{eother}->{ex}", gm, mo)
+        summed = "".join(c for c in eo + eother if c not in ex)
+        corr = 1.0
+        for c in dict.fromkeys(summed):
+            if c in eo and c in eother:
+                size = int(grad.shape[eo.index(c)])
+                corr *= 1.0 + (size - 1) * _product_corr(grad, eo.index(c)) * _factor(other, eother, c)
+        # A factor broadcast along a dim of the output is summed there, not contracted.
+        m = m * corr
+        while m.ndim > len(x.shape):
+            m = m.sum(0)
+        out[x] = Grad(x.shape, shrink(m).to(DTYPE), x.layout, Spatial())
+    return out
+
+
+class MatmulRule(Rule):
+    """``a @ b`` (``matmul``, ``bmm``) of two independent tensors; a tensor times a constant matrix
+    is the same formula with the constant's squares."""
+
+    def forward(self, ctx: Context, a, b, *args, **kwargs) -> Signal:
+        a, b = _as_signal(a), _as_signal(b)
+        if len(a.shape) < 2 or len(b.shape) < 2:
+            raise ValueError(f"matmul of a {len(a.shape)}-d and a {len(b.shape)}-d tensor at {ctx.where!r} is not modelled")
+        return product_forward(ctx, _matmul_equation(len(a.shape), len(b.shape)), a, b)
+
+    def backward(self, ctx: Context, grad: Grad) -> dict:
+        return product_backward(ctx, grad, _as_signal(ctx.args[0]), _as_signal(ctx.args[1]))
+
+
+def _as_signal(v) -> Signal:
+    if isinstance(v, Signal):
+        return v
+    return Signal.constant(torch.as_tensor(v))
+
+
+register_rule(torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm")(MatmulRule)
+
+
+@register_rule(torch.einsum)
+class EinsumRule(Rule):
+    """Two-operand ``einsum``: the product formula over its contracted letters."""
+
+    def _operands(self, args):
+        equation, *ops = args
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = list(ops[0])
+        if len(ops) != 2:
+            raise ValueError(f"einsum with {len(ops)} operands is not modelled (two are)")
+        return equation, ops[0], ops[1]
+
+    def forward(self, ctx: Context, *args, **kwargs) -> Signal:
+        equation, a, b = self._operands(args)
+        if "..." in equation:
+            raise ValueError(f"einsum {equation!r} with an ellipsis is not modelled")
+        return product_forward(ctx, equation.replace(" ", ""), _as_signal(a), _as_signal(b))
+
+    def backward(self, ctx: Context, grad: Grad) -> dict:
+        _, a, b = self._operands(ctx.args)
+        return product_backward(ctx, grad, _as_signal(a), _as_signal(b))
