@@ -11,6 +11,7 @@ in (``node.meta["initscope_training"]``), which is what the dropout rules read.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -111,6 +112,9 @@ def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
 
 def trace(model: nn.Module, record_stack_traces: bool = False) -> Traced:
     """Trace ``model`` with torch.fx, treating modules that have a rule as single ops."""
+    if "timm" in sys.modules:
+        # Rules for timm's blocks (weight-standardized convs): only a timm model can need them.
+        import initscope.rules.timm_layers  # noqa: F401
     if isinstance(model, fx.GraphModule):
         return _finish(model, model.graph)
     modes = [(m, m.training) for m in model.modules()]

@@ -170,6 +170,11 @@ class WeightRule(Rule):
     def backward_unit(self, ctx: Context, grad: Grad) -> Grad:
         raise NotImplementedError
 
+    def effective_var(self, ctx: Context, var: float) -> float:
+        """The weight variance the op computes with, given the planned one: the same, except for a
+        weight the forward pass rescales itself (weight standardization), which ignores it."""
+        return var
+
     def channels(self, ctx: Context) -> int:
         """Output channels with weights of their own (out_features for Linear)."""
         w = self.weight(ctx)

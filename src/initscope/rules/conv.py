@@ -313,3 +313,31 @@ class LinearFunction(_LinearBase, _FunctionalWeights):
 
     def bias(self, ctx: Context):
         return self.param(ctx, 2, "bias")
+
+
+class StandardizedConv(ConvModule):
+    r"""A conv whose forward standardizes its weight (timm's ``StdConv2d``, ``ScaledStdConv2d``).
+
+    Each output channel's weights are made zero-mean with unit variance (``StdConv2d``), or variance
+    ``(gain·γ)²/fan_in`` (``ScaledStdConv2d``, ``scale = γ/√fan_in``), before the conv, so the
+    planned std does not reach the output: the op computes with that fixed variance forward and
+    backward (:meth:`effective_var`). initscope still plans and writes the underlying parameter
+    (``weight``), which is what the model trains.
+    """
+
+    def effective_var(self, ctx: Context, var: float) -> float:
+        m = ctx.module
+        gain = getattr(m, "gain", None)
+        if gain is None:
+            return 1.0
+        g2 = float((gain.detach().to("cpu", torch.float64) ** 2).mean())
+        return g2 * float(m.scale) ** 2
+
+    def spec(self, ctx: Context) -> ConvSpec:
+        m = ctx.module
+        x = self.input_signal(ctx)
+        padding = m.padding
+        if getattr(m, "same_pad", False):
+            padding = "same"
+        return ctx.remember(ConvSpec, tuple(x.shape), lambda: ConvSpec.build(
+            x.shape, m.weight.shape, m.stride, padding, m.dilation, m.groups, m.padding_mode))

@@ -61,7 +61,7 @@ class _Norm:
             # Equal parameters (the default γ = 1, β = 0) keep every map channel-uniform: one number
             # instead of a per-channel map that would make every later op C times larger.
             return (flat[0] ** 2).reshape((1,) * nd)
-        if self.kind == "layer":
+        if self.kind in ("layer", "rms"):
             return (p**2).reshape((1,) * (nd - p.ndim) + tuple(p.shape))
         return (p**2).reshape(1, -1, *(1,) * (nd - 2))
 
@@ -97,7 +97,7 @@ class _Norm:
         spatial = tuple(range(2, nd))
         if self.kind in ("batch", "instance"):
             return m.mean(dim=spatial, keepdim=True) if spatial else m
-        if self.kind == "layer":
+        if self.kind in ("layer", "rms"):
             return m.mean(dim=tuple(range(nd - self.normalized, nd)), keepdim=True)
         if m.shape[1] == 1:  # channel-uniform: a group's mean is the spatial mean
             return m.mean(dim=spatial, keepdim=True) if spatial else m
@@ -109,6 +109,8 @@ class _Norm:
 
     def removed(self, x: Signal) -> float:
         """Fraction of the second moment the subtracted mean carries."""
+        if self.kind == "rms":
+            return 0.0  # RMSNorm divides by the root mean square and subtracts nothing
         if self.kind == "layer" and x.layout.spatial is not None:
             # A LayerNorm over a token's channels subtracts the token's mean over channels. What the
             # channels share there is the marginal's mean (after an activation), not the offsets a
@@ -280,3 +282,25 @@ class InstanceNormFunction(NormRule):
         p = _bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
                   {"weight": None, "bias": None, "eps": 1e-5})
         return _Norm("instance", x.shape, p["weight"], p["bias"], p["eps"])
+
+
+def _rms_eps(eps) -> float:
+    return float(torch.finfo(torch.float32).eps) if eps is None else float(eps)
+
+
+@register_rule(nn.RMSNorm)
+class RMSNormModule(NormRule):
+    """``nn.RMSNorm``: ``x / rms(x) · γ`` over the last dims; what comes in sets only the gradient's scale."""
+
+    def norm(self, ctx, x, *args, **kwargs):
+        m = ctx.module
+        return _Norm("rms", x.shape, m.weight, None, _rms_eps(m.eps), normalized=len(m.normalized_shape))
+
+
+@register_rule(F.rms_norm)
+class RMSNormFunction(NormRule):
+    def norm(self, ctx, x, *args, **kwargs):
+        p = _bind(args, kwargs, ("normalized_shape", "weight", "eps"), {"weight": None, "eps": None})
+        shape = p["normalized_shape"]
+        n = 1 if isinstance(shape, int) else len(shape)
+        return _Norm("rms", x.shape, p["weight"], None, _rms_eps(p["eps"]), normalized=n)

@@ -448,10 +448,10 @@ def _wrap_const(out):
 _SHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                     torch.movedim, torch.narrow, torch.chunk, torch.split, torch.flip, torch.roll, torch.t,
                     F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle, operator.getitem,
-                    torch.unbind, torch.stack)
+                    torch.unbind, torch.stack, torch.swapaxes, torch.swapdims)
 _SHAPE_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "expand",
                   "expand_as", "narrow", "chunk", "split", "flip", "roll", "unflatten", "movedim", "t",
-                  "view_as", "reshape_as", "unbind", "__getitem__")
+                  "view_as", "reshape_as", "unbind", "__getitem__", "swapaxes", "swapdims")
 _SHAPE_MODULES = [nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle]
 if _TVPermute is not None:
     _SHAPE_MODULES.append(_TVPermute)

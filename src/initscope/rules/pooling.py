@@ -35,7 +35,8 @@ from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.gaussian import max_conditional_mean, max_of_normals
 from initscope.stats.maps import apply_axes, apply_axes_t, diagonal, sandwich, sandwich_t
-from initscope.stats.signal import Grad, Shared, Signal, Spatial, compact, mean_corr_of, mean_of
+from initscope.stats.signal import (CHANNELS_FIRST, Grad, Layout, Shared, Signal, Spatial, compact, mean_corr_of,
+                                    mean_of, shrink)
 
 
 def _tuple(value, dims: int) -> tuple:
@@ -504,11 +505,9 @@ class MeanRule(PoolRule):
         nd = len(x.shape)
         dims = tuple(sorted(d % nd for d in dims))
         k = len(dims)
-        if k == 0 or dims != tuple(range(nd - k, nd)) or dims[0] < 2:
-            raise ValueError(
-                f"mean over dims {dims} of a tensor of shape {tuple(x.shape)} at {ctx.where!r}: "
-                "initscope models means over trailing spatial dims (global average pooling) only"
-            )
+        if k == 0 or dims != tuple(range(nd - k, nd)) or dims[0] < 2 or x.layout.spatial is not None:
+            # Not a global pool over an (N, C, *spatial) map: the mean over any dims (tokens, heads).
+            return reduce_forward(ctx, x, dims, bool(p["keepdim"]), mean=True)
         spec = adaptive_spec(x.shape[-k:], (1,) * k)
         ctx.put(MeanDims(spec, bool(p["keepdim"])))
         out = avg_forward(ctx, x, spec)
@@ -522,6 +521,8 @@ class MeanRule(PoolRule):
 
     def backward(self, ctx, grad):
         x = ctx.args[0]
+        if ctx.get(Reduced) is not None:
+            return {x: reduce_backward(ctx, x, grad)}
         dims = ctx.get(MeanDims)
         spec = dims.spec
         k = len(spec.windows)
@@ -532,5 +533,90 @@ class MeanRule(PoolRule):
         return {x: avg_backward(ctx, x, spec, grad)}
 
 
+@dataclass(frozen=True)
+class Reduced:
+    """What a sum or mean over dims leaves its backward."""
+
+    dims: tuple[int, ...]
+    keepdim: bool
+    mean: bool
+
+
+def _along(x: Signal, dim: int) -> float:
+    """The correlation of two elements along ``dim``: the positions' ``rho``, else the shared share."""
+    nd = len(x.shape)
+    positions = tuple(range(2, nd)) if x.layout.spatial is None else tuple(d % nd for d in x.layout.spatial)
+    if dim in positions:
+        return x.mean_corr() if x.layout.spatial is None else x.spatial.rho
+    return x.shared.xcorr
+
+
+def reduce_forward(ctx, x: Signal, dims: tuple[int, ...], keepdim: bool, mean: bool) -> Signal:
+    r"""``x.sum(dims)`` or ``x.mean(dims)`` over any dims: ``E[(Σ_k x_k)²] = Σ_k E[x_k²] (1 + (K − 1) c)``
+    per reduced dim, c the correlation along it (``rho`` for the layout's positions, the shared share
+    ``xcorr`` for channels and other dims: a resnest's radix splits, a ViT's token mean); a mean
+    divides by K²."""
+    ctx.put(Reduced(dims, keepdim, mean))
+    m = compact(x.m2, x.shape).expand(x.shape)
+    factor = 1.0
+    for d in dims:
+        k = int(x.shape[d])
+        c = min(max(_along(x, d), -1.0 / max(k - 1, 1)), 1.0)
+        factor *= (1.0 + (k - 1) * c) / (k if mean else 1.0)
+    m2 = m.sum(dim=dims, keepdim=keepdim) * factor
+    shape = torch.Size(m2.shape)
+    nd = len(x.shape)
+    layout = x.layout
+    rho = x.spatial.rho
+    if layout.spatial is not None:
+        positions = tuple(d % nd for d in layout.spatial)
+        if any(d in dims for d in positions):
+            layout, rho = CHANNELS_FIRST, 0.0
+        elif not keepdim:
+            shift = lambda d: d - sum(1 for r in dims if r < d)  # noqa: E731
+            channel = layout.channel_dim(nd)
+            layout = Layout(-1 if channel == nd - 1 else shift(channel), tuple(shift(d) for d in positions))
+    elif not keepdim or any(d >= 2 for d in dims):
+        layout, rho = CHANNELS_FIRST, 0.0
+    total = float(m2.mean()) if m2.numel() else 0.0
+    xcorr = min(1.0, x.shared.xcorr * x.mean_m2 * factor * (math.prod(int(x.shape[d]) for d in dims)) / total) \
+        if total > 0 else 0.0
+    return Signal(shape, shrink(m2), layout, Spatial(rho=rho), Shared(xcorr))
+
+
+def reduce_backward(ctx, x: Signal, grad: Grad) -> Grad:
+    held = ctx.get(Reduced)
+    g = compact(grad.total(), grad.shape)
+    if not held.keepdim:
+        for d in sorted(held.dims):
+            g = g.unsqueeze(d)
+    scale = 1.0
+    for d in held.dims:
+        k = int(x.shape[d])
+        scale *= 1.0 / (k * k) if held.mean else 1.0
+    # Every element of a reduced slice gets the same gradient: perfectly correlated along it.
+    nd = len(x.shape)
+    positions = tuple(range(2, nd)) if x.layout.spatial is None else tuple(d % nd for d in x.layout.spatial)
+    rho = 1.0 if any(d in held.dims for d in positions) else (grad.spatial.rho if x.layout.spatial is not None else 0.0)
+    return Grad(x.shape, shrink(g * scale), x.layout, Spatial(rho=rho))
+
+
+class SumRule(Rule):
+    """``x.sum(dims)`` (``torch.sum``): see :func:`reduce_forward`."""
+
+    def forward(self, ctx, x, *args, **kwargs):
+        p = _bind(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
+        nd = len(x.shape)
+        dims = p["dim"]
+        dims = tuple(range(nd)) if dims is None else ((dims,) if isinstance(dims, int) else tuple(dims))
+        return reduce_forward(ctx, x, tuple(sorted(d % nd for d in dims)), bool(p["keepdim"]), mean=False)
+
+    def backward(self, ctx, grad):
+        x = ctx.args[0]
+        return {x: reduce_backward(ctx, x, grad)}
+
+
+register_rule("sum")(SumRule)
+register_rule(torch.sum)(type("TorchSumRule", (SumRule,), {}))
 register_rule("mean")(MeanRule)
 register_rule(torch.mean)(type("TorchMeanRule", (MeanRule,), {}))

@@ -1,0 +1,234 @@
+"""Attention, token layouts and the decoder's ops against Monte Carlo, and the two agreement tests of
+issue 17: a ViT-Tiny-like transformer and a U-Net-like encoder–decoder (docs/theory.md, "Attention")."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import initscope
+from initscope.measure import measure
+from initscope.models.unet import unet_like
+from initscope.models.vit import vit_tiny_like
+
+E, L = 48, 17
+
+
+def _gaps(p, me):
+    fwd = {l.name: math.log2(me.out_var[l.name] / l.pred_out_var) for l in p.layers}
+    bwd = {l.name: math.log2(me.in_grad_var[l.name] / l.pred_in_grad_var) for l in p.layers}
+    return fwd, bwd
+
+
+def _assert_within(p, me, bound, what=""):
+    fwd, bwd = _gaps(p, me)
+    for name in fwd:
+        assert abs(fwd[name]) < bound, f"{what}forward at {name} off by 2^{fwd[name]:+.3f}"
+        assert abs(bwd[name]) < bound, f"{what}gradient at {name} off by 2^{bwd[name]:+.3f}"
+
+
+class Tokens(nn.Module):
+    """A Linear on tokens, the op, a Linear: the OPS pattern of tests/test_rules_mc.py for (N, L, E)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.a, self.op, self.b = nn.Linear(E, E, bias=False), op, nn.Linear(E, 32, bias=False)
+
+    def forward(self, x):
+        return self.b(self.op(self.a(x)))
+
+
+class SelfAttention(nn.Module):
+    """timm's attention: one qkv Linear, the fused op, heads merged back."""
+
+    def __init__(self, fused=True, heads=4):
+        super().__init__()
+        self.fused, self.heads = fused, heads
+        self.qkv = nn.Linear(E, 3 * E, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused:
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            a = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+            o = a.softmax(dim=-1) @ v
+        return o.transpose(1, 2).flatten(2)
+
+
+class Mha(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(E, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+class Correlated(nn.Module):
+    """x + a shared token: tokens correlated (ρ ≈ 1/2), what attention meets after a few blocks."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x + x.mean(dim=1, keepdim=True) * math.sqrt(L))
+
+
+TOKEN_OPS = {
+    "sdpa": lambda: SelfAttention(),
+    "softmax_matmul": lambda: SelfAttention(fused=False),
+    "sdpa_correlated": lambda: Correlated(SelfAttention()),
+    "layernorm_gelu": lambda: nn.Sequential(nn.LayerNorm(E), nn.GELU()),
+    "rmsnorm": lambda: nn.RMSNorm(E),
+}
+
+
+@pytest.mark.parametrize("op", sorted(TOKEN_OPS))
+def test_token_rule_matches_monte_carlo(op):
+    torch.manual_seed(0)
+    model = Tokens(TOKEN_OPS[op]())
+    p = initscope.plan(model, "kaiming-forward", input_shape=(L, E), cache=False)
+    me = measure(model, p, (L, E), batch=16, draws=16, seed=0)
+    _assert_within(p, me, 0.2, f"{op}: ")
+
+
+def test_multihead_attention_projections_are_weight_layers():
+    # nn.MultiheadAttention holds its q, k, v projections in one parameter: traced as its ops, the
+    # in_proj_weight and the out_proj are planned, written, and predicted like any Linear.
+    torch.manual_seed(0)
+    model = Tokens(Mha())
+    p = initscope.plan(model, "asv-forward-exact", input_shape=(L, E), cache=False)
+    names = [l.weight_path for l in p.layers]
+    assert "op.attn.in_proj_weight" in names and "op.attn.out_proj.weight" in names
+    p.apply(model, generator=torch.Generator().manual_seed(0))
+    w = model.op.attn.in_proj_weight.detach()
+    assert float(w.std()) == pytest.approx(p["op.attn"].std, rel=0.05)
+    me = measure(model, p, (L, E), batch=16, draws=16, seed=0)
+    fwd, bwd = _gaps(p, me)
+    for name in ("a", "b"):
+        assert abs(fwd[name]) < 0.2 and abs(bwd[name]) < 0.2, (name, fwd[name], bwd[name])
+
+
+def test_class_token_with_on_unknown_skip_plans():
+    # torch.cat([cls.expand(B, -1, -1), x], 1): the expand of a constant sent an empty autograd call.
+    from torchvision.models import vit_b_16
+
+    model = vit_b_16(image_size=32, patch_size=16)
+    for how in ("skip", "kaiming", "error"):
+        p = initscope.plan(model, "kaiming-forward", input_shape=(3, 32, 32), on_unknown=how, cache=False)
+        assert len(p.layers) == 2 + 4 * 12
+
+
+@pytest.mark.parametrize("name", ["swin_t", "maxvit_t"])
+def test_index_buffers_with_on_unknown_skip_plan(name):
+    # Relative-position index buffers are integer constants: they used to become float64 and fail
+    # "tensors used as indices must be long" in the fallback.
+    from torchvision import models
+
+    model = models.get_model(name, weights=None)
+    size = 224 if name == "maxvit_t" else 64
+    p = initscope.plan(model, "kaiming-forward", input_shape=(3, size, size), on_unknown="skip", cache=False)
+    assert all(math.isfinite(l.std) and l.std > 0 for l in p.layers)
+
+
+# -- the decoder's ops -----------------------------------------------------------------------------
+class Decoder(nn.Module):
+    def __init__(self, op, c_mid=24):
+        super().__init__()
+        self.a = nn.Conv2d(3, 24, 3, padding=1, bias=False)
+        self.op = op
+        self.b = nn.Conv2d(c_mid, 16, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.b(self.op(torch.relu(self.a(x))))
+
+
+DECODER_OPS = {
+    "conv_transpose_2_2": lambda: nn.ConvTranspose2d(24, 32, 2, stride=2, bias=False),
+    "conv_transpose_3_2_pad": lambda: nn.ConvTranspose2d(24, 32, 3, stride=2, padding=1, output_padding=1, bias=False),
+    "conv_transpose_4_2_pad": lambda: nn.ConvTranspose2d(24, 32, 4, stride=2, padding=1, bias=False),
+    "upsample_nearest": lambda: nn.Upsample(scale_factor=2),
+    "upsample_bilinear": lambda: nn.Upsample(scale_factor=2, mode="bilinear"),
+    "upsample_bilinear_corners": lambda: nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+}
+
+
+@pytest.mark.parametrize("op", sorted(DECODER_OPS))
+def test_decoder_rule_matches_monte_carlo(op):
+    module = DECODER_OPS[op]()
+    model = Decoder(module, 32 if isinstance(module, nn.ConvTranspose2d) else 24)
+    p = initscope.plan(model, "kaiming-forward", input_shape=(3, 8, 8), cache=False)
+    me = measure(model, p, (3, 8, 8), batch=16, draws=24, seed=0)
+    _assert_within(p, me, 0.2, f"{op}: ")
+
+
+def test_conv_transpose_counts_its_borders():
+    # eps counts the (input, output) pairs a weight joins: a 3x3/2 transposed conv with padding 1
+    # crops the first row and column of taps.
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1))
+    p = initscope.plan(model, "asv-forward", input_shape=(4, 5, 5), cache=False)
+    layer = p.layers[0]
+    taps = sum(1 for i in range(5) for t in range(3) if 0 <= 2 * i - 1 + t < 9)
+    assert layer.eps == 6 * 4 * taps * taps
+    assert layer.m_out == 6 * 9 * 9 and layer.kind == "conv_transpose2d"
+
+
+# -- the agreement tests of issue 17, item 4 -------------------------------------------------------
+METHODS = ["kaiming-forward", "asv-forward", "asv-backward", "asv-forward-exact", "asv-backward-exact"]
+# Where the softmax is nearly one-hot (asv-backward gives q and k a second moment of 6: logits of
+# variance 36) the gradient into the first blocks is off by up to 0.96 bits (docs/theory.md, "What is
+# not closed"). The forward holds for every method.
+VIT_BACKWARD_OPEN = {"asv-backward", "asv-backward-exact"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_vit_tiny_like_predictions_hold(method, one_thread):
+    model = vit_tiny_like()
+    p = initscope.plan(model, method, input_shape=(3, 64, 64), cache=False)
+    me = measure(model, p, (3, 64, 64), batch=16, draws=8, seed=0)
+    fwd, bwd = _gaps(p, me)
+    worst_f = max(fwd.values(), key=abs)
+    worst_b = max(bwd.values(), key=abs)
+    assert abs(worst_f) < 0.75, f"forward off by 2^{worst_f:+.2f}"
+    if method in VIT_BACKWARD_OPEN:
+        assert abs(worst_b) < 1.0, f"gradient off by 2^{worst_b:+.2f} (was 0.96 when written)"
+    else:
+        assert abs(worst_b) < 0.75, f"gradient off by 2^{worst_b:+.2f}"
+    if method == "asv-forward-exact":
+        # The exact forward variant holds every layer whose output it sets at 1: the branch ends are
+        # the residual policy's (scaled), the rest read a LayerNorm or the patches.
+        held = [l for l in p.layers if l.residual_scale is None]
+        assert all(l.pred_out_var == pytest.approx(1.0, rel=1e-6) for l in held)
+        assert all(abs(fwd[l.name]) < 0.75 for l in held)
+    if method == "asv-backward-exact":
+        assert all(l.pred_in_grad_var == pytest.approx(1.0, rel=1e-3) for l in p.layers if l.residual_scale is None)
+
+
+@pytest.mark.xfail(strict=True, reason="nearly one-hot softmax (logit variance 36): gradients into the "
+                   "first blocks predicted up to 0.96 bits off (docs/theory.md, 'What is not closed')")
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(VIT_BACKWARD_OPEN))
+def test_vit_tiny_like_gradient_under_a_peaked_softmax(method, one_thread):
+    model = vit_tiny_like()
+    p = initscope.plan(model, method, input_shape=(3, 64, 64), cache=False)
+    me = measure(model, p, (3, 64, 64), batch=16, draws=8, seed=0)
+    _, bwd = _gaps(p, me)
+    assert max(abs(b) for b in bwd.values()) < 0.75
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_unet_like_predictions_hold(method, one_thread):
+    model = unet_like(width=48)
+    p = initscope.plan(model, method, input_shape=(3, 32, 32), cache=False)
+    me = measure(model, p, (3, 32, 32), batch=16, draws=8, seed=0)
+    _assert_within(p, me, 0.75)
+    if method == "asv-forward-exact":
+        assert all(l.pred_out_var == pytest.approx(1.0, rel=1e-6) for l in p.layers)
+    if method == "asv-backward-exact":
+        assert all(l.pred_in_grad_var == pytest.approx(1.0, rel=1e-3) for l in p.layers)
