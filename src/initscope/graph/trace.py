@@ -91,6 +91,14 @@ def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding
 
 # Modules traced as a composition of ops with one weight each, instead of through their own forward.
 _DECOMPOSED = {nn.MultiheadAttention: multihead_attention}
+try:  # torchvision is optional for the core
+    from torchvision.models.swin_transformer import ShiftedWindowAttention as _SwinAttention
+
+    from initscope.rules.windows import swin_attention
+
+    _DECOMPOSED[_SwinAttention] = swin_attention
+except ImportError:  # pragma: no cover
+    pass
 
 
 @dataclass

@@ -455,6 +455,13 @@ _SHAPE_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "squeeze
 _SHAPE_MODULES = [nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle]
 if _TVPermute is not None:
     _SHAPE_MODULES.append(_TVPermute)
+try:  # Swin's relative position bias: a gather from a parameter table by an index buffer (constants)
+    from torchvision.models.swin_transformer import _get_relative_position_bias, _patch_merging_pad
+
+    # The patch merging's pad and 2x2 gather is a shape op too.
+    _SHAPE_FUNCTIONS = (*_SHAPE_FUNCTIONS, _get_relative_position_bias, _patch_merging_pad)
+except ImportError:  # pragma: no cover
+    pass
 
 register_rule(*_SHAPE_FUNCTIONS, *_SHAPE_METHODS, *_SHAPE_MODULES)(ShapeRule)
 
