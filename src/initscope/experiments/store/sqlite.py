@@ -528,10 +528,9 @@ class Store:
         return True
 
     def _held(self, c: sqlite3.Connection, run_id: str) -> bool:
-        """Inside a write: the run is ``running`` under this process's token (or was claimed by a release
-        that wrote no token: the old rule, the last writer records)."""
+        """Inside a write: the run is ``running`` under this process's token."""
         row = c.execute("SELECT status, token FROM runs WHERE run_id=?", (run_id,)).fetchone()
-        return row is not None and row["status"] == "running" and row["token"] in (None, self.owner.token)
+        return row is not None and row["status"] == "running" and row["token"] == self.owner.token
 
     def fail(self, run_id: str, error: str) -> bool:
         """Mark a run ``failed`` with the error text (a traceback); the sweep goes on. False (nothing

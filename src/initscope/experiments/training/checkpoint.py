@@ -112,9 +112,6 @@ def load_state(path: str | Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     path = Path(path)
-    if is_pickle(path):
-        raise CheckpointError(f"{path}: a pickle (the resume state of an earlier release, or a planted file); "
-                              "not loaded, since unpickling it could run code")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -123,6 +120,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"not an initscope resume state (format {meta.get('format')!r}, expected {_FORMAT!r})")
         state = _join(json.loads(meta["state"]), tensors)
     except Exception as exc:  # noqa: BLE001 - whatever the bytes are, the answer is "cannot be loaded"
+        # asked only now: a safetensors header's length may begin with the same bytes as a pickle
+        if is_pickle(path):
+            raise CheckpointError(f"{path}: a pickle (the resume state of an earlier release, or a planted "
+                                  "file); not loaded, since unpickling it could run code") from None
         raise CheckpointError(f"{path}: {_reason(exc)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not an initscope resume state (it holds a {type(state).__name__})")
