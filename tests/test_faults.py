@@ -456,7 +456,8 @@ def test_a_full_disk_mid_sweep_stops_with_the_file_named_and_the_run_given_back(
 
     monkeypatch.setattr(fileio.os, "fdopen", Full)
     args = ["sweep", "--data", "synthetic", "--width", "4", "--limit", "64", "--image-size", "16", "--methods",
-            "xavier", "--epochs", "2", "--db", str(tmp_path / "r.db"), "--out", str(tmp_path / "runs"), "--threads", "1"]
+            "xavier", "--epochs", "2", "--db", str(tmp_path / "r.db"), "--out", str(tmp_path / "runs"),
+            "--threads", "1"]
     result = CliRunner().invoke(app, args)
     out = " ".join(result.output.split())
     assert result.exit_code == 2 and "Traceback" not in out, out

@@ -17,7 +17,8 @@ def compare_cmd(
     methods: str = typer.Option(..., "--methods", help="comma-separated, e.g. xavier,kaiming-forward,asv-backward (see `initscope methods`)"),
     input_shape: str = typer.Option("3,224,224", "--input-shape", help="one sample's shape, no batch dim"),
     # escaped: the sources are a registry's, and typer reads help as rich markup
-    data: Optional[str] = typer.Option(None, "--data", help=escape(f"where the inputs come from: {', '.join(sources())} (default: {GAUSSIAN}, i.i.d. N(0, 1))")),
+    data: Optional[str] = typer.Option(None, "--data", help=escape(
+        f"where the inputs come from: {', '.join(sources())} (default: {GAUSSIAN}, i.i.d. N(0, 1))")),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="where the torchvision sets and relative folder: paths lie (default ./data)"),
     batch: int = typer.Option(16, "--batch", help="inputs probed, the same for every method"),
     seed: int = typer.Option(0, "--seed", help="seed of every copy's weights and of the Gaussian batch"),

@@ -230,7 +230,7 @@ class Claims:
     Args:
         store, runs, retry_failed: what to claim, where.
         summary, bar: where skips are counted and shown.
-        sleep: how to wait (tests pass a fake).
+        sleep: how to wait (time.sleep).
     """
 
     def __init__(self, store: Store, runs: Sequence[RunConfig], *, retry_failed: bool, summary: SweepSummary,
@@ -238,7 +238,7 @@ class Claims:
         self.store, self.retry_failed, self.summary, self.bar, self.sleep = store, retry_failed, summary, bar, sleep
         self.pending = list(enumerate(runs))
         self.deferred: list[tuple[float, int, RunConfig]] = []  # (retry_at, index, config)
-        self.asked_twice: set[str] = set()
+        self.put_off: set[str] = set()
 
     @property
     def exhausted(self) -> bool:
@@ -267,9 +267,9 @@ class Claims:
             claim = self.store.claim(cfg.run_id, cfg.to_dict(), retry_failed=self.retry_failed)
             if claim.taken:
                 return i, cfg, claim
-            if (claim.retry_at is not None and cfg.run_id not in self.asked_twice
+            if (claim.retry_at is not None and cfg.run_id not in self.put_off
                     and claim.retry_at - time.time() <= MAX_OWNER_WAIT_S):
-                self.asked_twice.add(cfg.run_id)
+                self.put_off.add(cfg.run_id)
                 self.deferred.append((claim.retry_at + 0.5, i, cfg))  # a moment past stale: no race at the edge
                 continue
             self.summary.skipped[claim.reason] += 1

@@ -409,7 +409,8 @@ class Store:
         beat = row["heartbeat_at"]
         if row["host"] == me.host and row["boot_id"] and me.boot_id and row["boot_id"] != me.boot_id:
             return True, None  # the owner ran in an earlier boot of this machine
-        same_pids = row["host"] == me.host and (row["pid_ns"] is None or me.pid_ns is None or row["pid_ns"] == me.pid_ns)
+        same_pids = row["host"] == me.host and (row["pid_ns"] is None or me.pid_ns is None
+                                                or row["pid_ns"] == me.pid_ns)
         if same_pids:
             pid = int(row["pid"])
             if pid == me.pid:  # our pid, not our token: the owner was an earlier process (a restarted container)

@@ -293,8 +293,8 @@ def _render_markdown(report: Report, heading: str) -> str:
         if t.data.empty:
             parts += [f"## {md_text(t.title)}", "", _NO_RUNS, ""]
             continue
-        parts += [f"## {md_text(t.title)}", "", t.markdown(), "", f"*{md_text(t.caption)}* CSV: {md_code(t.key + '.csv')}.",
-                  ""]
+        csv = md_code(f"{t.key}.csv")
+        parts += [f"## {md_text(t.title)}", "", t.markdown(), "", f"*{md_text(t.caption)}* CSV: {csv}.", ""]
     if report.figures:
         parts += ["## Figures", ""]
         for caption, png in report.figures:

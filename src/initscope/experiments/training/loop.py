@@ -42,8 +42,8 @@ from initscope.experiments.training.checkpoint import (BEST_FILE, STATE_FILE, Ch
                                                        load_state, load_weights, read_weights, save_state,
                                                        save_weights, set_aside)
 from initscope.experiments.training.metrics import classification_metrics
-from initscope.fileio import atomic_write_text
 from initscope.experiments.training.optim import lr_at, make_optimizer
+from initscope.fileio import atomic_write_text
 from initscope.methods import METHODS
 from initscope.progress import progress_bar
 
@@ -196,7 +196,8 @@ def _probe_callback(config: "RunConfig", run_dir: Path | None):
     return ProbeCallback(every=config.probe_every, seed=config.seed)
 
 
-def _resumable_state(run_dir: Path, config: "RunConfig", notes: list[str], *, writer: bool) -> dict[str, Any] | None:
+def _resumable_state(run_dir: Path, config: "RunConfig", notes: list[str], *,
+                     writer: bool) -> dict[str, Any] | None:
     """The resume state in ``run_dir`` when there is one that loads and fits this run, else None.
 
     A state that does not load (truncated, empty, garbage, a pickle: never unpickled, it could run
@@ -242,15 +243,15 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
 
     Args:
         config: the run.
-        out_dir: where ``<run_id>/`` gets ``best.safetensors`` (the best-validation weights),
-            ``state.safetensors`` (the resume state after every epoch; no pickle, see
-            :mod:`.checkpoint`), ``result.json``, for folders ``split.json``, and with
+        out_dir: where ``<run_id>/`` gets ``best.safetensors`` (the best-validation weights), ``state.pt``
+            (the resume state after every epoch, safetensors: no pickle, see :mod:`.checkpoint`),
+            ``result.json``, for folders ``split.json``, and with
             ``probe_every > 0`` ``probe.parquet`` (the probe's rows, with a ``step`` column; on resume
             only the steps after it); None keeps everything in memory.
         progress: show a progress bar (epoch, step, loss, samples per second).
         on_epoch: called with each epoch's history row as soon as it is done.
-        resume: continue from ``out_dir/<run_id>/state.safetensors`` when there is one; one that cannot
-            be used is set aside and the run starts over (see the result's ``notes``).
+        resume: continue from ``out_dir/<run_id>/state.pt`` when there is one; one that cannot be used
+            is set aside and the run starts over (see the result's ``notes``).
 
     Raises:
         ConfigError: the run cannot train (BatchNorm with batches of one sample).
@@ -293,7 +294,8 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
                                 generator=torch.Generator().manual_seed(config.seed))
             model.to(device)
             opt = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
-            return model, opt, torch.amp.GradScaler(device.type, enabled=amp), torch.Generator().manual_seed(config.seed)
+            scaler = torch.amp.GradScaler(device.type, enabled=amp)
+            return model, opt, scaler, torch.Generator().manual_seed(config.seed)
 
         model, opt, scaler, shuffle = fresh()
         autocast = torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
