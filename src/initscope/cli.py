@@ -53,7 +53,7 @@ def plan_cmd(
         table.add_row(*row)
     console.print(table)
     for note in p.notes:
-        console.print(f"note: {note}", markup=False)
+        console.print(f"note: {note}")
 
 
 @app.command("audit")
