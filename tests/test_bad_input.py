@@ -1,9 +1,14 @@
 """Bad input, each a clear error before anything trains or an item skipped by name, never a crash in the
 middle or a silently wrong number: unknown config keys and values, a missing or empty dataset, corrupt
-and truncated images, mixed image modes, a class too small to split, NaN in the data, and a model that
-torch.fx cannot trace."""
+and truncated images, mixed image modes, a class too small to split, NaN in the data, a model that
+torch.fx cannot trace; batches of one through BatchNorm, non-finite and negative settings, a device this
+machine lacks, a folder with one class; damaged, foreign and misplaced databases and TOML files, read-only
+mounts, --threads 0; and brackets in paths, messages and help that rich would have read as markup."""
 
 import io
+import math
+import re
+import sqlite3
 import textwrap
 import warnings
 from pathlib import Path
@@ -220,3 +225,204 @@ def test_a_model_fx_cannot_trace_is_a_clear_error(tmp_path, monkeypatch):
     msg = str(info.value)
     assert "torch.fx cannot trace Gate" in msg and "control flow" in msg
     assert "What to do" in msg and "register_rule" in msg
+
+
+# -- configurations that cannot train (issue 14, items 3, 5, 6) ------------------------------------------
+
+
+def test_batch_size_1_trains_without_batchnorm_and_is_refused_with_it(tmp_path):
+    # The repro: `--batch-size 1` dropped every one-sample batch, trained nothing (train_loss 0.0) and was
+    # recorded `finished`. plain34 has no BatchNorm: every sample is a step now.
+    cfg = RunConfig(data="synthetic", model="plain34", width=4, epochs=1, limit=64, image_size=16, batch_size=1,
+                    device="cpu")
+    steps = []
+    real = torch.optim.Adam.step
+
+    def counted(self, *a, **kw):
+        steps.append(1)
+        return real(self, *a, **kw)
+
+    torch.optim.Adam.step = counted
+    try:
+        result = train(cfg, progress=False)
+    finally:
+        torch.optim.Adam.step = real
+    assert result.status == "finished" and len(steps) == 64 and result.history[0]["train_loss"] > 0.1
+    # BatchNorm in train mode is the real constraint: refused before the sweep starts, saying so
+    r = invoke("sweep", "--data", "synthetic", "--model", "resnet18", "--width", "4", "--limit", "64", "--methods",
+               "xavier", "--epochs", "1", "--batch-size", "1", "--db", tmp_path / "r.db", "--out", tmp_path / "runs",
+               "--threads", "1")
+    assert r.exit_code == 2 and "batch_size 1" in r.output and "BatchNorm" in r.output and "--norm none" in r.output
+    assert "normalizes each channel over the batch" in r.output
+    assert not (tmp_path / "r.db").exists()  # before the store was opened
+    r = invoke("train", "--data", "synthetic", "--model", "resnet18", "--width", "4", "--batch-size", "1",
+               "--out", tmp_path / "runs")
+    assert r.exit_code == 2 and "BatchNorm" in r.output
+    with pytest.raises(InitscopeError, match="BatchNorm"):  # and from Python
+        train(RunConfig(data="synthetic", model="resnet18", width=4, epochs=1, limit=1, device="cpu"), progress=False)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lr", float("inf"), "lr: inf is not a finite number"),
+    ("step_gamma", float("nan"), "step_gamma: nan is not a finite number"),
+    ("weight_decay", float("nan"), "weight_decay: nan is not a finite number"),
+    ("step_epochs", (30, -1), "step_epochs: -1 must be >= 0"),
+    ("norm", "group", "norm: unknown value 'group'; valid: default, none"),
+    ("head", "mlp", "head: unknown value 'mlp'; valid: default, paper"),
+    ("device", "tpu", "device: unknown value 'tpu'; valid: auto, cpu"),
+    ("device", "meta", "device: unknown value 'meta'; valid: auto, cpu"),
+])
+def test_every_field_is_checked_before_any_run(tmp_path, key, value, message):
+    # The repro: lr = inf and step_gamma = nan ended runs as `diverged` (the init's fault, never retried);
+    # weight_decay = nan and negative step_epochs were accepted; norm, head, device failed each run.
+    with pytest.raises(InitscopeError, match=re.escape(message)):
+        RunConfig(**{key: value})
+    toml = tmp_path / "s.toml"
+    literal = {float("inf"): "inf", }.get(value) if isinstance(value, float) and not math.isnan(value) else None
+    text = literal or ("nan" if isinstance(value, float) else repr(list(value)) if isinstance(value, tuple)
+                       else f'"{value}"')
+    toml.write_text(f'[grid]\nmethod = ["xavier"]\n[run]\n{key} = {text}\n')
+    r = invoke("sweep", toml, "--db", tmp_path / "r.db", "--out", tmp_path / "runs")
+    assert r.exit_code == 2 and message in r.output and not (tmp_path / "r.db").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_this_machine_lacks_is_refused_before_any_claim(tmp_path):
+    r = invoke("sweep", "--data", "synthetic", "--methods", "xavier", "--device", "cuda", "--db", tmp_path / "r.db",
+               "--out", tmp_path / "runs", "--threads", "1")
+    assert r.exit_code == 2 and "device: 'cuda' but this machine has no CUDA GPU" in r.output
+    assert not (tmp_path / "r.db").exists()  # no run claimed, none left `running`
+    r = invoke("train", "--data", "synthetic", "--device", "cuda:1", "--out", tmp_path / "runs")
+    assert r.exit_code == 2 and "device: 'cuda:1' but this machine has no CUDA GPU" in r.output
+
+
+def test_a_folder_with_one_class_is_refused_at_load_time(tmp_path):
+    # The repro: it trained fully, then failed in the metrics.
+    root = write_classes(tmp_path / "one", classes=("ant",), n_per_class=8)
+    with pytest.raises(ValueError, match=r"one class sub-folder \('ant'\); classification needs at least two"):
+        load_data(f"folder:{root}")
+    r = invoke("sweep", "--data", f"folder:{root}", "--methods", "xavier", "--db", tmp_path / "r.db",
+               "--out", tmp_path / "runs")
+    assert r.exit_code == 2 and "one class sub-folder" in r.output and not (tmp_path / "r.db").exists()
+
+
+# -- errors a user can act on (issue 14, item 11) ---------------------------------------------------------
+
+
+@pytest.fixture
+def a_store(tmp_path):
+    """A real results store with one finished run (a fake train: no training needed to read it)."""
+    from initscope.experiments.training import RunResult
+
+    def fake(cfg, *, out_dir, progress, on_epoch, resume):
+        row = {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5}
+        on_epoch(row)
+        return RunResult(cfg.run_id, cfg, "finished", history=[row], best_epoch=1,
+                         test={"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "loss": 1.0})
+
+    sweep = SweepConfig(grid={"method": ["xavier"]}, fixed={"data": "synthetic", "width": 4, "epochs": 1},
+                        db=tmp_path / "store" / "r.db", out=tmp_path / "store" / "runs")
+    run_sweep(sweep, train_fn=fake, progress=False)
+    return sweep.db
+
+
+def test_a_damaged_database_is_named_and_left_unchanged(tmp_path, a_store):
+    truncated, garbage = tmp_path / "truncated.db", tmp_path / "garbage.db"
+    data = a_store.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage.write_bytes(np.random.default_rng(0).bytes(8192))
+    sweep = ["sweep", "--data", "synthetic", "--methods", "xavier", "--out", tmp_path / "runs", "--threads", "1"]
+    for db in (truncated, garbage):
+        before = db.read_bytes()
+        for r in (invoke("report", db, "--out", tmp_path / "rep"), invoke(*sweep, "--db", db)):
+            assert r.exit_code == 2 and str(db) in r.output and "Traceback" not in r.output, r.output
+            assert "it was left as it was" in r.output
+        assert db.read_bytes() == before and not Path(f"{db}-wal").exists()
+
+
+def test_folders_files_and_foreign_databases_in_the_wrong_place(tmp_path, a_store):
+    folder = tmp_path / "a-folder.toml"
+    folder.mkdir()
+    r = invoke("sweep", folder)
+    assert r.exit_code == 2 and f"{folder} is a folder, not a sweep TOML file" in r.output
+    r = invoke("report", folder)
+    assert r.exit_code == 2 and f"{folder} is a folder, not a results database" in r.output
+    r = invoke("sweep", "--data", "synthetic", "--methods", "xavier", "--db", folder, "--out", tmp_path / "runs")
+    assert r.exit_code == 2 and f"{folder} is a folder, not a results database" in r.output
+    binary = tmp_path / "sweep.toml"
+    binary.write_bytes(b"\x00\x01binary\xff\xfe")
+    r = invoke("sweep", binary)  # used to say only "'utf-8' codec can't decode byte 0xff"
+    assert r.exit_code == 2 and f"{binary}: not a TOML file (not UTF-8 text" in r.output
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE photos (name TEXT)")
+    conn.commit()
+    conn.close()
+    r = invoke("report", other, "--out", tmp_path / "rep")
+    assert r.exit_code == 2 and "not an initscope results store (its tables: photos)" in r.output
+    r = invoke("sweep", "--data", "synthetic", "--methods", "xavier", "--db", other, "--out", tmp_path / "runs")
+    assert r.exit_code == 2 and "not an initscope results store" in r.output
+    with sqlite3.connect(other) as conn:  # left as it was: no runs table added to someone else's database
+        assert [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")] == ["photos"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    r = invoke("report", a_store, "--out", a_file)
+    assert r.exit_code == 2 and f"--out {a_file} is a file" in r.output
+    r = invoke("sweep", "--data", "synthetic", "--methods", "xavier", "--threads", "0", "--db", tmp_path / "t.db")
+    assert r.exit_code == 2 and "--threads: 0 is not a positive number of threads" in r.output
+    assert not (tmp_path / "t.db").exists()
+
+
+def _ro_mount_works() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _ro_mount_works(), reason="a read-only bind mount needs root (unshare --mount)")
+def test_report_reads_a_database_on_a_read_only_mount_and_says_when_it_cannot_write(tmp_path, a_store):
+    import subprocess
+    import sys
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    script = (f"mount --bind {a_store.parent} {ro} && mount -o remount,ro,bind {ro} && "
+              f"{sys.executable} -m initscope report {ro / a_store.name} --out {tmp_path / 'rep'} && "
+              f"{sys.executable} -m initscope report {a_store} --out {ro / 'rep'}")
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    out = " ".join((done.stdout + done.stderr).split())
+    # reading works (the database could not be opened in SQLite's read-only mode there before)
+    assert (tmp_path / "rep" / "report.md").is_file() and "1 finished" in (tmp_path / "rep" / "report.md").read_text()
+    # writing into the read-only mount says so, with the path
+    assert done.returncode == 2 and f"{ro / 'rep'}: Read-only file system" in out and "Traceback" not in out, out
+
+
+# -- rich markup: brackets are text (issue 14, item 12) ----------------------------------------------------
+
+
+def test_brackets_in_paths_messages_and_help_are_printed_as_written(tmp_path, a_store, monkeypatch):
+    import sys
+
+    # a path holding [/x] crashed with MarkupError; here it is the database's and the runs' folder
+    odd = tmp_path / "a[/x]" / "b[bold]"
+    r = invoke("sweep", "--data", "synthetic", "--methods", "xavier", "--dry-run", "--db", odd / "r.db",
+               "--out", odd / "runs")
+    assert r.exit_code == 0 and f"db {odd / 'r.db'}; out {odd / 'runs'}" in r.output, r.output
+    r = invoke("report", odd / "none.db")
+    assert r.exit_code == 2 and f"no results database at {odd / 'none.db'}" in r.output
+    # messages quoting a TOML table: "run settings go under [grid] or [run]" lost its brackets
+    toml = tmp_path / "s.toml"
+    toml.write_text('[grid]\nmethod = ["xavier"]\n[foo]\nx = 1\n')
+    r = invoke("sweep", toml)
+    assert r.exit_code == 2 and "(run settings go under [grid] or [run])" in r.output
+    # help: an engine's summary naming the extra to install kept "initscope" and lost "[ray]"
+    r = invoke("sweep", "--help")
+    assert "pip install 'initscope[ray]'" in " ".join(r.output.replace("│", " ").split())  # the box's borders out
+    # the error when Ray is missing
+    monkeypatch.setitem(sys.modules, "ray", None)
+    r = invoke("sweep", "--data", "synthetic", "--methods", "xavier", "--engine", "ray", "--db", tmp_path / "r.db",
+               "--out", tmp_path / "runs")
+    assert r.exit_code == 2 and "pip install 'initscope[ray]'" in r.output

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from initscope.experiments.training.checkpoint import load_state
 from initscope.experiments.training.distributed import DistEnv, env_from_environ, shard_batches, weights_digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +126,7 @@ def test_torchrun_two_gloo_ranks_stay_identical_and_only_rank0_writes(tmp_path):
     assert len(hashes[1]) == epochs and hashes[0][:epochs] == hashes[1]
     assert len(set(hashes[1])) == epochs  # and they changed: the ranks trained
     (run_dir,) = out.iterdir()
-    state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=False)
+    state = load_state(run_dir / "state.pt")  # safetensors since issue 14: read without unpickling
     assert tensor_hash(state["model"]) == hashes[1][-1] and state["epoch"] == epochs
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "finished" and len(result["history"]) == epochs

@@ -3,6 +3,7 @@ process), resume without repeating finished runs, a raising run stored as failed
 mid-run retried by Ray and recorded in the store (attempts, notes). One Ray for the whole module:
 starting Ray takes many seconds."""
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,9 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'initscope[ray]'")
 
+from typer.testing import CliRunner  # noqa: E402
+
+from initscope.cli import app  # noqa: E402
 from initscope.experiments.config import RunConfig, SweepConfig  # noqa: E402
 from initscope.experiments.engines import run_sweep, run_sweep_ray  # noqa: E402
 from initscope.experiments.store import Store  # noqa: E402
@@ -156,9 +160,22 @@ def test_bad_arguments(tmp_path):
         run_sweep_ray([RunConfig()], db=tmp_path / "r.db", cpus_per_run=3, progress=False)
     with pytest.raises(ValueError, match=r"asks for 1 GPU\(s\); the Ray cluster has 0"):
         run_sweep_ray([RunConfig(device="cuda")], db=tmp_path / "r.db", progress=False)
+    # issue 14, item 5: refused before any run is claimed (this test used to pin the run left `running`,
+    # released); --gpus-per-run 1 on a cluster without GPUs alike, and nan/inf before Ray starts
+    with pytest.raises(ValueError, match=r"asks for 1 GPU\(s\); the Ray cluster has 0"):
+        run_sweep_ray([RunConfig(device="cpu")], db=tmp_path / "r.db", gpus_per_run=1, progress=False)
     with Store(tmp_path / "r.db") as s:
-        (row,) = s.runs()
-        assert row["status"] == "running" and row["pid"] is None  # released: the next sweep takes it
+        assert s.runs() == []  # nothing claimed, nothing left `running`
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(ValueError, match=r"cpus_per_run must be > 0 and finite .*got"):
+            run_sweep_ray([RunConfig()], db=tmp_path / "r2.db", cpus_per_run=bad)
+        with pytest.raises(ValueError, match=r"gpus_per_run must be >= 0 and finite .*got"):
+            run_sweep_ray([RunConfig()], db=tmp_path / "r2.db", gpus_per_run=bad)
+    assert not (tmp_path / "r2.db").exists()
+    # the repro: `--cpus-per-run nan` ended in "cannot convert float NaN to integer" after Ray had started
+    r = CliRunner().invoke(app, ["sweep", "--methods", "xavier", "--engine", "ray", "--cpus-per-run", "nan",
+                                 "--db", str(tmp_path / "r3.db"), "--out", str(tmp_path / "runs")])
+    assert r.exit_code == 2 and "cpus_per_run must be > 0 and finite" in r.output and "Traceback" not in r.output
 
 
 def test_killed_ray_driver_resumes(tmp_path):

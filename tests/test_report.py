@@ -294,3 +294,18 @@ def test_folder_batch(tmp_path):
 def test_missing_torchvision_set_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="mnist"):
         load_batch("mnist", (1, 28, 28), 2, root=tmp_path)
+
+
+def test_html_in_a_folder_path_is_text_on_the_compare_page(tmp_path):
+    # issue 14, item 9: the compare page escapes what it shows (here a folder path holding <script>…</script>)
+    from PIL import Image
+
+    root = tmp_path / "<script>alert(1)<" / "script>"
+    for c in ("ant", "bee"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (8, 8), (40 * i, 10, 200 if c == "bee" else 0)).save(root / c / f"{i}.png")
+    assert "<script>alert(1)</script>" in str(root)
+    r = compare(tiny_cnn, "xavier", input_shape=(3, 8, 8), batch=4, data=f"folder:{root}", out_dir=tmp_path / "out")
+    page = r.index.read_text(encoding="utf-8")
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page

@@ -225,3 +225,47 @@ def test_only_failed_runs(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert md.count("No finished or diverged runs yet.") == 3 and "1 run in the database: 0 finished" in md
     assert "`a`: ValueError: bad" in md and not rep.figures
+
+
+# -- user-supplied text in every output format (issue 14, item 9) -----------------------------------------
+
+
+XSS = "<script>alert(1)</script>"
+
+
+def test_html_and_markdown_in_titles_names_and_paths_are_text_in_every_format(tmp_path):
+    # The repro: a --title, a sweep name or a folder path holding <script>…</script> landed raw in report.md
+    # (the HTML page escaped them).
+    from typer.testing import CliRunner
+
+    from initscope.cli import app
+    from initscope.experiments.tables.papers import md_code, md_text
+
+    db = tmp_path / "x.db"
+    data = f"folder:/data/{XSS}/[a](javascript:x)|*b*"
+    with Store(db) as s:
+        s.add_sweep("s1", f"{XSS} `tick`", {"grid": {"data": [data]}, "run": {"epochs": 1}}, ["r1", "r2"])
+        for i, method in enumerate(("xavier", "asv-backward")):
+            c = {**cfg("A", method, "adam", 1e-3, 0), "data": data}
+            s.claim(f"r{i + 1}", c)
+            s.finish(SimpleNamespace(run_id=f"r{i + 1}", status="finished", history=[
+                {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5 + i / 10}],
+                best_epoch=1, test={"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "loss": 1.0},
+                diverged_epoch=None, error=None, checkpoint=None))
+        s.claim("r3", {**cfg("A", "xavier", "sgd", 1e-3, 0), "data": data})
+        s.fail("r3", f"Traceback ...\nValueError: bad {XSS}")
+    r = CliRunner().invoke(app, ["report", str(db), "--out", str(tmp_path / "rep"), "--title", f"Results {XSS}"])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "rep" / "report.md").read_text()
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "<script>" not in md and "<script>" not in page
+    assert "[a](javascript" not in md and "\\[a\\](javascript:x)" in md  # no link: its brackets escaped
+    assert "href=" not in page
+    assert f"# Results {md_text(XSS)}" in md  # the title, escaped, still readable
+    assert md_code(f"{XSS} `tick`") in md  # the sweep name as literal code
+    assert md_text(data) in md  # the folder path, in the summary and the tables
+    assert f"ValueError: bad {md_text(XSS)}" in md
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    # the escapes themselves: nothing that Markdown or HTML would read is left
+    assert md_text("a<b>&[c](d)|`e`*f*_g_#h") == "a&lt;b&gt;&amp;\\[c\\](d)\\|\\`e\\`\\*f\\*\\_g\\_\\#h"
+    assert md_code("a1b2") == "`a1b2`" and md_code("<b>`x`") == "&lt;b&gt;\\`x\\`"

@@ -1,4 +1,5 @@
-"""The results store: schema, atomic claims, takeover of abandoned runs, results and history."""
+"""The results store: schema, atomic claims, takeover of abandoned runs (an owner known by more than its pid:
+host, boot, pid namespace, start time, token, heartbeat), results and history."""
 
 import math
 import os
@@ -6,11 +7,13 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
 
-from initscope.experiments.store import STATUSES, Store
+from initscope.experiments.store import STATUSES, Owner, Store
+from initscope.experiments.store.sqlite import proc_start
 
 
 def result(run_id, status="finished", epochs=3, best_epoch=2, diverged_epoch=None, test=None):
@@ -158,3 +161,117 @@ def test_sweeps_recorded_once(tmp_path):
         s.add_sweep("abc", "demo", {"grid": {"method": ["other"]}}, ["r3"])
         (sw,) = s.sweeps()
         assert sw["name"] == "demo" and sw["run_ids"] == ["r1", "r2"] and sw["grid"]["grid"]["method"] == ["xavier"]
+
+
+# -- who owns a claim: beyond a pid (issue 14, item 1) -----------------------------------------------------
+
+
+def _pretend_owner(s, run_id, **who):
+    """Rewrite the owner of a claimed run as another process would have written it."""
+    sets = ", ".join(f"{k}=?" for k in who)
+    s.conn.execute(f"UPDATE runs SET {sets} WHERE run_id=?", (*who.values(), run_id))
+
+
+def test_a_restarted_container_reclaims_the_run_its_earlier_self_held(tmp_path):
+    # The repro: a sweep that is PID 1 of its container is killed; the container restarts and the new
+    # sweep is PID 1 again. Its own pid is alive, so a pid check alone calls the run "owned" for the
+    # 6-hour lease and the sweep exits 0 having skipped it. Here: a claim stored by an earlier process with
+    # this host, this boot, this pid namespace and this very pid, but another token.
+    with Store(tmp_path / "r.db") as s:
+        me = Owner.this_process()
+        s.claim("a", CFG)
+        _pretend_owner(s, "a", pid=me.pid, token="an-earlier-process", heartbeat_at=time.time())
+        c = s.claim("a", CFG)
+        assert c.taken and c.reason == "reclaimed" and c.attempts == 2
+        assert s.run("a")["token"] == me.token and s.run("a")["boot_id"] == me.boot_id
+
+
+def test_an_owner_from_an_earlier_boot_or_a_reused_pid_is_gone(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with Store(tmp_path / "r.db") as s:
+            # a live pid of this machine, but the claim was made before the machine rebooted
+            s.claim("boot", CFG)
+            _pretend_owner(s, "boot", pid=sleeper.pid, token="t1", boot_id="an-earlier-boot", heartbeat_at=time.time())
+            assert s.claim("boot", CFG).reason == "reclaimed"
+            # a live pid, but a process that started at another time: the owner's pid was reused
+            s.claim("reuse", CFG)
+            _pretend_owner(s, "reuse", pid=sleeper.pid, token="t2", proc_start=1, heartbeat_at=time.time())
+            assert s.claim("reuse", CFG).reason == "reclaimed"
+            # the same live process as recorded: it is the owner, and keeps the run
+            s.claim("alive", CFG)
+            _pretend_owner(s, "alive", pid=sleeper.pid, token="t3", proc_start=proc_start(sleeper.pid),
+                           heartbeat_at=time.time())
+            c = s.claim("alive", CFG)
+            assert not c.taken and c.reason == "owned"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_an_owner_elsewhere_is_judged_by_its_heartbeat(tmp_path):
+    db = tmp_path / "r.db"
+    # a sweep in another process that keeps its claim and beats every 0.2 s
+    code = ("import sys, time; from initscope.experiments.store import Store; "
+            f"s = Store({str(db)!r}, beat_s=0.2); s.claim('a', {{'method': 'xavier'}}); print('claimed', flush=True); "
+            "time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "claimed"
+        with Store(db) as s:
+            # as if it ran in another container (pid namespace) of this machine: its pid says nothing here
+            _pretend_owner(s, "a", pid_ns="pid:[another]")
+            c = s.claim("a", CFG)
+            assert not c.taken and c.reason == "owned" and c.retry_at is not None
+            assert c.retry_at - time.time() <= 6 * 0.2 + 0.1  # stale after six missed beats
+            time.sleep(c.retry_at - time.time() + 0.3)
+            c = s.claim("a", CFG)  # it beat meanwhile: still alive, still its run
+            assert not c.taken and c.reason == "owned"
+            other.kill()
+            other.wait()
+            time.sleep(6 * 0.2 + 0.5)
+            c = s.claim("a", CFG)  # no beat since: gone
+            assert c.taken and c.reason == "reclaimed"
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+
+
+def test_a_run_taken_over_is_not_recorded_twice(tmp_path):
+    db = tmp_path / "r.db"
+    with Store(db) as old:
+        old.claim("a", CFG)
+        _pretend_owner(old, "a", token="a-later-sweep")  # another sweep took it over meanwhile
+        assert not old.holds("a")
+        assert old.add_epoch("a", {"epoch": 1, "train_loss": 1.0}) is False
+        assert old.finish(result("a")) is False and old.fail("a", "boom") is False
+        row = old.run("a")
+        assert row["status"] == "running" and row["test_accuracy"] is None and old.epochs("a") == []
+
+
+def test_the_local_engine_waits_for_a_stale_heartbeat_and_reclaims(tmp_path):
+    # the engine-level repro: the second sweep used to print "skipped 1 (1 owned)" and exit 0
+    from initscope.experiments.config import SweepConfig
+    from initscope.experiments.engines import run_sweep
+    from initscope.experiments.training import RunResult
+
+    sweep = SweepConfig(grid={"method": ["xavier"]}, fixed={"data": "synthetic", "width": 4, "epochs": 1},
+                        db=tmp_path / "r.db", out=tmp_path / "runs")
+    (cfg,) = sweep.expand()
+    with Store(sweep.db, beat_s=0.2) as s:  # the killed container's claim: another pid namespace, beating no more
+        s.claim(cfg.run_id, cfg.to_dict())
+        _pretend_owner(s, cfg.run_id, pid=1, pid_ns="pid:[the-container-before-its-restart]", token="old",
+                       heartbeat_at=time.time())
+
+    def fake_train(c, *, out_dir, progress, on_epoch, resume):
+        on_epoch({"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5})
+        return RunResult(c.run_id, c, "finished", history=[{"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5}],
+                         best_epoch=1, test={"accuracy": 0.5})
+
+    t0 = time.time()
+    summary = run_sweep(sweep, train_fn=fake_train, progress=False)
+    assert summary.ran == {"finished": 1} and not summary.skipped, summary.line()
+    assert time.time() - t0 < 10
+    with Store(sweep.db) as s:
+        assert s.run(cfg.run_id)["attempts"] == 2 and s.run(cfg.run_id)["status"] == "finished"

@@ -7,6 +7,7 @@ layer, the forward and gradient second moments each one is predicted to give.
 
 from initscope import models, rules  # noqa: F401  (rules: registers the built-in rules)
 from initscope.api import init_, plan
+from initscope.audit import Audit, audit
 from initscope.errors import InitscopeError, PlanMismatchError, TraceError, UnknownOpError
 from initscope.methods import METHODS, Method, register_method, unregister_method
 from initscope.options import Options
@@ -36,6 +37,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'initscope' has no attribute {name!r}")
 
 __all__ = [
+    "Audit",
     "METHODS",
     "Context",
     "Grad",
@@ -52,6 +54,7 @@ __all__ = [
     "TraceError",
     "UnknownOpError",
     "WeightRule",
+    "audit",
     "cache_info",
     "clear_plan_cache",
     "init_",

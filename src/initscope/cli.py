@@ -53,7 +53,64 @@ def plan_cmd(
         table.add_row(*row)
     console.print(table)
     for note in p.notes:
+        console.print(f"note: {note}")
+
+
+@app.command("audit")
+def audit_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="torchvision name, initscope name or module:callable, built as its own code initializes it"),
+    input_shape: str = typer.Option("3,224,224", "--input-shape", help="one sample's shape, no batch dim"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="load these weights first (.safetensors, or a state dict in .pt/.pth, read with weights_only)"),
+    batch: int = typer.Option(16, "--batch", help="Gaussian inputs measured"),
+    as_json: bool = typer.Option(False, "--json", help="print the audit as JSON lines, one per layer"),
+) -> None:
+    """Check the initialization a model holds (no weight changed): per weight layer its std beside every
+    known scheme's, predicted and measured second moments, and flags for what looks never applied."""
+    from rich.markup import escape
+
+    from initscope.audit import audit
+    from initscope.errors import InitscopeError
+    from initscope.models import create_model
+
+    shape = parse_shape(input_shape)
+    try:
+        net = create_model(model)
+        if checkpoint is not None:
+            net.load_state_dict(_read_state(checkpoint))
+        report = audit(net, input_shape=shape, batch=batch)
+    except (InitscopeError, ValueError, TypeError, OSError, RuntimeError, KeyError) as exc:
+        raise fail(exc) from None
+    if as_json:
+        for layer in report.layers:
+            typer.echo(json.dumps(layer.row()))
+        return
+    table = Table(title=f"audit of {escape(model)} · input {','.join(map(str, shape))}")
+    for col in ("layer", "std", "nearest scheme", "pred out", "meas out", "pred grad", "meas grad", "flags"):
+        table.add_column(col, justify="left" if col in ("layer", "nearest scheme") else "right", no_wrap=col == "layer")
+    for l in report.layers:
+        near = f"{escape(l.nearest)} ×{l.nearest_ratio:.3g}" if l.nearest else "-"
+        table.add_row(escape(l.name), f"{l.std:.4g}", near, f"{l.pred_out_var:.3g}", f"{l.meas_out_var:.3g}",
+                      f"{l.pred_in_grad_var:.3g}", f"{l.meas_in_grad_var:.3g}", str(len(l.flags)) if l.flags else "")
+    console.print(table)
+    for l in report.layers:
+        for f in l.flags:
+            console.print(f"[red]flag[/red] {escape(l.name)}: {escape(f)}")
+    for note in report.notes:
         console.print(f"note: {note}", markup=False)
+    if not report.flagged:
+        console.print("no layer flagged", markup=False)
+
+
+def _read_state(path: Path) -> dict:
+    """A state dict from a file that cannot run code when read."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state) if isinstance(state, dict) else state
 
 
 @app.command("methods")

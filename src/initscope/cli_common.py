@@ -11,17 +11,25 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
-console = Console(highlight=False)
+# markup=False: what these consoles print is mostly not ours (paths, sweep names, model names, messages
+# quoting a TOML key such as [grid]), and rich would read its brackets as tags: drop them, or raise a
+# MarkupError on a path holding [/x]. Styles are given as Text where we want them.
+console = Console(highlight=False, markup=False)
 if not console.is_terminal:  # piped or captured: don't squeeze the tables to 80 columns, keep lines whole
     console.width = 200
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, markup=False)
+
+
+def error_text(message: object) -> Text:
+    """``error: message`` with the prefix in red and the message taken literally."""
+    return Text.assemble(("error:", "red"), " ", str(message))
 
 
 def fail(message: object, code: int = 2, *, to: Console | None = None) -> typer.Exit:
     """Print ``error: message`` (taken literally, never as markup) and return the exit to raise."""
-    (to or console).print(f"[red]error:[/red] {escape(str(message))}")
+    (to or console).print(error_text(message))
     return typer.Exit(code)
 
 

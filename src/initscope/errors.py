@@ -40,6 +40,21 @@ class PreflightError(InitscopeError, OSError):
     """An output folder or database cannot be written, or its disk is (nearly) full."""
 
 
+class OutputError(InitscopeError, OSError):
+    """A file or folder initscope was asked to write cannot be: read-only, a file where a folder is needed,
+    or held by another writer. The message names the path."""
+
+
+class DiskFullError(OutputError):
+    """The disk (or the quota) filled up while writing; the message names the file. A sweep stops and gives
+    its run back, so the same command resumes it once there is space."""
+
+
+class StoreError(InitscopeError, OSError):
+    """A results database that cannot be used: not an SQLite file, damaged, not an initscope store, or a
+    folder. The message names the file; the file is left as it was."""
+
+
 def node_location(node) -> str:
     """The user's source line that created an fx node, when fx recorded it."""
     trace = getattr(node, "stack_trace", None) or ""

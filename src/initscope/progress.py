@@ -35,8 +35,9 @@ def progress_bar(*fields: str, enabled: bool = True, transient: bool = False, co
         ...     bar.update(task, advance=1, loss="loss 2.30")
     """
     description = "{task.description}" if description_width is None else f"{{task.description:<{description_width}}}"
-    columns: list[Any] = [TextColumn(description), BarColumn(), MofNCompleteColumn()]
-    columns += [TextColumn(f"{{task.fields[{name}]}}") for name in fields]
+    # markup=False: descriptions carry run labels and paths (folder:/data/[x]), which rich would read as tags
+    columns: list[Any] = [TextColumn(description, markup=False), BarColumn(), MofNCompleteColumn()]
+    columns += [TextColumn(f"{{task.fields[{name}]}}", markup=False) for name in fields]
     columns.append(TimeElapsedColumn())
     return Progress(*columns, disable=not enabled, transient=transient, console=console)
 

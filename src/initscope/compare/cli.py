@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from initscope.compare.inputs import GAUSSIAN, sources
 from initscope.cli_common import err_console, fail, parse_shape
@@ -15,7 +16,9 @@ def compare_cmd(
     model: str = typer.Option(..., "--model", "-m", help="torchvision name (resnet18), initscope name (plain34, resnet18-nobn) or module:callable"),
     methods: str = typer.Option(..., "--methods", help="comma-separated, e.g. xavier,kaiming-forward,asv-backward (see `initscope methods`)"),
     input_shape: str = typer.Option("3,224,224", "--input-shape", help="one sample's shape, no batch dim"),
-    data: Optional[str] = typer.Option(None, "--data", help=f"where the inputs come from: {', '.join(sources())} (default: {GAUSSIAN}, i.i.d. N(0, 1))"),
+    # escaped: the sources are a registry's, and typer reads help as rich markup
+    data: Optional[str] = typer.Option(None, "--data", help=escape(
+        f"where the inputs come from: {', '.join(sources())} (default: {GAUSSIAN}, i.i.d. N(0, 1))")),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="where the torchvision sets and relative folder: paths lie (default ./data)"),
     batch: int = typer.Option(16, "--batch", help="inputs probed, the same for every method"),
     seed: int = typer.Option(0, "--seed", help="seed of every copy's weights and of the Gaussian batch"),

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,6 +21,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from initscope.errors import OutputError
+from initscope.fileio import FolderLock, disk_error, fsync_dir
 from initscope.methods import METHODS
 from initscope.plan import InitPlan
 
@@ -128,6 +133,9 @@ def compare(
         progress: called with a description before each method and before the report is drawn.
 
     Everything is checked (methods, shape, data source, that the model builds) before anything is written.
+    The files are written into a hidden folder inside ``out_dir`` and moved into place together, one
+    ``compare`` at a time (a lock on ``out_dir``): two runs into one folder leave the complete output of
+    one of them, never a page of one and figures of the other.
 
     Examples:
         >>> r = compare("plain34", "xavier,kaiming-forward", input_shape=(3, 32, 32), out_dir="report")
@@ -148,6 +156,8 @@ def compare(
     build, model_name = _factory(model_name_or_factory)
     inputs = load_batch(data, shape, batch, seed, root=data_root)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir} is a file; the report is a folder (index.html, stats.parquet, figures)")
 
     frames, plans = [], {}
     for method in names:
@@ -186,11 +196,44 @@ def compare(
         "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stats = _save_table(frame, out_dir)
-    figures = _draw(frame, out_dir, model_name, shape, max_hist_layers)
-    index = _write_page(meta, frame, plans, figures, out_dir)
-    return CompareResult(out_dir, index, stats, figures, frame, plans, meta)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".compare-", dir=out_dir))
+    except OSError as exc:
+        raise disk_error(exc, out_dir, "creating") from None
+    try:
+        # everything is made in the staging folder first: the page reads the PNGs back, and another
+        # compare into the same folder must not be able to rewrite them under it ("not a PNG file")
+        stats = _save_table(frame, staging)
+        figures = _draw(frame, staging, model_name, shape, max_hist_layers)
+        index = _write_page(meta, frame, plans, figures, staging)
+        with FolderLock(out_dir, "initscope compare", wait=True):  # moving in takes a moment: wait for it
+            moved = _move_in(staging, out_dir, last=index.name)
+    except OSError as exc:
+        raise disk_error(exc, getattr(exc, "filename", None) or out_dir) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    figures = {name: (moved[png.name], moved[svg.name]) for name, (png, svg) in figures.items()}
+    return CompareResult(out_dir, moved[index.name], moved[stats.name], figures, frame, plans, meta)
+
+
+# The stats table is Parquet, or CSV with a note where Parquet cannot be written: the one not written this
+# time is removed, so that the folder never holds one compare's page beside another's table.
+_STATS_FILES = ("stats.parquet", "stats.csv", "stats.parquet-failed.txt")
+
+
+def _move_in(staging: Path, out_dir: Path, *, last: str) -> dict[str, Path]:
+    """Move every file of ``staging`` into ``out_dir`` (``os.replace``: each one whole), ``last`` last, so
+    the page appears when what it describes is there; returns name -> final path."""
+    names = sorted(p.name for p in staging.iterdir() if p.is_file())
+    for stale in set(_STATS_FILES) - set(names):
+        (out_dir / stale).unlink(missing_ok=True)
+    moved = {}
+    for name in [n for n in names if n != last] + [last]:
+        os.replace(staging / name, out_dir / name)
+        moved[name] = out_dir / name
+    fsync_dir(out_dir)
+    return moved
 
 
 _CAPTIONS = {
@@ -241,7 +284,5 @@ def _write_page(meta: dict, frame: pd.DataFrame, plans: dict[str, InitPlan],
         "plan's prediction, or when any of its tensors holds non-finite values.",
     ]
     index = out_dir / "index.html"
-    tmp = index.with_suffix(".html.tmp")
-    tmp.write_text(render_page(meta, frame, plan_tables, page_figs, notes), encoding="utf-8")
-    tmp.replace(index)  # a reader never sees half a page
+    index.write_text(render_page(meta, frame, plan_tables, page_figs, notes), encoding="utf-8")
     return index

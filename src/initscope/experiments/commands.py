@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from initscope.cli_common import LiveCommand, console, fail
+from initscope.cli_common import LiveCommand, console, error_text, fail
 from initscope.experiments.config import PAPER_METHODS, RUN_SCHEMA, RunConfig, SweepConfig, load_toml
 from initscope.experiments.config.sweep import AXES, axis_sizes, default_grid
 from initscope.experiments.engines import ENGINES, SweepSummary, engine_options
@@ -27,7 +28,9 @@ _KW = inspect.Parameter.KEYWORD_ONLY
 
 
 def _option(name: str, annotation: Any, default: Any, *flags: str, help: str) -> inspect.Parameter:
-    return inspect.Parameter(name, _KW, default=typer.Option(default, *flags, help=help), annotation=annotation)
+    # typer reads help as rich markup; these lines quote registries and extras ('initscope[ray]'), whose
+    # brackets it would swallow: escaped, they show as written
+    return inspect.Parameter(name, _KW, default=typer.Option(default, *flags, help=escape(help)), annotation=annotation)
 
 
 def _field_flag(name: str, *, sweep: bool) -> inspect.Parameter:
@@ -61,14 +64,19 @@ def _train(**flags: Any) -> None:
     """Train one model with one initialization; print the per-epoch history and the test metrics."""
     from initscope.errors import InitscopeError
     from initscope.experiments.data import parse_data
+    from initscope.experiments.engines.base import check_devices, check_trainable
     from initscope.experiments.store import check_output
     from initscope.experiments.training import train
     from initscope.threads import torch_threads
 
     out, progress, resume, threads = (flags.pop(k) for k in ("out", "progress", "resume", "threads"))
+    if threads < 0:
+        raise fail(f"--threads: {threads} is not a number of threads (0 leaves torch's default)")
     try:
         # a flag left at None (the text flags' "not given") takes the field's default
         config = RunConfig.from_dict({k: _field_value(k, v) for k, v in flags.items() if v is not None})
+        check_devices([config])
+        check_trainable([config])
         parse_data(config.data).check(config.data_root)  # the data's files: now, not after the model is built
         check_output(out)  # an unwritable folder or a full disk: an error now, not at the first checkpoint
         # On a machine whose cores other processes also use, OpenMP threads spin-waiting on each other can
@@ -92,6 +100,8 @@ def _train(**flags: Any) -> None:
         t = result.test
         console.print(f"test (best validation epoch {result.best_epoch}): accuracy {t['accuracy']:.4f}  precision "
                       f"{t['precision']:.4f}  recall {t['recall']:.4f}  F1 {t['f1']:.4f}  loss {t['loss']:.4f}")
+    for note in result.notes:
+        console.print(f"note: {note}")
     console.print(f"run {result.run_id}: {result.status}; saved under {out / result.run_id}")
 
 
@@ -138,7 +148,7 @@ def _engine_kwargs(engine: str, given: dict[str, Any]) -> dict[str, Any]:
 def _sweep(**flags: Any) -> None:
     """Train every combination of data × model × method × optimizer × lr × seed; results go to an
     SQLite database. Run it again to resume: finished and diverged runs are skipped."""
-    from initscope.errors import ConfigError, InitscopeError
+    from initscope.errors import ConfigError, DiskFullError, InitscopeError
 
     config, db, out, name, report, retry_failed, dry_run, engine = (
         flags.pop(k) for k in ("config", "db", "out", "name", "report", "retry_failed", "dry_run", "engine"))
@@ -159,6 +169,8 @@ def _sweep(**flags: Any) -> None:
         return
     try:
         summary = ENGINES[engine].run(sweep, retry_failed=retry_failed, **kwargs)
+    except DiskFullError as exc:  # the run was given back: say so, with the file
+        raise fail(f"{exc} (the interrupted run was given back)") from None
     except (InitscopeError, FileNotFoundError, ImportError, ValueError) as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:
@@ -177,11 +189,11 @@ def _sweep(**flags: Any) -> None:
 def _print_first_failure(summary: SweepSummary) -> None:
     if summary.failures:
         run_id, error = summary.failures[0]
-        console.print(f"[red]error:[/red] no run finished; the first failure, run {run_id}:")
-        console.print(error.rstrip(), markup=False, soft_wrap=True)  # the traceback as it was, lines unbroken
+        console.print(error_text(f"no run finished; the first failure, run {run_id}:"))
+        console.print(error.rstrip(), soft_wrap=True)  # the traceback as it was, lines unbroken
     else:
-        console.print("[red]error:[/red] no run finished: every run had failed before and was not retried "
-                      "(--no-retry-failed); their errors are in the database's runs.error")
+        console.print(error_text("no run finished: every run had failed before and was not retried "
+                                 "(--no-retry-failed); their errors are in the database's runs.error"))
 
 
 def _sweep_params() -> list[inspect.Parameter]:
@@ -227,12 +239,16 @@ def report_cmd(
 
 
 def _write(db: Path, out: Path, title: Optional[str], where: Optional[dict[str, list[str]]] = None) -> None:
+    from initscope.errors import InitscopeError
     from initscope.experiments.tables import write_report
+    from initscope.fileio import disk_error
 
     try:
         rep = write_report(db, out, title=title, where=where)
-    except (FileNotFoundError, ValueError) as exc:
+    except (InitscopeError, FileNotFoundError, ValueError) as exc:
         raise fail(exc) from None
+    except OSError as exc:  # a file of the report that could not be written: which one, and why
+        raise fail(disk_error(exc, exc.filename or out)) from None
     c = rep.summary["counts"]
     console.print(f"{rep.summary['total']} runs ({c['finished']} finished, {c['diverged']} diverged, "
                   f"{c['failed']} failed, {c['running']} running); wrote {out / 'report.html'}, "

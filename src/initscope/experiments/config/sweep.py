@@ -53,13 +53,20 @@ PAPER_METHODS = ("xavier", "kaiming-forward", "kaiming-backward", "asv-forward",
 def load_toml(path: str | Path) -> dict[str, Any]:
     """The parsed TOML document at ``path``; a missing or malformed file is a :class:`ConfigError`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a sweep TOML file")
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"no sweep config at {path}") from None
+    except UnicodeDecodeError as exc:  # a binary file: tomllib reads UTF-8 text only
+        raise ConfigError(f"{path}: not a TOML file (not UTF-8 text: byte {exc.object[exc.start]:#04x} at "
+                          f"offset {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def default_grid() -> dict[str, list[Any]]:

@@ -79,15 +79,29 @@ class Folder(DataSource):
         raise FileNotFoundError(f"folder:{path}: no such directory{where}; a relative path is taken under "
                                 "--data-root, then where the command runs")
 
+    @staticmethod
+    def classes(folder: Path, spec: str) -> list[str]:
+        """The class sub-folders of ``folder`` (none is refused)."""
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise ValueError(f"{spec}: no class sub-folders (expected PATH/<class>/<image>)")
+        return classes
+
+    @staticmethod
+    def refuse_one_class(classes: list[str], spec: str) -> None:
+        """One class is nothing to classify: the run would train to the end and fail in the metrics."""
+        if len(classes) == 1:
+            raise ValueError(f"{spec}: one class sub-folder ({classes[0]!r}); classification needs at least two "
+                             "(PATH/<class>/<image>, one folder per class)")
+
     def check(self, path: Path, root) -> None:
-        self.resolve(path, root)
+        spec = f"folder:{path}"
+        self.refuse_one_class(self.classes(self.resolve(path, root), spec), spec)
 
     def load(self, path: Path, *, root, image_size, in_channels, progress) -> Images:
         folder = self.resolve(path, root)
         spec = f"folder:{path}"
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not classes:
-            raise ValueError(f"{spec}: no class sub-folders (expected PATH/<class>/<image>)")
+        classes = self.classes(folder, spec)
         files, labels = [], []
         for k, c in enumerate(classes):
             for f in sorted((folder / c).rglob("*")):
@@ -96,6 +110,7 @@ class Folder(DataSource):
                     labels.append(k)
         if not files:
             raise ValueError(f"{spec}: no images ({', '.join(IMAGE_SUFFIXES)}) under {', '.join(classes)}")
+        self.refuse_one_class(classes, spec)
         mode = "L" if in_channels == 1 else "RGB"
         size = square(image_size, (0, 0))
         if image_size is None:  # the first readable image sets the size

@@ -12,7 +12,6 @@ mean image of the train split (:math:`x - \\bar{x}_{train}`, per channel and pos
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from initscope.experiments.data.base import Images
+from initscope.fileio import atomic_write_text
 
 NORMALIZATIONS = ("minus-one-one", "mean-subtract")
 # The official sets' validation split: a stratified, seeded 1/6 of the official train split (10,000
@@ -58,11 +58,7 @@ class DataSplits:
                      "indices": self.split_indices, "skipped": self.skipped}
         if self.files:
             doc["files"] = {k: [self.files[i] for i in v] for k, v in self.split_indices.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(doc, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -181,6 +177,9 @@ def assemble(source: str, images: Images, *, split: Sequence[float], normalize: 
     :data:`OFFICIAL_VAL_FRACTION` of the rest is validation; otherwise the images are split ``split``
     per class with ``seed``. Then the ``limit`` subset of train, the checks, the normalization."""
     x01, y, names = images.x, images.y, images.class_names
+    if len(names) < 2:  # any source: one class trains to the end, then fails in the metrics
+        raise ValueError(f"{source}: {len(names)} class(es) ({', '.join(map(repr, names))}); classification needs "
+                         "at least two")
     require_finite(source, x01, images.files or None)
     if images.test is not None:
         require_finite(f"{source} (test split)", images.test[0], None)

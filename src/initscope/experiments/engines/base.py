@@ -11,22 +11,26 @@ Every engine takes the same leading arguments (a :class:`SweepConfig` or a list 
 database, the run folders, the train function, and so on) and returns a :class:`SweepSummary`; what
 only one engine understands (the local engine's ``threads``, Ray's ``address``) it declares as
 :class:`EngineOption`\\s, which ``initscope sweep`` turns into flags. Before it trains anything an
-engine calls :func:`prepare`: the runs, the checks that their data can be read and their folders
-written, in that order, so a sweep that cannot work stops before the database is created.
+engine calls :func:`prepare`: the runs, the checks that they can train at all (:func:`check_trainable`),
+that their data can be read and their folders written, in that order, so a sweep that cannot work
+stops before the database is created. Then it takes the runs through :class:`Claims`, which skips what
+the store holds as done or owned and comes back once to runs whose owner only a heartbeat can vouch for.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from initscope.errors import ConfigError
 from initscope.experiments.config import RunConfig, SweepConfig
 from initscope.experiments.data import parse_data
-from initscope.experiments.store import DONE, Store, check_output
+from initscope.experiments.store import DONE, Claim, Store, check_output
 from initscope.progress import progress_bar
 from initscope.registry import Registry
 
@@ -137,6 +141,47 @@ class SweepJob:
     label_keys: list[str]
 
 
+def check_trainable(runs: Sequence[RunConfig]) -> None:
+    """Refuse, before anything is claimed, runs that cannot train whatever their data: batches of one
+    sample through BatchNorm (:func:`~initscope.experiments.training.loop.check_batch_size`). The model is
+    built only for runs with a batch (or a train split) of one; a model that does not build is left to the
+    run, which reports it."""
+    from initscope.experiments.training.loop import build_model, check_batch_size
+
+    built: set[tuple] = set()
+    for cfg in runs:
+        key = (cfg.model, cfg.width, cfg.norm, cfg.head)
+        if (cfg.batch_size > 1 and cfg.limit != 1) or key in built:
+            continue
+        built.add(key)
+        try:
+            model = build_model(cfg, 3, 10)  # channels and classes do not change where BatchNorm is
+        except Exception:  # noqa: BLE001 - the run itself says why its model does not build
+            continue
+        check_batch_size(cfg, model)
+
+
+def check_devices(runs: Sequence[RunConfig]) -> None:
+    """Refuse, before anything is claimed, runs whose device this machine does not have (the local engine
+    and ``initscope train``; a Ray cluster's GPUs are checked by the Ray engine).
+
+    Raises:
+        ConfigError: naming the device, the run, and what this machine has.
+    """
+    import torch
+
+    for device in dict.fromkeys(r.device for r in runs):
+        if device.startswith("cuda"):
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = int(device.partition(":")[2] or 0)
+            if index >= n:
+                has = f"{n} CUDA GPU(s)" if n else "no CUDA GPU (torch.cuda.is_available() is False)"
+                raise ConfigError(f"device: {device!r} but this machine has {has}; use --device cpu or auto")
+        elif device == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("device: 'mps' but this machine has no Apple GPU that torch can use; use --device cpu "
+                              "or auto")
+
+
 def check_data(runs: Sequence[RunConfig]) -> None:
     """Each data source of ``runs`` can be read (its folder exists, its files are there), checked once per
     (data, data_root): an error now, not in every run."""
@@ -161,9 +206,74 @@ def prepare(sweep: SweepConfig | Sequence[RunConfig], *, db: str | Path | None, 
         job = SweepJob(runs, Path(db), Path(out) if out is not None else Path(db).with_suffix(""),
                        hashlib.sha1(",".join(r.run_id for r in runs).encode()).hexdigest()[:12],
                        {"grid": {}, "run": {}}, name, ["data", "model", "method", "optimizer", "lr", "seed"])
+    check_trainable(job.runs)
     check_data(job.runs)
     check_output(job.out, job.db)  # an unwritable folder or a full disk is an error now, not after the first run
     return job
+
+
+# The longest a sweep waits, after its other runs, to see whether the owner of a run elsewhere still
+# beats its heartbeat; an owner that beats more slowly than this allows is left alone.
+MAX_OWNER_WAIT_S = 180.0
+
+
+class Claims:
+    """A sweep's runs, claimed in order one at a time.
+
+    A run the store holds as done, failed (without ``retry_failed``) or owned by a live sweep is skipped
+    (counted in ``summary.skipped``, the bar advanced). A run owned by a process this machine cannot check
+    (another host or container) whose heartbeat is still fresh is put off: once the other runs are
+    claimed, the sweep waits until that heartbeat would be stale (at most :data:`MAX_OWNER_WAIT_S`) and
+    asks once more. An owner that beat meanwhile keeps its run; one that is gone (a container restarted
+    under this very sweep) loses it to this sweep.
+
+    Args:
+        store, runs, retry_failed: what to claim, where.
+        summary, bar: where skips are counted and shown.
+        sleep: how to wait (time.sleep).
+    """
+
+    def __init__(self, store: Store, runs: Sequence[RunConfig], *, retry_failed: bool, summary: SweepSummary,
+                 bar: "SweepBar", sleep: Callable[[float], None] = time.sleep) -> None:
+        self.store, self.retry_failed, self.summary, self.bar, self.sleep = store, retry_failed, summary, bar, sleep
+        self.pending = list(enumerate(runs))
+        self.deferred: list[tuple[float, int, RunConfig]] = []  # (retry_at, index, config)
+        self.put_off: set[str] = set()
+
+    @property
+    def exhausted(self) -> bool:
+        return not self.pending and not self.deferred
+
+    def due_in(self) -> float:
+        """Seconds until the first put-off run may be asked again (0 when one is due, or none waits)."""
+        return max(0.0, min((t for t, _, _ in self.deferred), default=0.0) - time.time())
+
+    def take(self, *, wait: bool = True) -> tuple[int, RunConfig, Claim] | None:
+        """The next run this sweep now owns, as ``(index, config, claim)``; None when no run is left, or
+        (with ``wait=False``) when only put-off runs are left and none is due yet."""
+        while True:
+            if not self.pending:
+                if not self.deferred:
+                    return None
+                if self.due_in() > 0:
+                    if not wait:
+                        return None
+                    self.bar.waiting(len(self.deferred), self.due_in())
+                    self.sleep(self.due_in())
+                self.deferred.sort(key=lambda d: d[0])
+                _, i, cfg = self.deferred.pop(0)
+                self.pending.insert(0, (i, cfg))
+            i, cfg = self.pending.pop(0)
+            claim = self.store.claim(cfg.run_id, cfg.to_dict(), retry_failed=self.retry_failed)
+            if claim.taken:
+                return i, cfg, claim
+            if (claim.retry_at is not None and cfg.run_id not in self.put_off
+                    and claim.retry_at - time.time() <= MAX_OWNER_WAIT_S):
+                self.put_off.add(cfg.run_id)
+                self.deferred.append((claim.retry_at + 0.5, i, cfg))  # a moment past stale: no race at the edge
+                continue
+            self.summary.skipped[claim.reason] += 1
+            self.bar.skip()
 
 
 def default_train() -> TrainFn:
@@ -230,6 +340,11 @@ class SweepBar:
     def running(self, n: int) -> None:
         """How many runs are in flight (engines that run several at once)."""
         self.bar.update(self.runs, description=f"{self.title} ({n} running)")
+
+    def waiting(self, n: int, seconds: float) -> None:
+        """The sweep waits to see whether the owners of ``n`` runs elsewhere are alive."""
+        self.bar.update(self.runs, description=f"{self.title}: waiting {seconds:.0f} s for the heartbeat of {n} "
+                                               "run(s) another process holds")
 
     def finish(self, line: str) -> None:
         """A run ended: print its line and count it."""

@@ -3,8 +3,10 @@
 For each run: claim it (skipped when finished, diverged, or owned by a live sweep elsewhere), train it
 with ``resume=True`` (a run interrupted earlier goes on from its last checkpoint), store every epoch
 as it ends, and record the result. An exception inside one run marks that run ``failed`` with its
-traceback and the sweep goes on; Ctrl-C gives the current run back to the store (it stays reclaimable)
-and stops. Running the same sweep again therefore resumes it without repeating or losing a run.
+traceback and the sweep goes on; Ctrl-C, or a disk that filled up, gives the current run back to the
+store (it stays reclaimable) and stops. Running the same sweep again therefore resumes it without
+repeating or losing a run. A run another sweep took over meanwhile (this one was paused past its
+heartbeat) is left to it: nothing more is recorded for it from here.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from initscope.errors import ConfigError, DiskFullError, InitscopeError
 from initscope.experiments.config import RunConfig, SweepConfig
-from initscope.experiments.engines.base import (EngineOption, SweepBar, SweepSummary, TrainFn, default_train, label,
-                                                prepare, register_engine, result_note)
+from initscope.experiments.engines.base import (Claims, EngineOption, SweepBar, SweepSummary, TrainFn, check_devices,
+                                                default_train, label, prepare, register_engine, result_note)
 from initscope.experiments.store import DEFAULT_LEASE_S, Store
 from initscope.threads import torch_threads
 
@@ -53,28 +56,41 @@ def run_sweep(
             default. On a shared CPU, 1 can be many times faster than an oversubscribed default.
 
     Returns:
-        A :class:`SweepSummary`. Ctrl-C releases the current run and re-raises KeyboardInterrupt.
+        A :class:`SweepSummary`. Ctrl-C releases the current run and re-raises KeyboardInterrupt; a full
+        disk releases it and raises :class:`~initscope.errors.DiskFullError` naming the file.
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"--threads: {threads!r} is not a positive number of threads (leave it out for torch's "
+                          "default)")
     job = prepare(sweep, db=db, out=out, name=name)
+    check_devices(job.runs)  # this machine runs them: a GPU it lacks is an error now, before any claim
     train_fn = train_fn or default_train()
     summary = SweepSummary(db=job.db, out=job.out, total=len(job.runs))
     start = time.perf_counter()
     with torch_threads(threads), Store(job.db, lease_s=lease_s) as store:
         store.add_sweep(job.sweep_id, job.name, job.grid, [r.run_id for r in job.runs])
         with SweepBar(progress, len(job.runs)) as bar:
-            for i, cfg in enumerate(job.runs):
-                claim = store.claim(cfg.run_id, cfg.to_dict(), retry_failed=retry_failed)
-                if not claim.taken:
-                    summary.skipped[claim.reason] += 1
-                    bar.skip()
-                    continue
+            claims = Claims(store, job.runs, retry_failed=retry_failed, summary=summary, bar=bar)
+            while (taken := claims.take()) is not None:
+                i, cfg, _ = taken
                 text = label(cfg, job.label_keys)
                 bar.start(f"{i + 1}/{len(job.runs)} {text}", cfg.epochs)
                 status = _run_one(store, cfg, job.out, train_fn, bar, summary)
+                if status == _TAKEN_OVER:
+                    summary.skipped[status] += 1
+                    bar.finish(f"{status:<8} {text}  (another sweep took it over while this one was paused)")
+                    continue
                 summary.ran[status] += 1
                 bar.finish(f"{status:<8} {text}" + result_note(store, cfg.run_id))
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+_TAKEN_OVER = "taken over"
+
+
+class _TakenOver(InitscopeError):
+    """Raised inside a run whose claim another sweep took over: stop training it, record nothing."""
 
 
 def _run_one(store: Store, cfg: RunConfig, out: Path, train_fn: TrainFn, bar: SweepBar,
@@ -84,22 +100,31 @@ def _run_one(store: Store, cfg: RunConfig, out: Path, train_fn: TrainFn, bar: Sw
     store.set_run_dir(run_id, out / run_id)
 
     def on_epoch(row: dict) -> None:
-        store.add_epoch(run_id, row)
+        if not store.add_epoch(run_id, row):
+            raise _TakenOver(run_id)
         bar.epoch(row)
 
     try:
         result = train_fn(cfg, out_dir=out, progress=False, on_epoch=on_epoch, resume=True)
-    except KeyboardInterrupt:
-        store.release(run_id)
+    except _TakenOver:
+        return _TAKEN_OVER
+    except (KeyboardInterrupt, DiskFullError):
+        # not the run's fault: give it back whole, so the same command resumes it (after freeing space)
+        try:
+            store.release(run_id)
+        except DiskFullError:  # the database's disk is the full one: the dead pid frees the run instead
+            pass
         raise
     except Exception:  # noqa: BLE001 - one run's failure is a result; the sweep goes on
         error = traceback.format_exc()
-        store.fail(run_id, error)
+        if not store.fail(run_id, error):
+            return _TAKEN_OVER
         summary.failures.append((run_id, error))
         return "failed"
     if result.status == "failed" and not result.error:
         result.error = "train() returned status 'failed' without an error message"
+    if not store.finish(result):
+        return _TAKEN_OVER
     if result.status == "failed":
         summary.failures.append((run_id, result.error))
-    store.finish(result)
     return result.status

@@ -33,9 +33,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from initscope.errors import ConfigError, DiskFullError
 from initscope.experiments.config import RunConfig, SweepConfig
-from initscope.experiments.engines.base import (EngineOption, SweepBar, SweepSummary, TrainFn, default_train, label,
-                                                prepare, register_engine, result_note)
+from initscope.experiments.engines.base import (Claims, EngineOption, SweepBar, SweepSummary, TrainFn, default_train,
+                                                label, prepare, register_engine, result_note)
 from initscope.experiments.store import DEFAULT_LEASE_S, Store
 from initscope.threads import torch_threads
 
@@ -75,7 +76,8 @@ def _gpus_for(config: Any, gpus_per_run: float | None, cluster_gpus: float) -> f
     return 1.0 if device == "auto" and cluster_gpus > 0 else 0.0
 
 
-@register_engine("ray", summary="each run a Ray task, on a local Ray or a cluster (needs Ray: the initscope ray extra)",
+@register_engine("ray", summary="each run a Ray task, on a local Ray or a cluster (needs Ray: pip install "
+                                "'initscope[ray]')",
                  options=(EngineOption("address", str, "an existing Ray cluster (auto, host:6379, ray://host:10001); "
                                                        "default: a local Ray"),
                           EngineOption("cpus_per_run", float, "CPUs each run asks Ray for (default 1)"),
@@ -122,10 +124,15 @@ def run_sweep_ray(
     Returns:
         A :class:`SweepSummary`, as the local engine's :func:`~initscope.experiments.engines.local.run_sweep` gives.
     """
-    if cpus_per_run <= 0:
-        raise ValueError(f"cpus_per_run must be > 0, got {cpus_per_run!r}")
-    if max_retries < 0:
-        raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
+    # nan passes every comparison: check that each is a finite positive number, before Ray starts
+    if isinstance(cpus_per_run, bool) or not isinstance(cpus_per_run, (int, float)) or not (
+            math.isfinite(cpus_per_run) and cpus_per_run > 0):
+        raise ConfigError(f"cpus_per_run must be > 0 and finite (--cpus-per-run, e.g. 1 or 0.5), got {cpus_per_run!r}")
+    if gpus_per_run is not None and (isinstance(gpus_per_run, bool) or not isinstance(gpus_per_run, (int, float))
+                                     or not (math.isfinite(gpus_per_run) and gpus_per_run >= 0)):
+        raise ConfigError(f"gpus_per_run must be >= 0 and finite (--gpus-per-run, e.g. 1 or 0.5), got {gpus_per_run!r}")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ConfigError(f"max_retries must be an integer >= 0, got {max_retries!r}")
     job = prepare(sweep, db=db, out=out, name=name)  # before any worker starts
     ray = _import_ray()
     train_fn = train_fn or default_train()
@@ -161,31 +168,30 @@ def _drive(ray: Any, store: Store, runs: list[RunConfig], out: Path, train_fn: T
     resources = ray.cluster_resources()
     cluster_gpus, cluster_cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 0.0))
     if cpus_per_run > cluster_cpus:  # such a task would wait forever
-        raise ValueError(f"cpus_per_run={cpus_per_run:g} but the Ray cluster has {cluster_cpus:g} CPUs")
+        raise ConfigError(f"cpus_per_run={cpus_per_run:g} but the Ray cluster has {cluster_cpus:g} CPUs")
+    # every run's GPUs checked before any is claimed: a refusal leaves nothing "running" behind
+    gpus_of = {cfg.run_id: _gpus_for(cfg, gpus_per_run, cluster_gpus) for cfg in runs}
+    for cfg in runs:
+        if gpus_of[cfg.run_id] > cluster_gpus:
+            raise ConfigError(f"run {cfg.run_id} (device {cfg.device!r}) asks for {gpus_of[cfg.run_id]:g} GPU(s); the "
+                              f"Ray cluster has {cluster_gpus:g}: use --gpus-per-run 0 or --device cpu")
     width = max(1, math.floor(cluster_cpus / cpus_per_run + 1e-9))
     events = Queue(actor_options={"num_cpus": 0})  # holds no CPU: every CPU is for the runs
     task = ray.remote(_run_on_worker)
-    pending = list(enumerate(runs))
     inflight: dict[Any, tuple[Any, str]] = {}  # ObjectRef -> (config, label)
     attempts: Counter = Counter()  # attempts started in this sweep, by run
     claimed: dict[str, int] = {}  # the store's attempt count when this sweep claimed the run
     with SweepBar(progress, len(runs), title="runs (ray)", epochs=False) as bar:
+        claims = Claims(store, runs, retry_failed=retry_failed, summary=summary, bar=bar)
         try:
-            while pending or inflight:
-                while pending and len(inflight) < width:
-                    i, cfg = pending.pop(0)
-                    claim = store.claim(cfg.run_id, cfg.to_dict(), retry_failed=retry_failed)
-                    if not claim.taken:
-                        summary.skipped[claim.reason] += 1
-                        bar.skip()
-                        continue
+            while not claims.exhausted or inflight:
+                # claim only what can start now; with nothing in flight, wait for a put-off run to be due
+                while len(inflight) < width and (taken := claims.take(wait=not inflight)) is not None:
+                    i, cfg, claim = taken
                     store.set_run_dir(cfg.run_id, out / cfg.run_id)
                     claimed[cfg.run_id] = claim.attempts
                     try:
-                        gpus = _gpus_for(cfg, gpus_per_run, cluster_gpus)
-                        if gpus > cluster_gpus:
-                            raise ValueError(f"run {cfg.run_id} (device {cfg.device!r}) asks for {gpus:g} GPU(s); the "
-                                             f"Ray cluster has {cluster_gpus:g}: use --gpus-per-run 0 or device cpu")
+                        gpus = gpus_of[cfg.run_id]
                         if gpus > 0:
                             width = max(1, min(width, math.floor(cluster_gpus / gpus + 1e-9)))
                         ref = task.options(num_cpus=cpus_per_run, num_gpus=gpus, max_retries=max_retries,
@@ -203,6 +209,10 @@ def _drive(ray: Any, store: Store, runs: list[RunConfig], out: Path, train_fn: T
                 for ref in ready:
                     cfg, text = inflight.pop(ref)
                     status = _collect(ray, store, ref, cfg, attempts[cfg.run_id], max_retries, summary)
+                    if status == _TAKEN_OVER:
+                        summary.skipped[status] += 1
+                        bar.finish(f"{status:<8} {text}  (another sweep took it over while this one was paused)")
+                        continue
                     summary.ran[status] += 1
                     bar.finish(f"{status:<8} {text}" + result_note(store, cfg.run_id))
         except BaseException:
@@ -241,19 +251,28 @@ def _collect(ray: Any, store: Store, ref: Any, cfg: RunConfig, attempts: int, ma
     try:
         result = ray.get(ref)
     except RayTaskError as exc:  # the train function raised: a result, as in the local engine
-        store.fail(cfg.run_id, str(exc))
+        if isinstance(getattr(exc, "cause", None), DiskFullError):  # not the run's fault: give it back, stop
+            store.release(cfg.run_id)
+            raise exc.cause from None
+        if not store.fail(cfg.run_id, str(exc)):
+            return _TAKEN_OVER
         summary.failures.append((cfg.run_id, str(exc)))
         return "failed"
     except Exception as exc:  # noqa: BLE001 - workers lost beyond the retries, node gone, cancelled
         text = (f"{type(exc).__name__}: the run's worker was lost on each of its {max(attempts, 1)} attempt(s) "
                 f"(max_retries={max_retries})\n{traceback.format_exception_only(exc)[-1].strip()}")
         store.add_note(cfg.run_id, f"gave up after {max(attempts, 1)} attempt(s): {type(exc).__name__}")
-        store.fail(cfg.run_id, text)
+        if not store.fail(cfg.run_id, text):
+            return _TAKEN_OVER
         summary.failures.append((cfg.run_id, text))
         return "failed"
     if result.status == "failed" and not result.error:
         result.error = "train() returned status 'failed' without an error message"
+    if not store.finish(result):
+        return _TAKEN_OVER
     if result.status == "failed":
         summary.failures.append((cfg.run_id, result.error))
-    store.finish(result)
     return result.status
+
+
+_TAKEN_OVER = "taken over"  # another sweep holds the run now (this driver was paused past its heartbeat)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from initscope.errors import StoreError
 
 
 def load_runs(db: str | Path) -> pd.DataFrame:
@@ -44,14 +47,59 @@ def load_sweeps(db: str | Path) -> list[dict[str, Any]]:
              "created_at": r[4]} for r in rows]
 
 
+def _uri(path: Path, **params: str) -> str:
+    # a path is quoted for a URI: '?' or '#' in a folder name would otherwise start the query
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return f"file:{urllib.parse.quote(str(path.absolute()))}?{query}"
+
+
 class connect:
-    """Read-only connection as a context manager (closes, unlike sqlite3's own)."""
+    """Read-only connection to a results store as a context manager (closes, unlike sqlite3's own).
+
+    On a read-only mount a WAL database cannot be opened in SQLite's read-only mode (it would create its
+    ``-shm`` index beside the file); nobody can be writing there, so the file is then read as immutable.
+
+    Raises:
+        FileNotFoundError: no file at ``db``.
+        StoreError: a folder, not an SQLite file, damaged, or not an initscope store (no ``runs`` table).
+    """
 
     def __init__(self, db: str | Path) -> None:
         path = Path(db)
+        if path.is_dir():
+            raise StoreError(f"{path} is a folder, not a results database; give the database's file")
         if not path.is_file():
             raise FileNotFoundError(f"no results database at {path}")
-        self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        self.conn = sqlite3.connect(_uri(path, mode="ro"), uri=True)
+        try:
+            tables = self._tables()
+        except sqlite3.OperationalError as exc:
+            if "unable to open" not in str(exc):
+                raise self._unusable(path, exc) from None
+            self.conn.close()
+            self.conn = sqlite3.connect(_uri(path, mode="ro", immutable="1"), uri=True)
+            try:
+                tables = self._tables()
+            except sqlite3.DatabaseError as exc2:
+                raise self._unusable(path, exc2) from None
+        except sqlite3.DatabaseError as exc:
+            raise self._unusable(path, exc) from None
+        if "runs" not in tables:
+            self.conn.close()
+            what = f"its tables: {', '.join(sorted(tables))}" if tables else "it has no tables"
+            raise StoreError(f"{path}: an SQLite database, but not an initscope results store ({what}); give the "
+                             "database a sweep wrote (--db)")
+
+    def _tables(self) -> set[str]:
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        problems = [r[0] for r in self.conn.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:  # a truncated file can still list its tables
+            raise sqlite3.DatabaseError(f"damaged: {problems[0]}")
+        return tables
+
+    def _unusable(self, path: Path, exc: Exception) -> StoreError:
+        self.conn.close()
+        return StoreError(f"{path}: not a readable results database (SQLite: {exc}); it was left as it was")
 
     def __enter__(self) -> sqlite3.Connection:
         return self.conn

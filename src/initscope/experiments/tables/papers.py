@@ -196,10 +196,35 @@ def _metrics_grid(table: pd.DataFrame, rows: Sequence[str]) -> tuple[list[str], 
     return headers, grid, labels
 
 
+# Characters that make Markdown out of text: emphasis, code, links and images, tables, escapes; '<' and '&'
+# become entities so that no raw HTML (a <script> in a sweep name or a folder path) reaches a renderer.
+_MD_SPECIAL = {c: "\\" + c for c in "\\`*_[]|#"} | {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
+
+
+def md_text(text: object) -> str:
+    """``text`` as literal Markdown: every character that Markdown or HTML would read is escaped, line
+    breaks become spaces (a value must not start a block of its own).
+
+    Examples:
+        >>> md_text("<script>x</script> [a](b)")
+        '&lt;script&gt;x&lt;/script&gt; \\\\[a\\\\](b)'
+    """
+    return "".join(_MD_SPECIAL.get(c, c) for c in " ".join(str(text).splitlines()))
+
+
+def md_code(text: object) -> str:
+    """``text`` as a Markdown code span, or as escaped text (:func:`md_text`) where it holds ``<``, ``>``,
+    ``&`` or a backtick: CommonMark shows a code span's content literally, but the file would still hold
+    the raw characters for any tool that reads it as HTML, and a backtick would end the span."""
+    text = " ".join(str(text).splitlines())
+    if any(c in text for c in "<>&`") or not text.strip():
+        return md_text(text)
+    return f"`{text}`"
+
+
 def markdown_table(corner: str, headers: list[str], grid: list[list[tuple[str, bool]]], labels: list[str]) -> str:
-    """A Markdown table; bold cells as ``**text**``."""
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|")
+    """A Markdown table; bold cells as ``**text**``; every label and cell escaped (:func:`md_text`)."""
+    esc = md_text
 
     lines = ["| " + " | ".join([esc(corner)] + [esc(h) for h in headers]) + " |",
              "|" + "---|" * (len(headers) + 1)]

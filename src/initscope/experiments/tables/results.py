@@ -12,8 +12,10 @@ from typing import Any
 
 import pandas as pd
 
+from initscope.errors import OutputError
 from initscope.experiments.tables.frames import connect, load_epochs, load_runs, load_sweeps, select_runs, varying_keys
-from initscope.experiments.tables.papers import Table, build_tables, counted_runs, in_order
+from initscope.experiments.tables.papers import Table, build_tables, counted_runs, in_order, md_code, md_text
+from initscope.fileio import atomic_write_text, disk_error
 
 MAX_CURVE_FIGURES = 24
 
@@ -114,55 +116,74 @@ def _what_was_run(db: Path, runs: pd.DataFrame, epochs: pd.DataFrame) -> dict[st
     }
 
 
-def _summary_markdown(s: dict[str, Any]) -> str:
+# The "what was run" summary as lines, each a list of segments, so that Markdown and HTML are rendered
+# from one structure and each escapes what it must: a segment is (text, is_code); a line is (level,
+# segments): level 0 a paragraph (no segments: a blank line), 1 a bullet, 2 a bullet under it.
+Line = tuple[int, list[tuple[str, bool]]]
+
+
+def _summary_lines(s: dict[str, Any]) -> list[Line]:
     c = s["counts"]
-    lines = []
+    lines: list[Line] = []
+
+    def text(level: int, *segments: str | tuple[str, bool]) -> None:
+        lines.append((level, [seg if isinstance(seg, tuple) else (seg, False) for seg in segments]))
+
     if s.get("where"):
-        lines += ["Only the runs with " + "; ".join(f"{k} in {', '.join(v)}" for k, v in s["where"].items())
-                  + " (the sweeps below list everything that was asked for).", ""]
-    lines += [f"{s['total']} run{'s' if s['total'] != 1 else ''} in the database: {c['finished']} finished, {c['diverged']} diverged, "
-             f"{c['failed']} failed, {c['running']} running or interrupted"
-             + (f"; {s['not_started']} of the sweeps' runs not started yet" if s["not_started"] else "")
-             + f". Training time, summed over runs: {s['train_seconds'] / 60:.1f} min.", ""]
+        text(0, "Only the runs with " + "; ".join(f"{k} in {', '.join(v)}" for k, v in s["where"].items())
+             + " (the sweeps below list everything that was asked for).")
+        text(0)
+    text(0, f"{s['total']} run{'s' if s['total'] != 1 else ''} in the database: {c['finished']} finished, "
+            f"{c['diverged']} diverged, {c['failed']} failed, {c['running']} running or interrupted"
+            + (f"; {s['not_started']} of the sweeps' runs not started yet" if s["not_started"] else "")
+            + f". Training time, summed over runs: {s['train_seconds'] / 60:.1f} min.")
+    text(0)
     for sw in s["sweeps"]:
         n = len(sw["run_ids"])
-        lines.append(f"- sweep `{sw['name'] or sw['sweep_id']}` ({n} runs, first started {sw['created_at']}):")
+        text(1, "sweep ", (str(sw["name"] or sw["sweep_id"]), True), f" ({n} runs, first started {sw['created_at']}):")
         for k, v in sw["grid"].get("grid", {}).items():
             if isinstance(v, dict):  # learning rates per optimizer
-                lines.append(f"  - {k}: " + "; ".join(f"{o}: {', '.join(map(str, lr))}" for o, lr in v.items()))
+                text(2, f"{k}: " + "; ".join(f"{o}: {', '.join(map(str, lr))}" for o, lr in v.items()))
             else:
-                lines.append(f"  - {k}: {', '.join(map(str, v))}")
+                text(2, f"{k}: {', '.join(map(str, v))}")
         fixed = sw["grid"].get("run", {})
         if fixed:
-            lines.append("  - fixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
+            text(2, "fixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
     if not s["sweeps"]:
         for k, v in s["varying"].items():
-            lines.append(f"- {k}: {', '.join(map(str, v))}")
+            text(1, f"{k}: {', '.join(map(str, v))}")
     if s["fixed"]:
-        lines.append("")
-        lines.append("Same in every run: " + ", ".join(f"{k}={v}" for k, v in s["fixed"].items()) + ".")
+        text(0)
+        text(0, "Same in every run: " + ", ".join(f"{k}={v}" for k, v in s["fixed"].items()) + ".")
     if s["failed"]:
-        lines.append("")
-        lines.append("Failed runs (last line of the error):")
-        lines.extend(f"- `{rid}`: {msg}" for rid, msg in s["failed"])
-    return "\n".join(lines)
+        text(0)
+        text(0, "Failed runs (last line of the error):")
+        for rid, msg in s["failed"]:
+            text(1, (str(rid), True), f": {msg}")
+    return lines
 
 
-def _md_to_html_list(text: str) -> str:
-    """The summary's few Markdown forms (paragraphs, two-level bullets, `code`) as HTML."""
+def _summary_markdown(s: dict[str, Any]) -> str:
+    """The summary in Markdown; every value escaped (:func:`md_text`, :func:`md_code`): a sweep name, a
+    folder path or an error holding HTML or Markdown shows as written, and runs nothing."""
+    out = []
+    for level, segments in _summary_lines(s):
+        body = "".join(md_code(t) if code else md_text(t) for t, code in segments)
+        out.append(body if level == 0 else "  " * (level - 1) + "- " + body)
+    return "\n".join(out)
+
+
+def _summary_html(s: dict[str, Any]) -> str:
+    """The summary as HTML: paragraphs, two-level lists, code; every value escaped."""
     out, depth = [], 0
-    for line in text.splitlines():
-        stripped = line.lstrip()
-        level = (len(line) - len(stripped)) // 2 + 1 if stripped.startswith("- ") else 0
+    for level, segments in _summary_lines(s):
         while depth < level:
             out.append("<ul>")
             depth += 1
         while depth > level:
             out.append("</ul>")
             depth -= 1
-        body = html.escape(stripped[2:] if level else stripped)
-        parts = body.split("`")
-        body = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+        body = "".join(f"<code>{html.escape(t)}</code>" if code else html.escape(t) for t, code in segments)
         if level:
             out.append(f"<li>{body}</li>")
         elif body:
@@ -188,12 +209,18 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
     (``{"optimizer": ["adam"]}``), for a table restricted as a paper's was.
     """
     db, out_dir = Path(db), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir} is a file; the report is a folder (report.md, report.html, CSVs, "
+                          "figures): give a folder's path")
     runs = load_runs(db)
     if where:
         runs = select_runs(runs, where)
     epochs = load_epochs(db)
     epochs = epochs[epochs["run_id"].isin(runs["run_id"])]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise disk_error(exc, out_dir, "creating the report folder") from None
     tables = build_tables(runs) if len(runs) else []
     report = Report(out_dir, tables)
     report.summary = _what_was_run(db, runs, epochs) if len(runs) else {
@@ -223,9 +250,8 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
         report.files.extend(p for _, p in report.figures)
 
     heading = title or f"initscope results: {db.name}"
-    md = _render_markdown(report, heading)
-    (out_dir / "report.md").write_text(md)
-    (out_dir / "report.html").write_text(_render_html(report, heading))
+    atomic_write_text(out_dir / "report.md", _render_markdown(report, heading))
+    atomic_write_text(out_dir / "report.html", _render_html(report, heading))
     report.files[:0] = [out_dir / "report.md", out_dir / "report.html"]
     return report
 
@@ -261,22 +287,24 @@ _NO_RUNS = "No finished or diverged runs yet."
 
 
 def _render_markdown(report: Report, heading: str) -> str:
-    parts = [f"# {heading}", "", "## What was run", "", _summary_markdown(report.summary), ""]
+    # the heading (--title, or the database's file name), titles and captions hold values: escaped too
+    parts = [f"# {md_text(heading)}", "", "## What was run", "", _summary_markdown(report.summary), ""]
     for t in report.tables:
         if t.data.empty:
-            parts += [f"## {t.title}", "", _NO_RUNS, ""]
+            parts += [f"## {md_text(t.title)}", "", _NO_RUNS, ""]
             continue
-        parts += [f"## {t.title}", "", t.markdown(), "", f"*{t.caption}* CSV: `{t.key}.csv`.", ""]
+        csv = md_code(f"{t.key}.csv")
+        parts += [f"## {md_text(t.title)}", "", t.markdown(), "", f"*{md_text(t.caption)}* CSV: {csv}.", ""]
     if report.figures:
         parts += ["## Figures", ""]
         for caption, png in report.figures:
-            rel = png.relative_to(report.out_dir).as_posix()
-            parts += [f"![{caption}]({rel})", "", caption, ""]
+            rel = png.relative_to(report.out_dir).as_posix()  # a slug: letters, digits, - and _
+            parts += [f"![{md_text(caption)}]({rel})", "", md_text(caption), ""]
     return "\n".join(parts)
 
 
 def _render_html(report: Report, heading: str) -> str:
-    body = [f"<h1>{html.escape(heading)}</h1>", "<h2>What was run</h2>", _md_to_html_list(_summary_markdown(report.summary))]
+    body = [f"<h1>{html.escape(heading)}</h1>", "<h2>What was run</h2>", _summary_html(report.summary)]
     for t in report.tables:
         if t.data.empty:
             body += [f"<h2>{html.escape(t.title)}</h2>", f"<p>{_NO_RUNS}</p>"]

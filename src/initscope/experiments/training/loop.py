@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +37,13 @@ from torch import nn
 import initscope
 from initscope.experiments.data import load_data
 from initscope.experiments.training import distributed
-from initscope.experiments.training.checkpoint import load_state, load_weights, save_state, save_weights
+from initscope.errors import ConfigError
+from initscope.experiments.training.checkpoint import (BEST_FILE, STATE_FILE, CheckpointError, check_state,
+                                                       load_state, load_weights, read_weights, save_state,
+                                                       save_weights, set_aside)
 from initscope.experiments.training.metrics import classification_metrics
 from initscope.experiments.training.optim import lr_at, make_optimizer
+from initscope.fileio import atomic_write_text
 from initscope.methods import METHODS
 from initscope.progress import progress_bar
 
@@ -65,6 +68,7 @@ class RunResult:
     best_epoch: int | None = None
     test: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
+    notes: list[str] = field(default_factory=list)  # what happened besides the result (a checkpoint set aside)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -106,12 +110,39 @@ def build_model(config: "RunConfig", in_channels: int, num_classes: int) -> nn.M
     return with_head(model, config.head, config.norm)
 
 
+def batch_norms(model: nn.Module) -> list[str]:
+    """The names of ``model``'s BatchNorm layers (any dimension)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def check_batch_size(config: "RunConfig", model: nn.Module) -> None:
+    """Refuse a run whose every training step would hand BatchNorm one sample.
+
+    BatchNorm in train mode normalizes each channel over the batch; one sample leaves nothing to
+    normalize over, and PyTorch refuses it. With ``batch_size=1`` (or ``limit=1``) every step is such a
+    step: the run would train nothing. A model without BatchNorm (``norm="none"``) trains with batches of one.
+
+    Raises:
+        ConfigError: naming the run, the layer, and what to change.
+    """
+    if config.batch_size > 1 and config.limit != 1:
+        return
+    norms = batch_norms(model)
+    if norms:
+        what = "batch_size 1" if config.batch_size == 1 else "limit 1 (one training image)"
+        raise ConfigError(
+            f"run {config.run_id} ({config.model}): {what}, but the model has {len(norms)} BatchNorm layer(s) "
+            f"({norms[0]}, ...): BatchNorm in train mode normalizes each channel over the batch and cannot with "
+            "one sample, so no step could train. Use a batch of 2 or more, or norm=none (--norm none)")
+
+
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
             generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of in-memory tensors, in a permutation drawn from ``generator`` (in order without).
 
     Indexing tensors already in memory skips the DataLoader's per-sample collation; a final train batch
-    of one sample is dropped (BatchNorm cannot normalize a single sample).
+    of one sample is dropped when the batches are larger (BatchNorm cannot normalize a single sample;
+    :func:`check_batch_size` refuses batches of one for models with BatchNorm).
     """
     n = len(x)
     if generator is None:
@@ -121,7 +152,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
     order = torch.randperm(n, generator=generator).to(x.device)
     for s in range(0, n, batch_size):
         idx = order[s:s + batch_size]
-        if len(idx) > 1 or n == 1:
+        if len(idx) > 1 or n == 1 or batch_size == 1:
             yield x[idx], y[idx]
 
 
@@ -165,6 +196,44 @@ def _probe_callback(config: "RunConfig", run_dir: Path | None):
     return ProbeCallback(every=config.probe_every, seed=config.seed)
 
 
+def _resumable_state(run_dir: Path, config: "RunConfig", notes: list[str], *,
+                     writer: bool) -> dict[str, Any] | None:
+    """The resume state in ``run_dir`` when there is one that loads and fits this run, else None.
+
+    A state that does not load (truncated, empty, garbage, a pickle: never unpickled, it could run
+    code), does not fit the run, or whose best checkpoint (``best.safetensors``) is missing, damaged or
+    from another epoch is set aside (renamed, by the ``writer`` rank only) and a line is added to
+    ``notes``; the run then starts over.
+    """
+    def aside(path: Path, why: str) -> None:
+        moved = set_aside(path) if writer and path.exists() else path
+        notes.append(f"{path.name} {why}; set aside as {moved.name}; the run starts over from epoch 1")
+
+    state_path = run_dir / STATE_FILE
+    if not state_path.exists():
+        return None
+    try:
+        state = load_state(state_path)
+        check_state(state, config.epochs)
+    except CheckpointError as exc:
+        aside(state_path, f"could not be used ({str(exc).removeprefix(f'{state_path}: ')})")
+        return None
+    if state["best_epoch"] is not None:
+        best_path = run_dir / BEST_FILE
+        try:
+            epoch = read_weights(best_path)[1].get("epoch")
+            if epoch != state["best_epoch"]:
+                raise CheckpointError(f"it holds epoch {epoch}, the resume state's best is epoch {state['best_epoch']}")
+        except CheckpointError as exc:
+            why = str(exc).removeprefix(f"{best_path}: ")
+            notes.append(f"{BEST_FILE}, the best checkpoint the resume state needs, could not be used ({why})")
+            if best_path.exists() and writer:
+                notes[-1] += f"; set aside as {set_aside(best_path).name}"
+            aside(state_path, "cannot resume without it")
+            return None
+    return state
+
+
 # ---------------------------------------------------------------------------------------------- the run
 
 
@@ -175,12 +244,18 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
     Args:
         config: the run.
         out_dir: where ``<run_id>/`` gets ``best.safetensors`` (the best-validation weights), ``state.pt``
-            (the resume state after every epoch), ``result.json``, for folders ``split.json``, and with
+            (the resume state after every epoch, safetensors: no pickle, see :mod:`.checkpoint`),
+            ``result.json``, for folders ``split.json``, and with
             ``probe_every > 0`` ``probe.parquet`` (the probe's rows, with a ``step`` column; on resume
             only the steps after it); None keeps everything in memory.
         progress: show a progress bar (epoch, step, loss, samples per second).
         on_epoch: called with each epoch's history row as soon as it is done.
-        resume: continue from ``out_dir/<run_id>/state.pt`` when there is one.
+        resume: continue from ``out_dir/<run_id>/state.pt`` when there is one; one that cannot be used
+            is set aside and the run starts over (see the result's ``notes``).
+
+    Raises:
+        ConfigError: the run cannot train (BatchNorm with batches of one sample).
+        DiskFullError: a checkpoint could not be written for want of space (nothing half-written stays).
 
     Examples:
         >>> from initscope.experiments.config import RunConfig
@@ -200,7 +275,6 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
         if device.type == "cpu":  # bit-for-bit repeatable; on a GPU it would cost cuDNN its fastest kernels
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.seed)
-        shuffle = torch.Generator().manual_seed(config.seed)
         data = load_data(config.data, root=config.data_root, seed=config.seed, image_size=config.image_size,
                          normalize=config.normalize, limit=config.limit, progress=progress)
         if run_dir is not None and data.files and dist_env.is_main:
@@ -209,29 +283,46 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
         x_val, y_val = _split_tensors(data.val, device)
 
         # -- setup: model, initialization, optimizer ------------------------------------------------
-        model = build_model(config, data.in_channels, data.num_classes)
-        if dist_env.is_main:  # planned once; the other ranks get these weights by broadcast below
-            initscope.init_(model, config.method, **_planned_from(config, data.input_shape, x_train),
-                            generator=torch.Generator().manual_seed(config.seed))
-        model.to(device)
-        opt = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        def fresh() -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler, torch.Generator]:
+            # seeded here, not only above: loading a folder draws from the global generator (the
+            # DataLoader's base seed) on a cache miss, and a restart after a damaged checkpoint builds again
+            torch.manual_seed(config.seed)
+            model = build_model(config, data.in_channels, data.num_classes)
+            check_batch_size(config, model)
+            if dist_env.is_main:  # planned once; the other ranks get these weights by broadcast below
+                initscope.init_(model, config.method, **_planned_from(config, data.input_shape, x_train),
+                                generator=torch.Generator().manual_seed(config.seed))
+            model.to(device)
+            opt = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
+            scaler = torch.amp.GradScaler(device.type, enabled=amp)
+            return model, opt, scaler, torch.Generator().manual_seed(config.seed)
+
+        model, opt, scaler, shuffle = fresh()
         autocast = torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
         probe = _probe_callback(config, run_dir) if dist_env.is_main else None
 
         # -- resume: the state after the last finished epoch, if a killed run left one ----------------
         history: list[dict[str, float]] = []
+        notes: list[str] = []
         best_epoch, best_acc, best_state, start = None, -math.inf, None, 0
-        state_path = run_dir / "state.pt" if run_dir is not None else None
-        best_path = run_dir / "best.safetensors" if run_dir is not None and dist_env.is_main else None
-        if resume and state_path is not None and state_path.exists():
-            st = load_state(state_path)
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            scaler.load_state_dict(st["scaler"])
-            shuffle.set_state(st["shuffle"])
-            torch.set_rng_state(st["torch_rng"])
-            history, best_epoch, best_acc, start = st["history"], st["best_epoch"], st["best_acc"], st["epoch"]
+        state_path = run_dir / STATE_FILE if run_dir is not None else None
+        best_path = run_dir / BEST_FILE if run_dir is not None and dist_env.is_main else None
+        st = _resumable_state(run_dir, config, notes, writer=dist_env.is_main) if resume and run_dir else None
+        if st is not None:
+            try:
+                model.load_state_dict(st["model"])
+                opt.load_state_dict(st["optimizer"])
+                scaler.load_state_dict(st["scaler"])
+                shuffle.set_state(st["shuffle"])
+                torch.set_rng_state(st["torch_rng"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # another model's state: start over
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                moved = set_aside(state_path) if dist_env.is_main else state_path
+                notes.append(f"{STATE_FILE} does not fit this run ({first}); set aside as {moved.name}; the run "
+                             "starts over from epoch 1")
+                model, opt, scaler, shuffle = fresh()  # the failed load may have written part of them
+            else:
+                history, best_epoch, best_acc, start = st["history"], st["best_epoch"], st["best_acc"], st["epoch"]
         distributed.broadcast_module(model, dist_env)
         net = distributed.wrap(model, dist_env, device)  # DDP for the training steps; `model` for the rest
 
@@ -286,6 +377,9 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
                             break
                         bar.update(task, completed=i + 1, loss=f"loss {mean_loss:.4f}",
                                    rate=f"{seen / (time.perf_counter() - t0):.0f} img/s")
+                if seen == 0 and not dist_env.enabled:  # a loss of 0 over no step would be recorded as a result
+                    raise RuntimeError(f"run {run_id}: epoch {epoch + 1} had no training batch (train split of "
+                                       f"{len(x_train)} images, batch_size {config.batch_size})")
                 if dist_env.enabled:  # the epoch's numbers over every rank's shard
                     loss_sum, hits, seen_all = distributed.all_sum(dist_env, loss_sum, hits,
                                                                    torch.tensor(seen, device=device))
@@ -343,12 +437,9 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
                                           data.num_classes)
         result = RunResult(run_id=run_id, config=config, status=status, diverged_epoch=diverged_epoch,
                            history=history, best_epoch=best_epoch, test=test,
-                           checkpoint=best_path if best_epoch is not None else None)
+                           checkpoint=best_path if best_epoch is not None else None, notes=notes)
         if run_dir is not None and dist_env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = run_dir / ".result.json.tmp"
-            tmp.write_text(json.dumps(result.to_dict(), indent=1))
-            os.replace(tmp, run_dir / "result.json")
+            atomic_write_text(run_dir / "result.json", json.dumps(result.to_dict(), indent=1))
         return result
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
