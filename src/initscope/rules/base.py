@@ -182,3 +182,12 @@ class WeightRule(Rule):
 
     def input_signal(self, ctx: Context) -> Signal:
         return ctx.args[0]
+
+
+def bind(args: tuple, kwargs: dict, names: tuple, defaults: dict) -> dict:
+    """An op's arguments by name: ``defaults``, then the positional ``args`` in the order of ``names``,
+    then ``kwargs`` (how a rule reads ``F.layer_norm(x, shape, weight=...)`` whichever way it was called)."""
+    out = dict(defaults)
+    out.update(dict(zip(names, args)))
+    out.update(kwargs)
+    return out

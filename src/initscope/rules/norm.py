@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from initscope.rules.base import Context, Rule
+from initscope.rules.base import Context, Rule, bind
 from initscope.rules.merge import concat_signals
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE
@@ -245,17 +245,10 @@ class LayerNormModule(NormRule):
         return _Norm("layer", x.shape, m.weight, m.bias, m.eps, normalized=len(m.normalized_shape))
 
 
-def _bind(args: tuple, kwargs: dict, names: tuple, defaults: dict) -> dict:
-    out = dict(defaults)
-    out.update(dict(zip(names, args)))
-    out.update(kwargs)
-    return out
-
-
 @register_rule(F.layer_norm)
 class LayerNormFunction(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+        p = bind(args, kwargs, ("normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
         shape = p["normalized_shape"]
         n = 1 if isinstance(shape, int) else len(shape)
         return _Norm("layer", x.shape, p["weight"], p["bias"], p["eps"], normalized=n)
@@ -264,7 +257,7 @@ class LayerNormFunction(NormRule):
 @register_rule(F.batch_norm)
 class BatchNormFunction(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+        p = bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
                   {"weight": None, "bias": None, "eps": 1e-5})
         return _Norm("batch", x.shape, p["weight"], p["bias"], p["eps"])
 
@@ -272,14 +265,14 @@ class BatchNormFunction(NormRule):
 @register_rule(F.group_norm)
 class GroupNormFunction(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+        p = bind(args, kwargs, ("num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
         return _Norm("group", x.shape, p["weight"], p["bias"], p["eps"], p["num_groups"])
 
 
 @register_rule(F.instance_norm)
 class InstanceNormFunction(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
+        p = bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
                   {"weight": None, "bias": None, "eps": 1e-5})
         return _Norm("instance", x.shape, p["weight"], p["bias"], p["eps"])
 
@@ -300,7 +293,7 @@ class RMSNormModule(NormRule):
 @register_rule(F.rms_norm)
 class RMSNormFunction(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("normalized_shape", "weight", "eps"), {"weight": None, "eps": None})
+        p = bind(args, kwargs, ("normalized_shape", "weight", "eps"), {"weight": None, "eps": None})
         shape = p["normalized_shape"]
         n = 1 if isinstance(shape, int) else len(shape)
         return _Norm("rms", x.shape, p["weight"], None, _rms_eps(p["eps"]), normalized=n)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from initscope.geometry import Windows, prod
-from initscope.rules.base import Context, Rule
+from initscope.rules.base import Context, Rule, bind
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.gaussian import max_conditional_mean, max_of_normals
@@ -433,13 +433,6 @@ class AdaptiveMaxPoolModule(PoolRule):
         return adaptive_spec(x.shape[-d:], ctx.module.output_size)
 
 
-def _bind(args: tuple, kwargs: dict, names: tuple, defaults: dict) -> dict:
-    out = dict(defaults)
-    out.update(dict(zip(names, args)))
-    out.update(kwargs)
-    return out
-
-
 _MAX_FUNCS = (F.max_pool1d, F.max_pool2d, F.max_pool3d)
 _AVG_FUNCS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
 _ADAPTIVE_AVG = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
@@ -451,7 +444,7 @@ class MaxPoolFunction(PoolRule):
     kind = "max"
 
     def spec(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+        p = bind(args, kwargs, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
                   {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
         _check_indices(p["return_indices"], ctx.where)
         d = _MAX_FUNCS.index(ctx.node.target) + 1
@@ -461,7 +454,7 @@ class MaxPoolFunction(PoolRule):
 @register_rule(*_AVG_FUNCS)
 class AvgPoolFunction(PoolRule):
     def spec(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+        p = bind(args, kwargs, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
                   {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None})
         d = _AVG_FUNCS.index(ctx.node.target) + 1
         return sliding_spec(x.shape[-d:], p["kernel_size"], p["stride"], p["padding"], 1, p["ceil_mode"],
@@ -471,7 +464,7 @@ class AvgPoolFunction(PoolRule):
 @register_rule(*_ADAPTIVE_AVG)
 class AdaptiveAvgPoolFunction(PoolRule):
     def spec(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("output_size",), {})
+        p = bind(args, kwargs, ("output_size",), {})
         d = _ADAPTIVE_AVG.index(ctx.node.target) + 1
         return adaptive_spec(x.shape[-d:], p["output_size"])
 
@@ -481,7 +474,7 @@ class AdaptiveMaxPoolFunction(PoolRule):
     kind = "max"
 
     def spec(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("output_size", "return_indices"), {"return_indices": False})
+        p = bind(args, kwargs, ("output_size", "return_indices"), {"return_indices": False})
         _check_indices(p["return_indices"], ctx.where)
         d = _ADAPTIVE_MAX.index(ctx.node.target) + 1
         return adaptive_spec(x.shape[-d:], p["output_size"])
@@ -499,7 +492,7 @@ class MeanRule(PoolRule):
     """``x.mean(dims)`` over trailing spatial dims: a global average pool."""
 
     def forward(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
+        p = bind(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
         dims = p["dim"]
         dims = tuple(range(len(x.shape))) if dims is None else ((dims,) if isinstance(dims, int) else tuple(dims))
         nd = len(x.shape)
@@ -605,7 +598,7 @@ class SumRule(Rule):
     """``x.sum(dims)`` (``torch.sum``): see :func:`reduce_forward`."""
 
     def forward(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
+        p = bind(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
         nd = len(x.shape)
         dims = p["dim"]
         dims = tuple(range(nd)) if dims is None else ((dims,) if isinstance(dims, int) else tuple(dims))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from initscope.geometry import prod
-from initscope.rules.base import Context, LayerGeometry, Rule, WeightRule
+from initscope.rules.base import Context, LayerGeometry, Rule, WeightRule, bind
 from initscope.rules.conv import _group_sum, _per_channel, _tuple
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE
@@ -151,13 +151,6 @@ class ConvTransposeModule(WeightRule):
 
 
 # -- upsampling ------------------------------------------------------------------------------------
-def _bind(args: tuple, kwargs: dict, names: tuple, defaults: dict) -> dict:
-    out = dict(defaults)
-    out.update(dict(zip(names, args)))
-    out.update(kwargs)
-    return out
-
-
 @dataclass(frozen=True)
 class Interp:
     """What an interpolation's forward leaves its backward: per-axis matrices (None for nearest)."""
@@ -190,7 +183,7 @@ class InterpolateRule(Rule):
         if ctx.module is not None:
             m = ctx.module
             return {"size": m.size, "scale_factor": m.scale_factor, "mode": m.mode, "align_corners": m.align_corners}
-        return _bind(args, kwargs, ("size", "scale_factor", "mode", "align_corners"),
+        return bind(args, kwargs, ("size", "scale_factor", "mode", "align_corners"),
                      {"size": None, "scale_factor": None, "mode": "nearest", "align_corners": None})
 
     def _run(self, t: Tensor, p: dict) -> Tensor:
