@@ -24,6 +24,7 @@ import math
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.func import functional_call
 
@@ -38,12 +39,14 @@ class _Captured(Exception):
     """Raised by the hook once the layer's output is seen: the rest of the forward pass is not needed."""
 
 
-def _output_variance(model: nn.Module, module: nn.Module, tensors: dict[str, torch.Tensor], inputs: tuple) -> float:
-    """The variance of ``module``'s (first) output when ``model`` runs on ``inputs`` with ``tensors``."""
+def _output_variance(model: nn.Module, module: nn.Module, tensors: dict[str, torch.Tensor], inputs: tuple) -> float | None:
+    """The variance of ``module``'s output when ``model`` runs on ``inputs`` with ``tensors``; None when its
+    forward is not called (its weight is used by another module's code) or returns no tensor."""
     seen: list[torch.Tensor] = []
 
     def hook(mod, args, output):
-        seen.append(output.detach())
+        if isinstance(output, torch.Tensor):
+            seen.append(output.detach())
         raise _Captured
 
     handle = module.register_forward_hook(hook)
@@ -53,9 +56,62 @@ def _output_variance(model: nn.Module, module: nn.Module, tensors: dict[str, tor
         pass
     finally:
         handle.remove()
-    if not seen:
-        raise ValueError(f"lsuv: {type(module).__name__} was not reached by the forward pass on the batch")
-    return float(seen[0].double().var())
+    return float(seen[0].double().var()) if seen else None
+
+
+def _uses(node: fx.Node, weight_path: str) -> bool:
+    """Whether the traced ``node`` is a call of the weight at ``weight_path`` (a module's or a functional one)."""
+    if node.op == "call_module":
+        return f"{node.target}.weight" == weight_path
+    if node.op != "call_function":
+        return False
+    args = list(node.args) + list(node.kwargs.values())
+    return any(isinstance(a, fx.Node) and a.op == "get_attr" and a.target == weight_path for a in args)
+
+
+class _Graph:
+    """The model as initscope traces it, run up to the first call of a weight.
+
+    A weight used outside its module's forward (``nn.MultiheadAttention``'s ``in_proj_weight`` and
+    ``out_proj``, Swin's ``qkv`` and ``proj``, which torchvision calls through ``F.linear``) has no
+    module output to hook; the traced graph writes such modules out as one call per weight
+    (:mod:`initscope.graph.trace`), and that call's output is the layer's.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from initscope.graph.trace import trace
+
+        self.module = fx.GraphModule(model, trace(model).graph)
+
+    def variance(self, weight_path: str, tensors: dict[str, torch.Tensor], inputs: tuple) -> float | None:
+        target = next((n for n in self.module.graph.nodes if _uses(n, weight_path)), None)
+        if target is None:
+            return None
+        seen: list[torch.Tensor] = []
+
+        class Stop(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n is target:
+                    if isinstance(out, torch.Tensor):
+                        seen.append(out.detach())
+                    raise _Captured
+                return out
+
+        class Run(nn.Module):
+            def __init__(self, graph: fx.GraphModule) -> None:
+                super().__init__()
+                self.graph = graph
+
+            def forward(self, *args):
+                return Stop(self.graph).run(*args)
+
+        own = {name for name, _ in self.module.named_parameters()} | {name for name, _ in self.module.named_buffers()}
+        try:
+            functional_call(Run(self.module), {f"graph.{k}": v for k, v in tensors.items() if k in own}, inputs)
+        except _Captured:
+            pass
+        return float(seen[0].double().var()) if seen else None
 
 
 @register_method("lsuv")
@@ -94,11 +150,19 @@ class LSUV(AsvForwardExact):
 
         for path in candidates:
             put(path)
+        graph: _Graph | None = None
         with torch.no_grad():
             for layer in plan.layers:
                 module = model.get_submodule(layer.name)
+                hooked = layer.weight_path == f"{layer.name}.weight"
                 for _ in range(MAX_ITERATIONS):
-                    var = _output_variance(model, module, tensors, inputs)
+                    var = _output_variance(model, module, tensors, inputs) if hooked else None
+                    if var is None:
+                        hooked = False
+                        graph = graph or _Graph(model)
+                        var = graph.variance(layer.weight_path, tensors, inputs)
+                    if var is None:
+                        raise ValueError(f"lsuv: {layer.name!r} was not reached by the forward pass on the batch")
                     if not (math.isfinite(var) and var > 0):
                         raise ValueError(f"lsuv: layer {layer.name!r} has output variance {var} on the batch; "
                                          "nothing was written")
