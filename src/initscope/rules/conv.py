@@ -325,6 +325,11 @@ class StandardizedConv(ConvModule):
     (``weight``), which is what the model trains.
     """
 
+    def forward_unit(self, ctx: Context, *args, **kwargs) -> Signal:
+        # Each output channel's standardized weights sum to zero over its fan-in, so what every tap of a
+        # window reads alike (the marginal's mean, after an activation) adds nothing to the output.
+        return conv_forward_unit(ctx, _centred(self.input_signal(ctx)), self.spec(ctx))
+
     def effective_var(self, ctx: Context, var: float) -> float:
         m = ctx.module
         gain = getattr(m, "gain", None)
@@ -341,3 +346,25 @@ class StandardizedConv(ConvModule):
             padding = "same"
         return ctx.remember(ConvSpec, tuple(x.shape), lambda: ConvSpec.build(
             x.shape, m.weight.shape, m.stride, padding, m.dilation, m.groups, m.padding_mode))
+
+
+def _centred(x: Signal) -> Signal:
+    r"""The statistics of ``x − E[x]`` when the marginal's mean is the same fraction f of every element's
+    root second moment (``mean_fraction``): ``m2 (1 − f²)``, ``f² √(m_p m_q)`` off the covariance, and the
+    shares (``rho``, ``xcorr``, ``pooled``) of the rest. For a zero-sum kernel (a standardized weight)
+    ``E[(Σ_k w_k x_k)²] = v (Σ_k E[x_k²] − E[(Σ_k x_k)²]/K)``, whose largest part is this."""
+    f2 = x.mean_fraction**2
+    if f2 <= 0 or x.const is not None:
+        return x
+    keep = 1.0 - f2
+
+    def share(r: float) -> float:
+        return min(max((r - f2) / keep, 0.0), 1.0)
+
+    cov = x.spatial.cov
+    if cov is not None:
+        s = x.channel_map().reshape(-1).sqrt()
+        cov = cov - f2 * torch.outer(s, s).reshape(cov.shape)
+    pooled = x.shared.pooled
+    return x.with_(m2=x.m2 * keep, spatial=Spatial(cov, share(x.spatial.rho)),
+                   shared=Shared(share(x.shared.xcorr), None if pooled is None else share(pooled)), dist=None)
