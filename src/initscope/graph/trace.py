@@ -152,7 +152,27 @@ def _finish(model: nn.Module, graph: fx.Graph) -> Traced:
             node.meta["initscope_param"] = _fetch(model, node.target)
         elif node.op in ("call_module", "call_function", "call_method"):
             node.meta["initscope_training"] = _training(modes, node, model.training)
+            features = _linear_in_features(model, node)
+            if features is not None:
+                node.meta["initscope_linear_in"] = features
+            elif node.op == "call_module" and isinstance(model.get_submodule(str(node.target)), nn.Identity):
+                node.meta["initscope_identity"] = True  # timm's q_norm / k_norm when qk_norm is off
     return Traced(model, graph, nodes)
+
+
+def _linear_in_features(model: nn.Module, node: fx.Node) -> int | None:
+    """The width a Linear reads (``nn.Linear`` or ``F.linear`` by a parameter), None for any other node.
+
+    The attention rule reads it: q, k and v projected by one Linear from the same tokens are images of
+    the same E-dimensional vectors (:mod:`initscope.rules.attention`)."""
+    if node.op == "call_module":
+        m = model.get_submodule(str(node.target))
+        return int(m.in_features) if isinstance(m, nn.Linear) else None
+    if node.op == "call_function" and node.target is F.linear:
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if isinstance(w, fx.Node) and w.op == "get_attr":
+            return int(_fetch(model, w.target).shape[-1])
+    return None
 
 
 def _training(modes: dict[str, bool], node: fx.Node, default: bool) -> bool:

@@ -22,8 +22,17 @@ The softmax's expectations (A₂, the column sums, the backward through it) have
 finite L and S². The rule computes them at this Gaussian model by a fixed-seed simulation of the
 attention op itself (:func:`simulate`): q, k, v drawn with the propagated per-token second moments and
 token correlations, the real softmax, the real backward with the arriving gradient's per-token map
-and correlation. Deterministic (one generator seed), so a plan is reproducible; its statistical noise
-is ~1 % per token, and the means over tokens are used wherever the inputs are token-uniform.
+and correlation. Deterministic (one generator seed), so a plan is reproducible; the means over tokens
+are used wherever the inputs are token-uniform (noise ~1 %). A token whose map differs from the
+others (a class token) is one sample per simulated row: its own statistics carry ~9 % noise (q's
+gradient), and up to a factor 1.8 where it is a key that a one-hot softmax rarely picks.
+
+When one Linear projects q, k and v from the same tokens of width E (self-attention; the tracer marks
+Linear nodes with their input width, :func:`shared_tokens` follows q, k and v back to them), they are
+independent only *given* the tokens: two tokens overlap by ``x_i·x_j/E``, and a sum over keys of
+products of two projections (``∂L/∂q_i = Σ_j ∂L/∂s_ij k_j/√d``) collects the overlaps, a factor
+``1 + (L − 1)/E`` on q's gradient when the softmax is flat. The simulation then draws the three as
+projections of one Gram matrix (:func:`_token_roots`).
 
 Products of two tensors that are not attention (``matmul``, ``bmm``, two-operand ``einsum``): for
 independent factors ``E[(Σ_k a_k b_k)²] = Σ_k E[a_k²]E[b_k²] (1 + (K - 1) c_a c_b)`` with c the
@@ -40,11 +49,13 @@ import operator
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from initscope.rules.base import Context, Rule
+from initscope.rules.base import Context, Rule, bind
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE
 from initscope.stats.signal import Grad, Layout, Shared, Signal, Spatial, compact
@@ -84,12 +95,43 @@ def _clip(r: float) -> float:
     return min(max(float(r), 0.0), 0.999)
 
 
-def _field(gen: torch.Generator, rows: int, length: int, width: int, m: Tensor, rho: float) -> Tensor:
-    """Gaussian ``(rows, length, width)`` with per-token second moment ``m`` and token correlation rho."""
+def _field(gen: torch.Generator, rows: int, length: int, width: int, m: Tensor, rho: float,
+           tokens: Tensor | None = None, width_in: int = 0) -> Tensor:
+    """Gaussian ``(rows, length, width)`` with per-token second moment ``m`` and token correlation rho.
+
+    ``tokens``: the square root (``(rows, length, length)`` or ``(rows, length, width_in)``) of the Gram
+    matrix of the tokens that the field projects (see :func:`_token_roots`); without it, tokens are
+    independent."""
     common = torch.randn(rows, 1, width, generator=gen, dtype=torch.float32)
-    own = torch.randn(rows, length, width, generator=gen, dtype=torch.float32)
+    if tokens is None:
+        own = torch.randn(rows, length, width, generator=gen, dtype=torch.float32)
+    else:
+        inner = tokens.shape[-1]
+        own = tokens @ torch.randn(rows, inner, width, generator=gen, dtype=torch.float32) / math.sqrt(width_in)
     z = math.sqrt(rho) * common + math.sqrt(1.0 - rho) * own
     return z * m.to(torch.float32).clamp(min=0).sqrt().reshape(1, length, 1)
+
+
+def _token_roots(rows: int, length: int, width_in: int) -> Tensor:
+    r"""A square root R of ``Z Zᵀ`` for ``rows`` draws of ``length`` i.i.d. N(0, I) tokens ``Z`` of width
+    ``width_in``: ``R ε`` with ``ε`` i.i.d. N(0, 1) is distributed as ``Z W`` with W i.i.d. N(0, 1).
+
+    q, k and v projected from the same tokens by independent weights are, given the tokens, independent
+    fields whose covariance over tokens is ``Z Zᵀ / E`` (E = ``width_in``), not the identity: two tokens
+    overlap by ``z_i·z_j / E``, of order ``1/√E``. A sum over tokens of products of two of them
+    (``∂L/∂q_i = Σ_j ∂L/∂s_ij k_j/√d``, where ``∂L/∂s_ij`` holds ``g·v_j``) collects those overlaps:
+    ``E|Σ_j (g·v_j) k_j|² ∝ tr((Z Zᵀ)²) = L E² + L(L − 1)E`` instead of ``L E²``, a factor ``1 + (L − 1)/E``
+    (1.33 for 65 tokens of width 192, when the softmax is flat). Drawn as the Bartlett factor of the
+    Wishart matrix when ``width_in ≥ length`` (``(rows, L, L)``, its cost free of E), else as Z itself.
+    The generator is numpy's, seeded like the rest of the simulation: the plan stays deterministic."""
+    rng = np.random.default_rng(_SEED)
+    if width_in < length:
+        return torch.from_numpy(rng.standard_normal((rows, length, width_in)).astype(np.float32))
+    lower = np.tril(rng.standard_normal((rows, length, length)), -1)
+    dof = width_in - np.arange(length)
+    diag = np.sqrt(rng.chisquare(dof, size=(rows, length)))
+    lower[:, np.arange(length), np.arange(length)] = diag
+    return torch.from_numpy(lower.astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -126,16 +168,18 @@ def _key(t: Tensor | None) -> tuple | None:
 
 
 @lru_cache(maxsize=256)
-def _simulate_cached(mq, mk, mv, rq, rk, rv, g, rg, d, dv, scale, mask_key, causal):
+def _simulate_cached(mq, mk, mv, rq, rk, rv, g, rg, d, dv, scale, mask_key, causal, width_in):
     mask = _MASKS.get(mask_key)
     lq, lk = len(mq), len(mk)
     rows = max(8, min(512, _TOKENS // max(lq, 1)))
     gen = torch.Generator().manual_seed(_SEED)
     mqt, mkt, mvt = (torch.tensor(v, dtype=torch.float64) for v in (mq, mk, mv))
+    # q, k and v of self-attention project the same tokens: one Gram matrix per draw for the three.
+    roots = _token_roots(rows, lq, width_in) if width_in and lq == lk else None
     with torch.enable_grad():
-        q = _field(gen, rows, lq, d, mqt, rq).requires_grad_(True)
-        k = _field(gen, rows, lk, d, mkt, rk).requires_grad_(True)
-        v = _field(gen, rows, lk, dv, mvt, rv).requires_grad_(True)
+        q = _field(gen, rows, lq, d, mqt, rq, roots, width_in).requires_grad_(True)
+        k = _field(gen, rows, lk, d, mkt, rk, roots, width_in).requires_grad_(True)
+        v = _field(gen, rows, lk, dv, mvt, rv, roots, width_in).requires_grad_(True)
         s = q @ k.transpose(-2, -1) * scale
         if mask is not None:
             bank = mask.reshape(-1, lq, lk).to(torch.float32)
@@ -158,8 +202,12 @@ _MASKS: dict = {}
 
 
 def simulate(mq: Tensor, mk: Tensor, mv: Tensor, rq: float, rk: float, rv: float, d: int, dv: int, scale: float,
-             g: Tensor | None = None, rg: float = 0.0, mask: Tensor | None = None, causal: bool = False) -> Simulated:
-    """Attention at the Gaussian model (see the module): per-token maps in, per-token maps out."""
+             g: Tensor | None = None, rg: float = 0.0, mask: Tensor | None = None, causal: bool = False,
+             width_in: int | None = None) -> Simulated:
+    """Attention at the Gaussian model (see the module): per-token maps in, per-token maps out.
+
+    ``width_in``: q, k and v are projections of the same tokens of this width (self-attention through
+    one Linear, :func:`shared_tokens`); None: independent fields."""
     mask_key = None
     if mask is not None:
         mask_key = ("mask", tuple(mask.shape), hash(mask.to(torch.float64).numpy().tobytes()))
@@ -167,7 +215,7 @@ def simulate(mq: Tensor, mk: Tensor, mv: Tensor, rq: float, rk: float, rv: float
     # Token-uniform inputs give token-uniform outputs: simulate with uniform maps and average.
     return _simulate_cached(_key(mq), _key(mk), _key(mv), round(_clip(rq), 6), round(_clip(rk), 6),
                             round(_clip(rv), 6), _key(g), round(_clip(rg), 6), int(d), int(dv),
-                            float(scale), mask_key, bool(causal))
+                            float(scale), mask_key, bool(causal), int(width_in or 0))
 
 
 def _uniform_if(t: Tensor, uniform: bool) -> Tensor:
@@ -207,18 +255,21 @@ class AttentionCall:
     scale: float
     mask: Tensor | None
     causal: bool
+    width_in: int | None = None
 
 
 def attention_forward(ctx: Context, q: Signal, k: Signal, v: Signal, scale: float | None = None,
-                      mask=None, causal: bool = False) -> Signal:
-    """The Signal of ``softmax(q kᵀ · scale + mask) v`` (tokens at dim -2 of each)."""
+                      mask=None, causal: bool = False, width_in: int | None = None) -> Signal:
+    """The Signal of ``softmax(q kᵀ · scale + mask) v`` (tokens at dim -2 of each); ``width_in`` as in
+    :func:`simulate`."""
     d, dv = int(q.shape[-1]), int(v.shape[-1])
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     mq, mk, mv = (_token_map(s.m2, s.shape, -2) for s in (q, k, v))
     m = _mask_value(mask)
     uniform = _is_uniform(mq, mk, mv) and m is None
-    sim = simulate(mq, mk, mv, _corr(q, -2), _corr(k, -2), _corr(v, -2), d, dv, scale, mask=m, causal=causal)
-    ctx.put(AttentionCall(q, k, v, d, dv, scale, m, causal))
+    sim = simulate(mq, mk, mv, _corr(q, -2), _corr(k, -2), _corr(v, -2), d, dv, scale, mask=m, causal=causal,
+                   width_in=width_in)
+    ctx.put(AttentionCall(q, k, v, d, dv, scale, m, causal, width_in))
     shape = torch.Size((*torch.broadcast_shapes(q.shape[:-2], v.shape[:-2]), int(q.shape[-2]), dv))
     nd = len(shape)
     out = _uniform_if(sim.out, uniform).reshape((1,) * (nd - 2) + (-1, 1))
@@ -232,7 +283,7 @@ def attention_backward(ctx: Context, grad: Grad) -> dict:
     mq, mk, mv = (_token_map(s.m2, s.shape, -2) for s in (q, k, v))
     uniform = _is_uniform(mq, mk, mv, g) and call.mask is None
     sim = simulate(mq, mk, mv, _corr(q, -2), _corr(k, -2), _corr(v, -2), call.d, call.dv, call.scale,
-                   g=g, rg=_corr(grad, -2), mask=call.mask, causal=call.causal)
+                   g=g, rg=_corr(grad, -2), mask=call.mask, causal=call.causal, width_in=call.width_in)
     out: dict = {}
     for sig, gm, rho in ((q, sim.gq, sim.gq_rho), (k, sim.gk, sim.gk_rho), (v, sim.gv, sim.gv_rho)):
         if sig.const is not None:
@@ -246,11 +297,33 @@ def attention_backward(ctx: Context, grad: Grad) -> dict:
     return out
 
 
-def _bind(args: tuple, kwargs: dict, names: tuple, defaults: dict) -> dict:
-    out = dict(defaults)
-    out.update(dict(zip(names, args)))
-    out.update(kwargs)
-    return out
+def _projected_by(node) -> fx.Node | None:
+    """The Linear node whose output ``node`` is, through shape ops and identities only (heads split off,
+    q/k/v unbound or chunked, transposed); None when something else stands between."""
+    from initscope.rules.passthrough import _SHAPE_FUNCTIONS, _SHAPE_METHODS
+
+    while isinstance(node, fx.Node):
+        if "initscope_linear_in" in node.meta:
+            return node
+        shape_op = (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
+            node.op == "call_function" and node.target in _SHAPE_FUNCTIONS) or "initscope_identity" in node.meta
+        if not shape_op or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+def shared_tokens(*nodes) -> int | None:
+    """The width of the tokens that q, k and v (graph nodes) all project, when one Linear or Linears
+    reading one tensor made them all (self-attention); None otherwise (cross-attention, anything else)."""
+    linears = [_projected_by(n) for n in nodes]
+    if any(lin is None for lin in linears):
+        return None
+    sources = {lin.args[0] if lin.args else lin.kwargs.get("input") for lin in linears}
+    widths = {lin.meta["initscope_linear_in"] for lin in linears}
+    if len(sources) != 1 or len(widths) != 1:
+        return None
+    return int(widths.pop())
 
 
 @register_rule(F.scaled_dot_product_attention)
@@ -260,10 +333,12 @@ class ScaledDotProductAttention(Rule):
     when the node runs in eval mode, as an initialization is planned)."""
 
     def forward(self, ctx: Context, *args, **kwargs) -> Signal:
-        p = _bind(args, kwargs, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"),
+        p = bind(args, kwargs, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"),
                   {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None})
+        nodes = bind(ctx.node.args, ctx.node.kwargs, ("query", "key", "value"), {})
+        width_in = shared_tokens(nodes["query"], nodes["key"], nodes["value"])
         return attention_forward(ctx, p["query"], p["key"], p["value"], p["scale"], p["attn_mask"],
-                                 bool(p["is_causal"]))
+                                 bool(p["is_causal"]), width_in)
 
     def backward(self, ctx: Context, grad: Grad) -> dict:
         return attention_backward(ctx, grad)
@@ -295,7 +370,7 @@ class SoftmaxRule(Rule):
     """``softmax(x, dim)``: weights of second moment ``A₂/L`` that sum to one along ``dim``."""
 
     def _dim(self, ctx: Context, x: Signal, args, kwargs) -> int:
-        p = _bind(args, kwargs, ("dim",), {"dim": None})
+        p = bind(args, kwargs, ("dim",), {"dim": None})
         if p["dim"] is None:
             if ctx.module is not None and getattr(ctx.module, "dim", None) is not None:
                 return int(ctx.module.dim) % len(x.shape)

@@ -20,7 +20,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from initscope.rules.attention import AttentionCall, _token_map, attention_backward, attention_forward, tokens_layout
+from initscope.rules.attention import (AttentionCall, _token_map, attention_backward, attention_forward, shared_tokens,
+                                       tokens_layout)
 from initscope.rules.base import Context, Rule
 from initscope.rules.passthrough import ShapeRule
 from initscope.rules.registry import register_rule
@@ -131,7 +132,7 @@ class SwinWindowAttention(Rule):
         extra = shift_mask(window, shift, ph, pw)
         if extra is not None:
             mask = (mask if mask is not None else torch.zeros(1, dtype=DTYPE)).unsqueeze(0) + extra.unsqueeze(1)
-        out = attention_forward(ctx, q, q, q, None, mask)
+        out = attention_forward(ctx, q, q, q, None, mask, width_in=shared_tokens(ctx.node.args[0]))
         n, tokens, c3 = (int(s) for s in qkv.shape)
         m = _token_map(out.m2, out.shape, -2).reshape(1, tokens, 1)
         return Signal(torch.Size((n, tokens, c3 // 3)), m, tokens_layout(3, 1), Spatial(rho=out.spatial.rho),
