@@ -21,7 +21,7 @@ on any model initscope plans, where the packages walk ``nn.Sequential`` chains o
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -39,24 +39,37 @@ class _Captured(Exception):
     """Raised by the hook once the layer's output is seen: the rest of the forward pass is not needed."""
 
 
-def _output_variance(model: nn.Module, module: nn.Module, tensors: dict[str, torch.Tensor], inputs: tuple) -> float | None:
-    """The variance of ``module``'s output when ``model`` runs on ``inputs`` with ``tensors``; None when its
-    forward is not called (its weight is used by another module's code) or returns no tensor."""
-    seen: list[torch.Tensor] = []
+# Reruns one weight layer on the input it saw, with the tensors (path -> tensor) given: the layers before
+# it are settled while it is scaled, so only the layer itself is run again.
+Replay = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
-    def hook(mod, args, output):
+
+def _own(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def _module_call(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], inputs: tuple) -> Replay | None:
+    """Run ``model`` on ``inputs`` with ``tensors`` up to the module ``name``; None when its forward is not
+    called (its weight is used by another module's code) or returns no tensor."""
+    module = model.get_submodule(name)
+    seen: list[tuple] = []
+
+    def hook(mod, args, kwargs, output):
         if isinstance(output, torch.Tensor):
-            seen.append(output.detach())
+            seen.append((args, kwargs))
         raise _Captured
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(hook, with_kwargs=True)
     try:
         functional_call(model, tensors, inputs)
     except _Captured:
         pass
     finally:
         handle.remove()
-    return float(seen[0].double().var()) if seen else None
+    if not seen:
+        return None
+    args, kwargs = seen[0]
+    return lambda t: functional_call(module, _own(t, name), args, kwargs)
 
 
 def _uses(node: fx.Node, weight_path: str) -> bool:
@@ -82,21 +95,20 @@ class _Graph:
         from initscope.graph.trace import trace
 
         self.module = fx.GraphModule(model, trace(model).graph)
+        self.names = {n for n, _ in self.module.named_parameters()} | {n for n, _ in self.module.named_buffers()}
 
-    def variance(self, weight_path: str, tensors: dict[str, torch.Tensor], inputs: tuple) -> float | None:
+    def call(self, weight_path: str, tensors: dict[str, torch.Tensor], inputs: tuple) -> Replay | None:
         target = next((n for n in self.module.graph.nodes if _uses(n, weight_path)), None)
         if target is None:
             return None
-        seen: list[torch.Tensor] = []
+        seen: list[tuple] = []
 
         class Stop(fx.Interpreter):
             def run_node(self, n):
-                out = super().run_node(n)
                 if n is target:
-                    if isinstance(out, torch.Tensor):
-                        seen.append(out.detach())
+                    seen.append(self.fetch_args_kwargs_from_env(n))
                     raise _Captured
-                return out
+                return super().run_node(n)
 
         class Run(nn.Module):
             def __init__(self, graph: fx.GraphModule) -> None:
@@ -106,12 +118,23 @@ class _Graph:
             def forward(self, *args):
                 return Stop(self.graph).run(*args)
 
-        own = {name for name, _ in self.module.named_parameters()} | {name for name, _ in self.module.named_buffers()}
         try:
-            functional_call(Run(self.module), {f"graph.{k}": v for k, v in tensors.items() if k in own}, inputs)
+            functional_call(Run(self.module), {f"graph.{k}": v for k, v in tensors.items() if k in self.names}, inputs)
         except _Captured:
             pass
-        return float(seen[0].double().var()) if seen else None
+        if not seen:
+            return None
+        args, kwargs = seen[0]
+        if target.op == "call_module":
+            module = self.module.get_submodule(str(target.target))
+            return lambda t: functional_call(module, _own(t, str(target.target)), args, kwargs)
+
+        def fresh(node_arg, value, t):
+            # The parameters the call reads are the tensors being scaled, not the ones it saw.
+            return t[node_arg.target] if isinstance(node_arg, fx.Node) and node_arg.op == "get_attr" else value
+
+        return lambda t: target.target(*(fresh(a, v, t) for a, v in zip(target.args, args)),
+                                       **{k: fresh(target.kwargs[k], v, t) for k, v in kwargs.items()})
 
 
 @register_method("lsuv")
@@ -153,16 +176,15 @@ class LSUV(AsvForwardExact):
         graph: _Graph | None = None
         with torch.no_grad():
             for layer in plan.layers:
-                module = model.get_submodule(layer.name)
                 hooked = layer.weight_path == f"{layer.name}.weight"
+                replay = _module_call(model, layer.name, tensors, inputs) if hooked else None
+                if replay is None:
+                    graph = graph or _Graph(model)
+                    replay = graph.call(layer.weight_path, tensors, inputs)
+                if replay is None:
+                    raise ValueError(f"lsuv: {layer.name!r} was not reached by the forward pass on the batch")
                 for _ in range(MAX_ITERATIONS):
-                    var = _output_variance(model, module, tensors, inputs) if hooked else None
-                    if var is None:
-                        hooked = False
-                        graph = graph or _Graph(model)
-                        var = graph.variance(layer.weight_path, tensors, inputs)
-                    if var is None:
-                        raise ValueError(f"lsuv: {layer.name!r} was not reached by the forward pass on the batch")
+                    var = float(replay(tensors).double().var())
                     if not (math.isfinite(var) and var > 0):
                         raise ValueError(f"lsuv: layer {layer.name!r} has output variance {var} on the batch; "
                                          "nothing was written")
