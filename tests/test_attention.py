@@ -151,6 +151,48 @@ def test_simulation_projects_q_k_v_from_the_same_tokens():
     assert math.log2(measured / independent) == pytest.approx(math.log2(1 + (length - 1) / width), abs=0.1)
 
 
+def test_simulation_samples_a_class_token_afresh(monkeypatch):
+    # Under a one-hot softmax the gradient that one query (a class token carrying the head's gradient)
+    # sends through the softmax is a rare event per simulated row: the full simulation's 252 rows left
+    # its q gradient ±9 % (and what it sends a key ±80 %) on the seed, and the error went into every block.
+    # Drawn afresh 64 times per row against the same keys, it is held to the op at ViT-Tiny's shape.
+    import initscope.rules.attention as A
+
+    length, width, heads, batch = 65, 192, 3, 16
+    d = width // heads
+    s2 = 6.0  # E[q²]: logits of variance 36
+    got = {"gq0": [], "gk": [], "gv": []}
+    for draw in range(32):
+        gen = torch.Generator().manual_seed(draw)
+        x = F.layer_norm(torch.randn(batch, length, width, generator=gen, dtype=torch.float64), (width,))
+        w = torch.randn(3 * width, width, generator=gen, dtype=torch.float64) * math.sqrt(s2 / width)
+        q, k, v = (t.requires_grad_(True) for t in (x @ w.T).unflatten(-1, (3, heads, d)).permute(2, 0, 3, 1, 4).unbind(0))
+        o = F.scaled_dot_product_attention(q, k, v)
+        g = torch.zeros_like(o)
+        g[:, :, 0] = torch.randn(batch, heads, d, generator=gen, dtype=torch.float64)
+        gq, gk, gv = torch.autograd.grad(o, (q, k, v), g)
+        got["gq0"].append(float((gq[:, :, 0] ** 2).mean()))
+        got["gk"].append(float((gk**2).mean()))
+        got["gv"].append(float((gv**2).mean()))
+    m = torch.full((length,), s2, dtype=torch.float64)
+    cls = torch.zeros(length, dtype=torch.float64)
+    cls[0] = 1.0
+    sims = []
+    for seed in (0, 1):
+        monkeypatch.setattr(A, "_SEED", seed)
+        A._simulate_cached.cache_clear()
+        sims.append(A.simulate(m, m, m, 0, 0, 0, d, d, d**-0.5, g=cls, width_in=width))
+    A._simulate_cached.cache_clear()
+    for key, pred in (("gq0", [float(s.gq[0]) for s in sims]), ("gk", [float(s.gk.mean()) for s in sims]),
+                      ("gv", [float(s.gv.mean()) for s in sims])):
+        measured = sum(got[key]) / len(got[key])
+        assert abs(math.log2(pred[0] / pred[1])) < 0.06, (key, pred)
+        # The keys' gradient is measured 0.11 bits above the Gaussian model at this shape (docs/theory.md,
+        # "What is not closed").
+        bound = 0.2 if key == "gk" else 0.1
+        assert abs(math.log2(measured / pred[0])) < bound, (key, measured, pred[0])
+
+
 def test_lsuv_scales_weights_used_outside_their_module():
     # nn.MultiheadAttention uses in_proj_weight and out_proj.weight in F.multi_head_attention_forward, so
     # no forward hook sees their outputs: lsuv reads them off the traced graph.
@@ -234,12 +276,11 @@ def test_conv_transpose_counts_its_borders():
 
 # -- the agreement tests of issue 17, item 4 -------------------------------------------------------
 METHODS = ["kaiming-forward", "asv-forward", "asv-backward", "asv-forward-exact", "asv-backward-exact"]
-# The gradients into the first blocks are off by up to 1.2 bits under these two (docs/theory.md, "What is
-# not closed"): asv-backward makes the softmax nearly one-hot (logit variance 36), where the class
-# token's gradient, which dominates every block below the head, is simulated from a few hundred rows;
-# asv-backward-exact makes it nearly flat in the first blocks, where the tokens' anisotropy (the patch
-# embedding's Wishart spectrum) adds to the q gradient. The forward holds for every method.
-VIT_BACKWARD_OPEN = {"asv-backward", "asv-backward-exact"}
+# asv-backward-exact makes the softmax of the first blocks nearly flat (E[q²] ~ 0.2), where each value's
+# gradient is the mean of all the queries' gradients: an error in their token correlation is multiplied
+# by L there, and the gradients into blocks 1-3 are measured up to 1.4 bits above the prediction
+# (docs/theory.md, "What is not closed"). Its forward holds, as every other method's gradient does.
+VIT_BACKWARD_OPEN = {"asv-backward-exact"}
 
 
 @pytest.mark.slow
@@ -262,14 +303,12 @@ def test_vit_tiny_like_predictions_hold(method, one_thread):
         assert all(abs(fwd[l.name]) < 0.75 for l in held)
 
 
-@pytest.mark.xfail(strict=True, reason="the class token's gradient under a one-hot softmax (asv-backward) and the "
-                   "tokens' anisotropy under a flat one (asv-backward-exact): up to 1.2 bits (docs/theory.md, "
-                   "'What is not closed')")
+@pytest.mark.xfail(strict=True, reason="a flat softmax multiplies the error in the gradient's token correlation by "
+                   "L: gradients into blocks 1-3 up to 1.4 bits high (docs/theory.md, 'What is not closed')")
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(VIT_BACKWARD_OPEN))
-def test_vit_tiny_like_gradient_under_asv_backward(method, one_thread):
+def test_vit_tiny_like_gradient_under_asv_backward_exact(one_thread):
     model = vit_tiny_like()
-    p = initscope.plan(model, method, input_shape=(3, 64, 64), cache=False)
+    p = initscope.plan(model, "asv-backward-exact", input_shape=(3, 64, 64), cache=False)
     me = measure(model, p, (3, 64, 64), batch=16, draws=8, seed=0)
     _, bwd = _gaps(p, me)
     assert max(abs(b) for b in bwd.values()) < 0.75

@@ -174,28 +174,104 @@ def _simulate_cached(mq, mk, mv, rq, rk, rv, g, rg, d, dv, scale, mask_key, caus
     rows = max(8, min(512, _TOKENS // max(lq, 1)))
     gen = torch.Generator().manual_seed(_SEED)
     mqt, mkt, mvt = (torch.tensor(v, dtype=torch.float64) for v in (mq, mk, mv))
+    gt = None if g is None else torch.tensor(g, dtype=torch.float64)
     # q, k and v of self-attention project the same tokens: one Gram matrix per draw for the three.
     roots = _token_roots(rows, lq, width_in) if width_in and lq == lk else None
+    # The additive mask of each row (a bank of masks, as Swin's windows, taken in turn), and causality.
+    bank = None
+    if mask is not None:
+        masks = mask.reshape(-1, lq, lk).to(torch.float32)
+        bank = masks[torch.arange(rows) % masks.shape[0]]
+    if causal:
+        blocked = torch.ones(lq, lk, dtype=torch.bool).triu(1 + lk - lq)
+        bank = (torch.zeros(rows, lq, lk) if bank is None else bank).masked_fill(blocked, float("-inf"))
+    special = _special_queries(mq, g)
     with torch.enable_grad():
         q = _field(gen, rows, lq, d, mqt, rq, roots, width_in).requires_grad_(True)
         k = _field(gen, rows, lk, d, mkt, rk, roots, width_in).requires_grad_(True)
         v = _field(gen, rows, lk, dv, mvt, rv, roots, width_in).requires_grad_(True)
         s = q @ k.transpose(-2, -1) * scale
-        if mask is not None:
-            bank = mask.reshape(-1, lq, lk).to(torch.float32)
-            idx = torch.arange(rows) % bank.shape[0]
-            s = s + bank[idx]
-        if causal:
-            s = s.masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu(1 + lk - lq), float("-inf"))
+        if bank is not None:
+            s = s + bank
         o = torch.softmax(s, dim=-1) @ v
         out = (o.detach().double() ** 2).mean(dim=(0, 2))
         out_rho = _token_corr(o.detach().double())
-        if g is None:
-            return Simulated(out, out_rho)
-        go = _field(gen, rows, lq, dv, torch.tensor(g, dtype=torch.float64), rg)
-        gq, gk, gv = torch.autograd.grad(o, (q, k, v), go)
-    maps = [(t.double() ** 2).mean(dim=(0, 2)) for t in (gq, gk, gv)]
+        if gt is not None:
+            # The special queries' gradients are left to their own samples below.
+            bulk = gt.clone()
+            bulk[list(special)] = 0.0
+            go = _field(gen, rows, lq, dv, bulk, rg)
+            gq, gk, gv = torch.autograd.grad(o, (q, k, v), go)
+    if gt is None:
+        gq = gk = gv = None
+    maps = [None if t is None else (t.double() ** 2).mean(dim=(0, 2)) for t in (gq, gk, gv)]
+    if special:
+        norms = _token_norms(roots, width_in, lq)
+        for i in special:
+            maps = _one_query(gen, i, mqt[i], rq, None if gt is None else gt[i], norms[:, i], k.detach(), v.detach(),
+                              scale, None if bank is None else bank[:, i], out, maps)
+    if gt is None:
+        return Simulated(out, out_rho)
     return Simulated(out, out_rho, *maps, *(_token_corr(t.double()) for t in (gq, gk, gv)))
+
+
+# Fresh samples of a special query per simulated row (see _one_query).
+_SAMPLES = 64
+
+
+def _special_queries(mq: tuple, g: tuple | None) -> list[int]:
+    """Query tokens far from the bulk (a class token): a gradient over 4x the median token's, or a second
+    moment off the median's by 2x; at most an eighth of the tokens."""
+    mid_q = float(np.median(mq))
+    odd = {i for i, m in enumerate(mq) if not 0.5 * mid_q <= m <= 2.0 * mid_q}
+    if g is not None:
+        mid_g = float(np.median(g))
+        odd |= {i for i, x in enumerate(g) if x > 4.0 * mid_g and x > 0}
+    return sorted(odd) if len(odd) <= max(1, len(mq) // 8) else []
+
+
+def _token_norms(roots: Tensor | None, width_in: int, length: int) -> Tensor:
+    """Each simulated token's squared length over its mean, ``(rows, L)`` (ones for independent fields)."""
+    if roots is None:
+        return torch.ones(1, length)
+    return (roots.double() ** 2).sum(-1) / width_in
+
+
+def _one_query(gen: torch.Generator, i: int, mq: Tensor, rq: float, g: Tensor | None, norm: Tensor, k: Tensor,
+               v: Tensor, scale: float, bias: Tensor | None, out: Tensor, maps: list) -> list:
+    r"""Query token i's statistics from ``_SAMPLES`` fresh draws of it per row against the row's keys.
+
+    A token whose maps differ from the others' is one sample per row of the full simulation, and what
+    it alone receives is rare events: under a one-hot softmax a key's gradient from one query is
+    ``a_ij (g_i·v_j − ...) q_i``, nonzero on the few rows where that query nearly ties two keys. Given
+    the row's tokens q_i is independent of the keys and values (independent weights), Gaussian with
+    the token's length (``norm``), so it is drawn afresh many times against the same keys and values:
+    its output, its gradient, and what it sends each key and value (``∂L/∂s_ij q_i`` and ``a_ij g_i``,
+    summed in square with what the other queries send: independent queries, uncorrelated terms) are
+    computed explicitly. ``out`` is updated in place; returns the gradient maps."""
+    rows, _, d = k.shape
+    q = torch.randn(rows, _SAMPLES, d, generator=gen, dtype=torch.float64)
+    common = torch.randn(rows, _SAMPLES, d, generator=gen, dtype=torch.float64)
+    q = (math.sqrt(rq) * common + math.sqrt(1 - rq) * norm.reshape(-1, 1, 1).sqrt() * q) * float(mq) ** 0.5
+    k, v = k.double(), v.double()
+    logits = torch.einsum("rmd,rld->rml", q, k) * scale
+    if bias is not None:
+        logits = logits + bias.double().reshape(rows, 1, -1)
+    a = torch.softmax(logits, dim=-1)
+    o = a @ v
+    out[i] = float((o**2).mean())
+    if g is None:
+        return maps
+    dv = v.shape[-1]
+    go = torch.randn(rows, _SAMPLES, dv, generator=gen, dtype=torch.float64) * float(g) ** 0.5
+    u = torch.einsum("rmd,rld->rml", go, v)
+    ds = a * (u - (a * u).sum(-1, keepdim=True))
+    gq = torch.einsum("rml,rld->rmd", ds, k) * scale
+    gq_map, gk_map, gv_map = (m.clone() for m in maps)
+    gq_map[i] = float((gq**2).mean())
+    gk_map += (ds**2 * (q**2).sum(-1, keepdim=True)).mean(dim=(0, 1)) * scale**2 / d
+    gv_map += (a**2 * (go**2).sum(-1, keepdim=True)).mean(dim=(0, 1)) / dv
+    return [gq_map, gk_map, gv_map]
 
 
 _MASKS: dict = {}

@@ -130,7 +130,7 @@ def _grad_for(x: Signal, grad: Grad, factor: float) -> Grad:
     m2 = reduce_to(grad.total() * factor, grad.shape, x.shape)
     same = tuple(x.shape) == tuple(grad.shape)
     cov = grad.spatial.cov * factor if grad.spatial.cov is not None and same else None
-    return Grad(x.shape, m2, spatial=Spatial(cov, grad.spatial.rho if same else 0.0))
+    return Grad(x.shape, m2, x.layout, Spatial(cov, grad.spatial.rho if same else 0.0))
 
 
 class AddRule(Rule):
@@ -198,7 +198,7 @@ def _shortcut_grad(s: Signal, other: Any, other_factor: float, grad: Grad, out: 
         return None
     arrived = compact(grad.total(), s.shape) * own
     live = arrived * min(joint / passed, 1.0)
-    return Grad(s.shape, torch.zeros_like(live), spatial=Spatial(rho=grad.mean_corr()), pre=live, dead=arrived - live,
+    return Grad(s.shape, torch.zeros_like(live), s.layout, Spatial(rho=grad.mean_corr()), pre=live, dead=arrived - live,
                 scatter=grad.scatter)
 
 

@@ -188,7 +188,7 @@ def _backward(ctx: Context, x: Signal, grad: Grad) -> Grad:
             cov = grad.spatial.cov * mean_of(scale)
         else:
             cov = matched_cov(grad.spatial.cov, m2, x.shape, x.layout)
-    return Grad(x.shape, m2, spatial=Spatial(cov, grad.mean_corr() if cov is None else 0.0))
+    return Grad(x.shape, m2, x.layout, Spatial(cov, grad.mean_corr() if cov is None else 0.0))
 
 
 class NormRule(Rule):
