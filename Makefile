@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch/torchvision pinned here so pip takes the local wheels instead of a multi-GB download
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install --quiet -e ".[dev,ray,timm]"
+	$(PY) -m pip install --quiet -e ".[dev,ray,timm,lightning,wandb]"
 	touch $(STAMP)
 
 install: $(STAMP)

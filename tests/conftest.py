@@ -27,3 +27,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _folder_cache(tmp_path_factory):
+    """Decoded folders go to a cache of the test session's own, never the user's ~/.cache (subprocesses too)."""
+    import os
+
+    before = os.environ.get("INITSCOPE_CACHE_DIR")
+    os.environ["INITSCOPE_CACHE_DIR"] = str(tmp_path_factory.mktemp("initscope-cache"))
+    yield
+    if before is None:
+        os.environ.pop("INITSCOPE_CACHE_DIR", None)
+    else:
+        os.environ["INITSCOPE_CACHE_DIR"] = before

@@ -171,3 +171,20 @@ def test_options_refuse_what_is_not_a_number(option, value):
     # range"); True was taken as 1 where a number was meant.
     with pytest.raises(ValueError, match=f"{option}="):
         initscope.plan(small_cnn(), "asv-backward", input_shape=(3, 8, 8), **{option: value})
+
+
+def test_what_a_model_zeroed_itself_stays_zero_unless_asked():
+    # timm's zero_init_last / torchvision's zero_init_residual: the ASV methods' default residual
+    # policy rescaled those zero BatchNorm gammas (0 -> 0.21 on a timm ResNet-50); now they stay at zero,
+    # an explicit residual="scale" rescales them, and the plan lists what it writes beyond weight layers.
+    import torchvision
+
+    model = torchvision.models.resnet18(zero_init_residual=True)
+    p = initscope.init_(model, "asv-backward", input_shape=(3, 32, 32))
+    assert all(float(b.bn2.weight.detach().abs().max()) == 0.0 for layer in (model.layer1, model.layer4) for b in layer)
+    assert any("kept at zero what the model zeroed itself: 8" in n for n in p.notes)
+    forced = initscope.plan(model, "asv-backward", input_shape=(3, 32, 32), residual="scale")
+    assert len(forced.norm_scales) == 8 and all(v > 0 for v in forced.norm_scales.values())
+    assert any("writes 8 normalization weight(s)" in n for n in forced.notes)
+    fresh = initscope.plan(torchvision.models.resnet18(), "asv-backward", input_shape=(3, 32, 32))
+    assert any("writes 8 normalization weight(s)" in n and "layer1.0.bn2" in n for n in fresh.notes)

@@ -59,3 +59,32 @@ def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     for command in ("plan", "methods", "compare", "train", "sweep", "report", "demo"):
         assert command in result.output
+
+
+def test_your_own_model_from_the_command_line_and_a_table_that_fits():
+    # plan/compare/audit could not pass a model's arguments (compare --data mnist --input-shape
+    # 1,28,28 failed on a 3-channel stem), and the plan table was 131 columns wide under COLUMNS=80.
+    import json
+    import os
+
+    from typer.testing import CliRunner
+
+    from initscope.cli import app
+
+    args = ["plan", "--model", "plain34", "--model-arg", "width=8", "--model-args", '{"in_channels": 1}',
+            "--input-shape", "1,28,28"]
+    whole = CliRunner().invoke(app, args + ["--json"])
+    assert whole.exit_code == 0, whole.output
+    plan = json.loads(whole.output)
+    assert plan["layers"][0]["weight_shape"] == [8, 1, 7, 7] and "eps" in plan["layers"][0]
+    narrow = CliRunner().invoke(app, args, env={**os.environ, "COLUMNS": "80"})
+    assert narrow.exit_code == 0
+    table = [line for line in narrow.output.splitlines() if line.startswith(("┃", "│", "┏", "└"))]
+    assert table and max(len(line) for line in table) <= 80
+    assert "left out to fit the terminal" in narrow.output and "--json" in narrow.output
+    chosen = CliRunner().invoke(app, args + ["--columns", "layer,std,gamma"])
+    assert "gamma" in chosen.output and "pred_out" not in chosen.output
+    bad = CliRunner().invoke(app, args + ["--columns", "layer,nope"])
+    assert bad.exit_code == 2 and "unknown column" in bad.output
+    typo = CliRunner().invoke(app, ["plan", "--model", "plain34", "--model-arg", "widht=8"])
+    assert typo.exit_code == 2 and "widht" in typo.output

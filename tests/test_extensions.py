@@ -144,7 +144,7 @@ def test_an_engine_registered_outside_runs_a_sweep(last_first, tmp_path):
     result = runner.invoke(app, flags + ["--engine", "last-first", "--threads", "1"])
     assert result.exit_code == 2 and "--threads: not an option of --engine last-first (it takes --note)" in result.output
     result = runner.invoke(app, flags + ["--engine", "local", "--note", "x"])
-    assert result.exit_code == 2 and "--note: not an option of --engine local (it takes --threads)" in result.output
+    assert result.exit_code == 2 and "--note: not an option of --engine local (it takes --threads, --parallel)" in result.output
     result = runner.invoke(app, flags + ["--engine", "spark"])
     assert result.exit_code == 2 and "unknown engine 'spark'; valid: local, ray, last-first" in result.output
 

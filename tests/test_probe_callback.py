@@ -52,11 +52,11 @@ def test_separate_pass_every_n_steps_to_tensorboard(tmp_path):
     assert sorted(frame["step"].unique()) == [0, 2, 4]
     assert len(frame) == sum(len(p.to_frame()) for p in probes.values())
 
-    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0, "scalars": 0})
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0, "scalars": 0, "images": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert "probe/output/0" in tags["histograms"] and "probe/weight_grad/3" in tags["histograms"]
-    hist = acc.Histograms("probe/activation/0")
+    assert "probe_histogram/output/0" in tags["histograms"] and "probe_histogram/weight_grad/3" in tags["histograms"]
+    hist = acc.Histograms("probe_histogram/activation/0")
     assert [h.step for h in hist] == [0, 2, 4]
     for h in hist:
         s = probes[h.step]["0"].stats["activation"]
@@ -64,12 +64,34 @@ def test_separate_pass_every_n_steps_to_tensorboard(tmp_path):
         assert h.histogram_value.min == pytest.approx(s.min) and h.histogram_value.max == pytest.approx(s.max)
         edges = np.linspace(s.hist_lo, s.hist_hi, len(s.hist_counts) + 1)[1:]
         np.testing.assert_allclose(h.histogram_value.bucket_limit, edges, rtol=1e-6)
-    var = acc.Scalars("probe/output_grad/3/var")
-    assert [e.step for e in var] == [0, 2, 4]
-    for e in var:
-        assert e.value == pytest.approx(probes[e.step]["3"].stats["output_grad"].var, rel=1e-6)
-    sm = acc.Scalars("probe/input_grad/0/second_moment")
+    sm = acc.Scalars("probe/output_grad/3")
+    assert [e.step for e in sm] == [0, 2, 4]
+    for e in sm:
+        assert e.value == pytest.approx(probes[e.step]["3"].stats["output_grad"].second_moment, rel=1e-6)
+    sm = acc.Scalars("probe/input_grad/0")
     assert [e.value for e in sm] == pytest.approx([probes[s]["0"].meas_in_grad_var for s in (0, 2, 4)], rel=1e-6)
+    # Charts by quantity, layers together: 406 charts for a width-16 plain34 were one per tag.
+    assert "probe/depth" in tags["images"]
+
+
+def test_tensorboard_groups_charts_and_logs_predictions(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    model = _tiny()
+    plan = initscope.init_(model, "kaiming-forward", input_shape=(3, 5, 5))
+    callback = initscope.ProbeCallback(every=1, writer=tmp_path / "tb")
+    x, _ = _batches(1)[0]
+    result = callback(0, model, x)
+    callback.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    ratio = acc.Scalars("probe/log2_ratio_output/3")[0].value
+    assert ratio == pytest.approx(np.log2(result["3"].meas_out_var / plan["3"].pred_out_var), rel=1e-6)
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors(metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto.string_val[0])
+    charts = [c.title for cat in layout.category for c in cat.chart]
+    assert {"output", "input_grad", "weight"} <= set(charts)
+    assert len(charts) == len(set(callback.quantities)) + 2  # one per quantity, one per ratio
 
 
 def test_in_step_watch_uses_the_training_pass(tmp_path):

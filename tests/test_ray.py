@@ -229,3 +229,18 @@ def test_killed_ray_driver_resumes(tmp_path):
         assert runs[killed]["attempts"] == 2 and "ray attempt 2 on " in runs[killed]["notes"]
         assert all(r["attempts"] == 1 for rid, r in runs.items() if rid != killed)
         assert all([e["epoch"] for e in s.epochs(rid)] == list(range(1, 31)) for rid in runs)
+
+
+def test_select_runs_the_seeds_after_each_choice(tmp_path):
+    sweep = SweepConfig.from_mapping({"db": str(tmp_path / "r.db"), "out": str(tmp_path / "runs"),
+                                      "grid": {"data": ["synthetic"], "method": ["xavier", "asv-backward"],
+                                               "lr": [1e-3, 1e-2]}, "run": {"width": 4, "epochs": 2},
+                                      "select": {"axis": "lr", "seeds": [0, 1, 2]}})
+    train_fn = CountingTrain(tmp_path / "calls")
+    summary = run_sweep_ray(sweep, train_fn=train_fn, progress=False)
+    assert summary.ran == {"finished": 4 + 2 * 2} and summary.total == 8 and not summary.waiting_groups
+    with Store(sweep.db) as s:
+        # every lr scores alike here: the tie goes to the first lr listed
+        assert [sel["chosen"] for sel in s.selections()] == [1e-3, 1e-3]
+        assert sorted((r["method"], r["lr"], r["seed"]) for r in s.runs() if r["seed"] > 0) == [
+            ("asv-backward", 1e-3, 1), ("asv-backward", 1e-3, 2), ("xavier", 1e-3, 1), ("xavier", 1e-3, 2)]

@@ -309,3 +309,20 @@ def test_html_in_a_folder_path_is_text_on_the_compare_page(tmp_path):
     r = compare(tiny_cnn, "xavier", input_shape=(3, 8, 8), batch=4, data=f"folder:{root}", out_dir=tmp_path / "out")
     page = r.index.read_text(encoding="utf-8")
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_compare_flags_by_the_plans_spread_and_averages_draws(tmp_path):
+    # The README's command: no layer flagged that sits inside the plan's own spread; --draws narrows
+    # the band by sqrt(draws) and averages the measurements.
+    from initscope.compare import compare
+
+    one = compare("plain34", "xavier,kaiming-forward,asv-backward", input_shape=(3, 64, 64), out_dir=tmp_path / "a")
+    assert len(one.flagged()) == 0
+    three = compare("plain34", "kaiming-forward", input_shape=(3, 32, 32), draws=3, out_dir=tmp_path / "b")
+    rows = three.frame[(three.frame["quantity"] == "output") & three.frame["weight_layer"]]
+    assert set(rows["draws"]) == {3}
+    first = compare("plain34", "kaiming-forward", input_shape=(3, 32, 32), out_dir=tmp_path / "c")
+    r1 = first.frame[(first.frame["quantity"] == "output") & first.frame["weight_layer"]]
+    deep = rows["pred_out_spread"] > 0.5
+    assert (rows.loc[deep, "flag_out_bits"].to_numpy() < r1.loc[deep.to_numpy(), "flag_out_bits"].to_numpy()).all()
+    assert not (rows["second_moment"].to_numpy() == r1["second_moment"].to_numpy()).all()

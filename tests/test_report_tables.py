@@ -83,59 +83,61 @@ def expected_cell(cell_keys, cell_vals, value_of):
     return statistics.mean(values), statistics.stdev(values), best[2]
 
 
-@pytest.mark.parametrize("rows", ["data", "optimizer"])
-def test_accuracy_tables_match_direct_computation(db, rows):
+def t_interval(values):
+    """The 95 % t interval of the mean, computed directly."""
+    from scipy import stats
+
+    n, m, sd = len(values), statistics.mean(values), statistics.stdev(values)
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return m - half, m + half
+
+
+def test_accuracy_table_rows_are_settings_and_only_lr_is_chosen_on_validation(db):
     runs = rp.load_runs(db)
-    table = rp.accuracy_table(runs, rows, "method")
-    row_values = DATA if rows == "data" else OPTS
-    assert len(table) == len(row_values) * len(METHODS)
-    # methods in the papers' order (xavier before asv-backward), rows in order of appearance
-    assert list(table["method"][:2]) == ["xavier", "asv-backward"]
-    assert list(dict.fromkeys(table[rows])) == list(row_values)
+    table = rp.accuracy_table(runs)
+    # data and optimizer both vary: every (data, optimizer) is a row of its own, never a choice
+    assert list(table.columns[:3]) == ["data", "optimizer", "method"]
+    assert len(table) == len(DATA) * len(OPTS) * len(METHODS)
+    assert list(table["method"][:2]) == ["xavier", "asv-backward"]  # the papers' order
     for r in table.to_dict("records"):
-        mean, std, setting = expected_cell([rows, "method"], [r[rows], r["method"]],
-                                           lambda *k: 100 * best_val(*k))
+        keys = ["data", "optimizer", "method"]
+        mean, std, setting = expected_cell(keys, [r[k] for k in keys], lambda *k: 100 * test_metric(*k, "accuracy"))
         assert r["mean"] == pytest.approx(mean, abs=1e-9) and r["std"] == pytest.approx(std, abs=1e-9)
-        assert r["n"] == 3 and r["n_diverged"] == 0
-        for k, v in setting.items():
-            assert f"{k}={v}" in r["setting"]
-    # best per row is asv-backward (it adds 0.05 everywhere)
-    assert set(table[table["best"]]["method"]) == {"asv-backward"}
-    assert table.groupby(rows)["best"].sum().eq(1).all()
+        lo, hi = t_interval([100 * test_metric(r["data"], r["method"], r["optimizer"], setting["lr"], s, "accuracy")
+                             for s in SEEDS])
+        assert (r["ci_low"], r["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+        assert r["n"] == 3 and r["n_diverged"] == 0 and r["setting"] == f"lr={setting['lr']:g}"
+        # the lr was chosen on validation: the cell's validation mean is the best of its lrs
+        assert r["val_mean"] == pytest.approx(100 * statistics.mean(
+            best_val(r["data"], r["method"], r["optimizer"], setting["lr"], s) for s in SEEDS))
+    restricted = rp.accuracy_table(runs, "data")  # rows asked for by data: the optimizer still makes rows too
+    assert list(restricted.columns[:3]) == ["data", "optimizer", "method"] and len(restricted) == len(table)
 
 
 def test_test_metrics_table_matches_direct_computation(db):
     runs = rp.load_runs(db)
     table = rp.test_metrics_table(runs, ("model", "method"))
-    assert list(table["method"]) == ["xavier", "asv-backward"]
+    assert list(table.columns[:4]) == ["data", "optimizer", "model", "method"]
     for r in table.to_dict("records"):
         for m in rp.METRICS:
-            mean, std, _ = expected_cell(["model", "method"], ["plain34", r["method"]],
+            mean, std, _ = expected_cell(["data", "optimizer", "method"], [r["data"], r["optimizer"], r["method"]],
                                          lambda d, me, o, lr, s, m=m: test_metric(d, me, o, lr, s, m))
             assert r[f"{m}_mean"] == pytest.approx(mean, abs=1e-12)
             assert r[f"{m}_std"] == pytest.approx(std, abs=1e-12)
-    # higher accuracy and higher loss both belong to asv-backward here: bold must follow the direction
-    asv = table[table["method"] == "asv-backward"].iloc[0]
-    xav = table[table["method"] == "xavier"].iloc[0]
-    assert asv["accuracy_best"] and not xav["accuracy_best"]
-    assert xav["loss_best"] and not asv["loss_best"]
 
 
 def test_written_report(db, tmp_path):
     rep = rp.write_report(db, tmp_path / "out", title="known")
     md = (tmp_path / "out" / "report.md").read_text()
     page = (tmp_path / "out" / "report.html").read_text()
-    t1 = rep.table("table1_dataset_method").data
-    cell = t1[(t1["data"] == "A") & (t1["method"] == "asv-backward")].iloc[0]
-    text = f"{cell['mean']:.2f} ± {cell['std']:.2f}"
-    # the bold cell in Markdown and HTML, the plain one not bold
-    assert f"**{text}**" in md and f"<b>{text}</b>" in page
-    other = t1[(t1["data"] == "A") & (t1["method"] == "xavier")].iloc[0]
-    plain = f"{other['mean']:.2f} ± {other['std']:.2f}"
-    assert f"| {plain} |" in md and f"<b>{plain}</b>" not in page
-    # the CSV is the long table, numbers intact
-    back = pd.read_csv(tmp_path / "out" / "table1_dataset_method.csv")
-    assert back["mean"].to_numpy() == pytest.approx(t1["mean"].to_numpy())
+    t = rep.table("table_data_optimizer_method").data
+    cell = t[(t["data"] == "A") & (t["optimizer"] == "adam") & (t["method"] == "asv-backward")].iloc[0]
+    text = f"{cell['mean']:.2f} ± {cell['std']:.2f} (n=3; CI {cell['ci_low']:.2f}–{cell['ci_high']:.2f})"
+    assert text in md and text in page
+    assert "Test accuracy at the checkpoint of best validation accuracy" in md
+    back = pd.read_csv(tmp_path / "out" / "table_data_optimizer_method.csv")  # the long table, numbers intact
+    assert back["mean"].to_numpy() == pytest.approx(t["mean"].to_numpy())
+    assert {"ci_low", "ci_high", "n", "mark", "setting"} <= set(back.columns)
     runs_csv = pd.read_csv(tmp_path / "out" / "runs.csv")
     assert len(runs_csv) == 2 * 2 * 2 * 2 * 3 + 2 and {"method", "lr", "status", "test_f1"} <= set(runs_csv.columns)
     # what was run: counts by status, the grid, the failure's message, the run not started
@@ -152,20 +154,21 @@ def test_written_report(db, tmp_path):
 def test_diverged_runs_count_with_what_they_reached(tmp_path):
     db = tmp_path / "d.db"
     with Store(db) as s:
-        for seed, (status, vals) in enumerate((("finished", [0.5, 0.6]), ("diverged", [0.3]),
-                                               ("diverged", []))):
+        for seed, (status, vals, acc) in enumerate((("finished", [0.5, 0.6], 0.62), ("diverged", [0.3], 0.28),
+                                                    ("diverged", [], None))):
             key = ("A", "xavier", "adam", 1e-3, seed)
             s.claim(rid(*key), cfg(*key))
             hist = [{"epoch": e + 1, "val_accuracy": v, "train_loss": 1.0} for e, v in enumerate(vals)]
             s.finish(SimpleNamespace(run_id=rid(*key), status=status, history=hist,
-                                     best_epoch=len(vals) or None, test={}, diverged_epoch=len(vals) + 1,
-                                     error=None, checkpoint=None))
-    t = rp.accuracy_table(rp.load_runs(db), "data", "method")
+                                     best_epoch=len(vals) or None, test={} if acc is None else {"accuracy": acc},
+                                     diverged_epoch=len(vals) + 1, error=None, checkpoint=None))
+    t = rp.accuracy_table(rp.load_runs(db))
     (r,) = t.to_dict("records")
     assert r["n"] == 2 and r["n_diverged"] == 2  # the run diverged in epoch 1 has no value
-    assert r["mean"] == pytest.approx(45.0) and r["std"] == pytest.approx(statistics.stdev([60.0, 30.0]))
+    assert r["mean"] == pytest.approx(45.0) and r["std"] == pytest.approx(statistics.stdev([62.0, 28.0]))
     rep = rp.write_report(db, tmp_path / "out", figures=False)
-    assert "45.00 ± 21.21 (2 div.)" in (tmp_path / "out" / "report.md").read_text()
+    assert "45.00 ± 24.04 (n=2; CI " in (tmp_path / "out" / "report.md").read_text()
+    assert "(2 div.)" in (tmp_path / "out" / "report.md").read_text()
     assert not math.isnan(rep.summary["train_seconds"])
 
 
@@ -176,13 +179,11 @@ def test_missing_database(tmp_path):
 
 def test_where_restricts_the_tables(db, tmp_path):
     rep = rp.write_report(db, tmp_path / "w", figures=False, where={"optimizer": ["adam"], "lr": ["0.001"]})
-    t3 = rep.table("table3_optimizer_method").data
-    assert list(t3["optimizer"].unique()) == ["adam"] and set(t3["setting"]) == {"data=B"}
-    cell = t3[t3["method"] == "xavier"].iloc[0]
-    values = [100 * best_val("A", "xavier", "adam", 1e-3, s) for s in SEEDS] + \
-             [100 * best_val("B", "xavier", "adam", 1e-3, s) for s in SEEDS]
-    # data still varies: the cell takes the better dataset (B) by mean validation accuracy
-    assert cell["mean"] == pytest.approx(statistics.mean(values[3:]))
+    t1 = rep.table("table1_dataset_method").data
+    assert list(t1["data"].unique()) == ["A", "B"] and set(t1["setting"]) == {""}  # a row per dataset, no choice
+    cell = t1[(t1["method"] == "xavier") & (t1["data"] == "A")].iloc[0]
+    assert cell["mean"] == pytest.approx(statistics.mean(100 * test_metric("A", "xavier", "adam", 1e-3, s, "accuracy")
+                                                         for s in SEEDS))
     md = (tmp_path / "w" / "report.md").read_text()
     assert "Only the runs with optimizer in adam; lr in 0.001" in md and "14 runs in the database" in md
     with pytest.raises(ValueError, match="where: unknown key 'optimiser'; valid: .*optimizer"):
@@ -223,7 +224,7 @@ def test_only_failed_runs(tmp_path):
         s.fail("a", "Traceback (most recent call last):\nValueError: bad")
     rep = rp.write_report(db, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
-    assert md.count("No finished or diverged runs yet.") == 3 and "1 run in the database: 0 finished" in md
+    assert md.count("No finished or diverged runs yet.") == 2 and "1 run in the database: 0 finished" in md
     assert "`a`: ValueError: bad" in md and not rep.figures
 
 
@@ -269,3 +270,143 @@ def test_html_and_markdown_in_titles_names_and_paths_are_text_in_every_format(tm
     # the escapes themselves: nothing that Markdown or HTML would read is left
     assert md_text("a<b>&[c](d)|`e`*f*_g_#h") == "a&lt;b&gt;&amp;\\[c\\](d)\\|\\`e\\`\\*f\\*\\_g\\_\\#h"
     assert md_code("a1b2") == "`a1b2`" and md_code("<b>`x`") == "&lt;b&gt;\\`x\\`"
+
+
+# -- intervals, ties and winners on a hand-built database (issue 15, item 6) ----------------------------------
+
+
+def _finish(s, config, val, test_acc, *, status="finished", history=None):
+    from initscope.experiments.config import RunConfig
+
+    c = RunConfig(**config)
+    s.claim(c.run_id, c.to_dict())
+    hist = history or [{"epoch": 1, "train_loss": 1.0, "val_accuracy": val}]
+    s.finish(SimpleNamespace(run_id=c.run_id, status=status, history=hist, best_epoch=1,
+                             test={"accuracy": test_acc, "precision": test_acc, "recall": test_acc, "f1": test_acc,
+                                   "loss": 1 - test_acc}, diverged_epoch=None, error=None, checkpoint=None))
+    return c
+
+
+HAND = {  # setting -> method -> test accuracies (%) over seeds
+    "clear": {"xavier": [80, 81, 79, 80, 80], "kaiming-forward": [60, 61, 59, 60, 60]},
+    "tie": {"xavier": [70, 75, 65], "kaiming-forward": [69, 74, 64]},
+    "single": {"xavier": [70], "kaiming-forward": [60]},
+}
+
+
+@pytest.fixture
+def hand_db(tmp_path):
+    db = tmp_path / "hand.db"
+    with Store(db) as s:
+        for width, setting in zip((4, 5, 6), HAND):
+            for method, values in HAND[setting].items():
+                for seed, v in enumerate(values):
+                    _finish(s, dict(data="synthetic", width=width, method=method, lr=1e-3, seed=seed), v / 100,
+                            v / 100)
+    return db
+
+
+def test_intervals_ties_and_a_clear_winner(hand_db, tmp_path):
+    t = rp.accuracy_table(rp.load_runs(hand_db))
+    assert list(t.columns[:2]) == ["width", "method"]  # width varies: one row per width, never averaged
+    by = {(r["width"], r["method"]): r for r in t.to_dict("records")}
+    for width, setting in zip((4, 5, 6), HAND):
+        for method, values in HAND[setting].items():
+            r = by[(width, method)]
+            assert r["mean"] == pytest.approx(statistics.mean(values)) and r["n"] == len(values)
+            if len(values) > 1:
+                lo, hi = t_interval(values)
+                assert r["ci_low"] == pytest.approx(lo) and r["ci_high"] == pytest.approx(hi)
+                assert r["std"] == pytest.approx(statistics.stdev(values))
+            else:
+                assert math.isnan(r["ci_low"]) and math.isnan(r["std"])
+    # 80 +- 0.9 against 60 +- 0.9: a winner; 70 +- 12 against 69 +- 12: a tie; one seed each: no interval, a tie
+    assert by[(4, "xavier")]["mark"] == "best" and by[(4, "kaiming-forward")]["mark"] == ""
+    assert by[(5, "xavier")]["mark"] == by[(5, "kaiming-forward")]["mark"] == "tie"
+    assert by[(6, "xavier")]["mark"] == by[(6, "kaiming-forward")]["mark"] == "tie"
+    rep = rp.write_report(hand_db, tmp_path / "out", figures=False)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| **80.00 ± 0.71 (n=5; CI 79.12–80.88)** | 60.00 ± 0.71 (n=5; CI 59.12–60.88) |" in md
+    assert "| ≈ 70.00 ± 5.00 (n=3; CI 57.58–82.42) | ≈ 69.00 ± 5.00 (n=3; CI 56.58–81.42) |" in md
+    assert "| ≈ 70.00 (n=1) | ≈ 60.00 (n=1) |" in md
+    assert "95 % t interval" in md and "Bold: the best per row, its interval overlapping no other's" in md
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<b>80.00 ± 0.71 (n=5; CI 79.12–80.88)</b>" in page and "<b>69.00" not in page
+    metrics = rep.table("table_model_method_test").data
+    assert metrics.loc[metrics["width"] == 4, "loss_mark"].tolist() == ["best", ""]  # the lowest loss wins
+
+
+def test_marks_compare_intervals():
+    Stat = rp.Stat
+    a, b = Stat.of([10, 11, 12]), Stat.of([20, 21, 22])
+    assert rp.marks({"a": a, "b": b}) == {"a": "", "b": "best"}
+    assert rp.marks({"a": a, "b": b}, higher_is_better=False) == {"a": "best", "b": ""}
+    wide = Stat.of([0, 40])
+    assert rp.marks({"a": a, "b": b, "w": wide}) == {"a": "", "b": "tie", "w": "tie"}
+    assert rp.marks({"a": a, "none": Stat.of([])}) == {"a": "", "none": ""}  # one cell with a value: nothing to beat
+    assert rp.marks({"a": Stat.of([5])}) == {"a": ""}
+    assert rp.marks({"a": Stat.of([5]), "b": Stat.of([3])}) == {"a": "tie", "b": "tie"}  # no interval: no verdict
+
+
+def test_selection_runs_are_left_out_and_shown_apart(tmp_path):
+    from initscope.experiments.config.select import Select
+
+    db = tmp_path / "sel.db"
+    base = dict(data="synthetic", method="xavier")
+    with Store(db) as s:
+        for lr, val in ((1e-3, 0.6), (1e-2, 0.5)):
+            _finish(s, {**base, "lr": lr, "seed": 0}, val, 0.99 if lr == 1e-2 else 0.55)  # 1e-2: great on test
+        for seed in (1, 2):
+            _finish(s, {**base, "lr": 1e-3, "seed": seed}, 0.6, 0.5 + seed / 100)
+        _finish(s, {**base, "method": "kaiming-forward", "lr": 1e-3, "seed": 0}, 0.4, 0.4)
+        from initscope.experiments.config import RunConfig
+
+        select = Select("lr", (0, 1, 2))
+        cand = RunConfig(**base, lr=1e-3)
+        s.decide(select.group_id(cand, [1e-3, 1e-2]), axis="lr", by=select.by, group=select.group(cand), chosen=1e-3,
+                 scores=[{"value": 1e-3, "score": 0.6}, {"value": 1e-2, "score": 0.5}], sweep_id="s")
+    rep = rp.write_report(db, tmp_path / "out", figures=False)
+    t = rep.table("table1_dataset_method").data
+    xav = t[t["method"] == "xavier"].iloc[0]
+    assert xav["n"] == 3 and xav["mean"] == pytest.approx(statistics.mean([55, 51, 52]))  # never the 99 at 1e-2
+    sel = rep.table("selection").data
+    assert sel.to_dict("records") == [{"axis": "lr", "0.001": 60.0, "0.01": 50.0, "chosen": "0.001"}]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| all runs | **60.00** | 50.00 |" in md and "lr chosen on validation" in md
+
+
+def test_method_variants_and_the_accuracy_after_an_epoch(tmp_path):
+    db = tmp_path / "v.db"
+    with Store(db) as s:
+        for depth, residual, accs in (("resnet20", "scale", (0.5, 0.7)), ("resnet20", "zero", (0.4, 0.8)),
+                                      ("resnet56", "scale", (0.3, 0.6))):
+            for seed in (0, 1):
+                hist = [{"epoch": e, "train_loss": 1.0, "val_accuracy": a, "test_accuracy": a + seed / 100}
+                        for e, a in ((1, accs[0]), (2, accs[1]))]
+                _finish(s, dict(data="synthetic", model=depth, norm="none", method="asv-backward", residual=residual,
+                                seed=seed, test_at=[1, 2], epochs=2), accs[1], accs[1], history=hist)
+    rep = rp.write_report(db, tmp_path / "out", figures=False)
+    assert [t.key for t in rep.tables] == ["table_model_method", "table_model_method_test", "table_epoch1_test",
+                                           "table_epoch2_test"]
+    e1 = rep.table("table_epoch1_test").data
+    assert set(e1["method"]) == {"asv-backward (residual=scale)", "asv-backward (residual=zero)"}
+    r = e1[(e1["model"] == "resnet20") & (e1["method"] == "asv-backward (residual=zero)")].iloc[0]
+    assert r["mean"] == pytest.approx(40.5) and r["n"] == 2
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Test accuracy (%) after epoch 1" in md and "initialization: asv-backward; residual scale, zero" in md
+
+
+def test_the_page_says_what_was_run(tmp_path):
+    db = tmp_path / "p.db"
+    with Store(db) as s:
+        for seed in (0, 1):
+            c = _finish(s, dict(data="synthetic", augment="crop-flip", patience=5, epochs=30, image_size=24,
+                                seed=seed), 0.5, 0.5)
+            s.conn.execute("UPDATE runs SET stopped_epoch=12, cpu_seconds=3600, wall_seconds=1800, device='cpu', "
+                           "threads=1 WHERE run_id=?", (c.run_id,))
+    rp.write_report(db, tmp_path / "out", figures=False)
+    md = (tmp_path / "out" / "report.md").read_text()
+    for text in ("data: synthetic: 60/20/20 per class", "resolution: 24×24", "augmentation: crop-flip",
+                 "at most 30 epochs", "after 5 epochs without a better one", "2 of 2 runs stopped early (epochs 12-12",
+                 "seeds: 0, 1", "device: cpu (2 runs); torch threads per run: 1", "CPU time: 2.00 h over 2 runs"):
+        assert text in md, text

@@ -36,10 +36,11 @@ def test_schema_and_wal(tmp_path):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     runs_cols = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
     assert {"run_id", "status", "config", "test_accuracy", "test_precision", "test_recall", "test_f1",
-            "test_loss", "diverged_epoch", "error", "best_epoch", "attempts", "host", "pid"} <= runs_cols
+            "test_loss", "diverged_epoch", "error", "best_epoch", "attempts", "host", "pid", "stopped_epoch",
+            "wall_seconds", "cpu_seconds", "device", "threads"} <= runs_cols
     epoch_info = list(conn.execute("PRAGMA table_info(epochs)"))
     assert {r[1] for r in epoch_info} == {"run_id", "epoch", "train_loss", "train_accuracy", "val_loss",
-                                          "val_accuracy", "lr", "seconds"}
+                                          "val_accuracy", "lr", "seconds", "test_accuracy", "test_loss"}
     assert sorted(r[1] for r in epoch_info if r[5]) == ["epoch", "run_id"]  # the primary key
     with pytest.raises(sqlite3.IntegrityError):  # the status check constraint
         conn.execute("INSERT INTO runs (run_id, status, config) VALUES ('x', 'pending', '{}')")

@@ -143,7 +143,7 @@ def test_probe_frame_beside_the_results(tmp_path):
     config = RunConfig(model="plain34", width=4, epochs=1, probe_every=3, **TINY)  # 7 steps: probes at 0, 3, 6
     r = train(config, out_dir=tmp_path, progress=False)
     frame = pd.read_parquet(tmp_path / r.run_id / "probe.parquet")
-    assert sorted(frame["step"].unique()) == [0, 3, 6]
+    assert sorted(frame["step"].unique()) == [0, 3, 6, 7]  # and once more after the last step (7)
     assert r.status == "finished"
 
 

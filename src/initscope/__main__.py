@@ -2,4 +2,5 @@
 
 from initscope.cli import app
 
-app()
+if __name__ == "__main__":  # not when a worker process of `sweep --parallel` imports the main module again
+    app()

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from initscope.cli_common import console, fail, parse_shape
+from initscope.cli_common import MODEL_ARG_HELP, MODEL_ARGS_HELP, MODEL_HELP, build_model, console, fail, \
+    model_kwargs, parse_shape, terminal_width
 
 app = typer.Typer(
     help="Architecture-aware initialization for PyTorch CNNs, with per-layer variance predictions.",
@@ -21,7 +22,9 @@ app = typer.Typer(
 
 @app.command("plan")
 def plan_cmd(
-    model: str = typer.Option(..., "--model", "-m", help="torchvision name (resnet50), initscope name (plain34, resnet18-nobn) or module:callable"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help=MODEL_ARG_HELP),
+    model_args: Optional[str] = typer.Option(None, "--model-args", help=MODEL_ARGS_HELP),
     method: str = typer.Option("asv-backward", "--method", help="see `initscope methods`"),
     input_shape: str = typer.Option("3,224,224", "--input-shape", help="one sample's shape, no batch dim"),
     distribution: Optional[str] = typer.Option(None, help="normal, uniform or truncated_normal"),
@@ -29,36 +32,47 @@ def plan_cmd(
     fan: str = typer.Option("true", help="true (group-aware) or framework (torch.nn.init's)"),
     residual: Optional[str] = typer.Option(None, help="residual policy: none, scale or zero"),
     on_unknown: str = typer.Option("error", help="error, skip or kaiming"),
-    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+    columns: Optional[str] = typer.Option(None, "--columns", help="the table's columns, comma-separated (default: as many as the terminal fits)"),
+    as_json: bool = typer.Option(False, "--json", help="print the whole plan as JSON"),
 ) -> None:
     """Print the per-layer initialization plan of a model."""
     from initscope.api import plan as make_plan
     from initscope.errors import InitscopeError
-    from initscope.models import create_model
 
     shape = parse_shape(input_shape)
+    kwargs = model_kwargs(model_arg, model_args)
     try:
-        net = create_model(model)
+        net = build_model(model, kwargs)
         p = make_plan(net, method, input_shape=shape, distribution=distribution,
                       max_std_ratio=max_std_ratio or None, fan=fan, residual=residual, on_unknown=on_unknown)
+        chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+        if chosen is not None:
+            p.rows(chosen)  # an unknown column is an error now, listing the valid ones
     except (InitscopeError, ValueError, TypeError) as exc:
         raise fail(exc) from None
     if as_json:
         typer.echo(json.dumps(p.to_dict(), indent=1))
         return
+    chosen = chosen or p.fit_columns(terminal_width() - 4, gap=3)  # rich: 3 a column and a rule
     table = Table(title=f"{model} · {p.method} · input {','.join(map(str, shape))}", show_lines=False)
-    for i, col in enumerate(p.columns()):
-        table.add_column(col, justify="left" if i < 2 else "right", no_wrap=i == 0)
-    for row in p.rows():
+    for i, col in enumerate(chosen):
+        table.add_column(col, justify="left" if col in ("layer", "kind") else "right", no_wrap=True)
+    for row in p.rows(chosen):
         table.add_row(*row)
     console.print(table)
+    hidden = [c for c in p.columns() if c not in chosen]
+    if hidden and not columns:
+        console.print(f"{len(hidden)} column(s) left out to fit the terminal ({', '.join(hidden)}): "
+                      "--columns to choose, --json for everything", markup=False)
     for note in p.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
 
 
 @app.command("audit")
 def audit_cmd(
-    model: str = typer.Option(..., "--model", "-m", help="torchvision name, initscope name or module:callable, built as its own code initializes it"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + "; built as its own code initializes it"),
+    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help=MODEL_ARG_HELP),
+    model_args: Optional[str] = typer.Option(None, "--model-args", help=MODEL_ARGS_HELP),
     input_shape: str = typer.Option("3,224,224", "--input-shape", help="one sample's shape, no batch dim"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="load these weights first (.safetensors, or a state dict in .pt/.pth, read with weights_only)"),
     batch: int = typer.Option(16, "--batch", help="Gaussian inputs measured"),
@@ -66,15 +80,13 @@ def audit_cmd(
 ) -> None:
     """Check the initialization a model holds (no weight changed): per weight layer its std beside every
     known scheme's, predicted and measured second moments, and flags for what looks never applied."""
-    from rich.markup import escape
-
     from initscope.audit import audit
     from initscope.errors import InitscopeError
-    from initscope.models import create_model
 
     shape = parse_shape(input_shape)
+    kwargs = model_kwargs(model_arg, model_args)
     try:
-        net = create_model(model)
+        net = build_model(model, kwargs)
         if checkpoint is not None:
             net.load_state_dict(_read_state(checkpoint))
         report = audit(net, input_shape=shape, batch=batch)
@@ -84,17 +96,17 @@ def audit_cmd(
         for layer in report.layers:
             typer.echo(json.dumps(layer.row()))
         return
-    table = Table(title=f"audit of {escape(model)} · input {','.join(map(str, shape))}")
+    table = Table(title=f"audit of {model} · input {','.join(map(str, shape))}")
     for col in ("layer", "std", "nearest scheme", "pred out", "meas out", "pred grad", "meas grad", "flags"):
         table.add_column(col, justify="left" if col in ("layer", "nearest scheme") else "right", no_wrap=col == "layer")
     for l in report.layers:
-        near = f"{escape(l.nearest)} ×{l.nearest_ratio:.3g}" if l.nearest else "-"
-        table.add_row(escape(l.name), f"{l.std:.4g}", near, f"{l.pred_out_var:.3g}", f"{l.meas_out_var:.3g}",
+        near = f"{l.nearest} ×{l.nearest_ratio:.3g}" if l.nearest else "-"
+        table.add_row(l.name, f"{l.std:.4g}", near, f"{l.pred_out_var:.3g}", f"{l.meas_out_var:.3g}",
                       f"{l.pred_in_grad_var:.3g}", f"{l.meas_in_grad_var:.3g}", str(len(l.flags)) if l.flags else "")
     console.print(table)
     for l in report.layers:
         for f in l.flags:
-            console.print(f"[red]flag[/red] {escape(l.name)}: {escape(f)}")
+            console.print(f"flag {l.name}: {f}")
     for note in report.notes:
         console.print(f"note: {note}", markup=False)
     if not report.flagged:

@@ -7,6 +7,7 @@ and :mod:`initscope.cli` registers them; they import from here, never from the C
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any, Callable
 
 import typer
@@ -17,7 +18,8 @@ from rich.text import Text
 # quoting a TOML key such as [grid]), and rich would read its brackets as tags: drop them, or raise a
 # MarkupError on a path holding [/x]. Styles are given as Text where we want them.
 console = Console(highlight=False, markup=False)
-if not console.is_terminal:  # piped or captured: don't squeeze the tables to 80 columns, keep lines whole
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    # piped or captured, with no width asked for: don't squeeze the tables to 80 columns, keep lines whole
     console.width = 200
 err_console = Console(stderr=True, highlight=False, markup=False)
 
@@ -25,6 +27,14 @@ err_console = Console(stderr=True, highlight=False, markup=False)
 def error_text(message: object) -> Text:
     """``error: message`` with the prefix in red and the message taken literally."""
     return Text.assemble(("error:", "red"), " ", str(message))
+
+
+def terminal_width() -> int:
+    """The width to fit tables to: ``$COLUMNS`` when set (read now, not at import), else the console's."""
+    try:
+        return max(40, int(os.environ["COLUMNS"]))
+    except (KeyError, ValueError):
+        return console.width
 
 
 def fail(message: object, code: int = 2, *, to: Console | None = None) -> typer.Exit:
@@ -42,6 +52,46 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not shape or any(s <= 0 for s in shape):
         raise typer.BadParameter(f"{text!r} is not a shape: write it like 3,224,224")
     return shape
+
+
+MODEL_HELP = ("initscope name (plain34, resnet18-nobn; `initscope.models.list_models()`), torchvision name "
+              "(resnet50), timm:NAME, or package.module:callable")
+MODEL_ARG_HELP = "an argument of the model's constructor, KEY=VALUE (repeatable; VALUE read as JSON if it is), e.g. width=16"
+MODEL_ARGS_HELP = "the model's constructor arguments as a JSON object, e.g. '{\"width\": 16, \"in_channels\": 1}'"
+
+
+def model_kwargs(args: list[str] | None, args_json: str | None) -> dict[str, Any]:
+    """The constructor arguments given by ``--model-arg KEY=VALUE`` (repeatable) and ``--model-args JSON``."""
+    import json
+
+    kwargs: dict[str, Any] = {}
+    if args_json:
+        try:
+            parsed = json.loads(args_json)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"--model-args {args_json!r} is not JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise typer.BadParameter(f"--model-args must be a JSON object, like '{{\"width\": 16}}', not {args_json!r}")
+        kwargs.update(parsed)
+    for item in args or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise typer.BadParameter(f"--model-arg {item!r}: write it as KEY=VALUE, e.g. width=16")
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key.strip()] = value  # a plain string: norm=none
+    return kwargs
+
+
+def build_model(name: str, kwargs: dict[str, Any]):
+    """``create_model(name, **kwargs)``; a constructor that refuses an argument is a ``ValueError``."""
+    from initscope.models import create_model
+
+    try:
+        return create_model(name, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model {name!r} with arguments {kwargs}: {exc}") from None
 
 
 class LiveCommand:

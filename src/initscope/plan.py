@@ -95,6 +95,21 @@ _TABLE = (
 )
 
 
+# Which columns a narrow terminal keeps first.
+COLUMN_PRIORITY = ("layer", "std", "pred_out", "pred_grad", "kind", "clamp", "fan_in", "fan_out", "tau_in", "gamma",
+                   "res", "eps")
+
+
+def _columns(titles: list[str] | None) -> tuple:
+    if titles is None:
+        return _TABLE
+    by_title = {t: spec for t, *_ in _TABLE for spec in [(t, *_)]}
+    unknown = [t for t in titles if t not in by_title]
+    if unknown:
+        raise ValueError(f"unknown column(s) {unknown}; valid: {', '.join(by_title)}")
+    return tuple(by_title[t] for t in titles)
+
+
 def _fmt(value: Any, spec: str) -> str:
     if value is None:
         return "-"
@@ -160,18 +175,30 @@ class InitPlan:
             "notes": list(self.notes),
         }
 
-    def rows(self) -> list[list[str]]:
-        """The per-layer table as strings, one row per layer (the columns of :meth:`to_table`)."""
-        return [[_fmt(getattr(layer, attr), spec) for _, attr, spec in _TABLE] for layer in self.layers]
+    def rows(self, columns: list[str] | None = None) -> list[list[str]]:
+        """The per-layer table as strings, one row per layer (``columns``: titles, default all)."""
+        specs = _columns(columns)
+        return [[_fmt(getattr(layer, attr), spec) for _, attr, spec in specs] for layer in self.layers]
 
     @staticmethod
     def columns() -> list[str]:
         return [title for title, _, _ in _TABLE]
 
-    def to_table(self) -> str:
-        """The per-layer plan as an aligned text table."""
-        header = self.columns()
+    def fit_columns(self, width: int, gap: int = 2) -> list[str]:
+        """The most useful columns whose table fits in ``width`` characters with ``gap`` between
+        columns (layer, std and the predictions first; see :data:`COLUMN_PRIORITY`), in the table's order."""
         rows = self.rows()
+        widths = {h: max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(self.columns())}
+        chosen: list[str] = []
+        for title in COLUMN_PRIORITY:
+            if sum(widths[t] + gap for t in chosen + [title]) - gap <= width or not chosen:
+                chosen.append(title)
+        return [t for t in self.columns() if t in chosen]
+
+    def to_table(self, columns: list[str] | None = None) -> str:
+        """The per-layer plan as an aligned text table (``columns``: titles, default all)."""
+        header = [title for title, _, _ in _columns(columns)]
+        rows = self.rows(columns)
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
         lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
         lines.append("  ".join("-" * w for w in widths))

@@ -195,6 +195,17 @@ def _same_tensor(resolved: Resolved, node: Any) -> Any:
     return node
 
 
+def _zeroed_knobs(resolved: Resolved, knobs: frozenset[fx.Node]) -> frozenset[fx.Node]:
+    """The knob normalizations whose weight the model set to zero itself (torchvision's
+    ``zero_init_residual``, timm's ``zero_init_last``): a convention the plan keeps unless asked."""
+    zeroed = set()
+    for node in knobs:
+        weight = getattr(resolved.modules.get(node), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.numel() and bool((weight.detach() == 0).all()):
+            zeroed.add(node)
+    return frozenset(zeroed)
+
+
 def _norm_knobs(resolved: Resolved, adds: list[ResidualAdd]) -> tuple[frozenset[fx.Node], bool]:
     """The normalizations that scale a residual branch, and whether any holds other than γ = 1, β = 0."""
     knobs, changed = set(), False
@@ -282,8 +293,13 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
     local = _paper_model(resolved, local_inputs, opts, shape)
     adds = find_residual_adds(resolved, local)
     knobs: frozenset[fx.Node] = frozenset()
+    kept_zero: frozenset[fx.Node] = frozenset()
     if policy != "none":
         knobs, changed = _norm_knobs(resolved, adds)
+        if opts.residual is None and policy != "zero":
+            # The method's default policy does not overwrite what the model zeroed on purpose; an
+            # explicit residual="scale" does.
+            kept_zero = _zeroed_knobs(resolved, knobs)
         if changed:
             # Some knob holds a weight or bias the plan will overwrite: plan the paper's model again as
             # it will be after applying, so that planning twice gives the same plan.
@@ -300,7 +316,7 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
     bias_m2 = {info.node: m.bias_m2(info) for info in infos if info.bias is not None and m.bias_m2(info)}
 
     # The full propagation, in which a method may choose its stds.
-    job = Job(resolved, full_inputs, opts, infos, adds, policy, stds, clamped, bias_m2, knobs)
+    job = Job(resolved, full_inputs, opts, infos, adds, policy, stds, clamped, bias_m2, knobs, kept_zero)
     try:
         chosen = m.full_pass(job)
     except InitscopeError:
@@ -309,10 +325,20 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
         raise _not_run(exc, shape) from exc
     stds, clamped, final, residual = chosen.stds, chosen.clamped, chosen.final, chosen.residual
     notes = list(chosen.notes) + [f"residual policy not applied at {s}" for s in residual.skipped]
+    if kept_zero:
+        notes.append(f"kept at zero what the model zeroed itself: {len(kept_zero)} normalization weight(s) at the "
+                     f"end of residual branches ({', '.join(sorted(str(n.target) for n in kept_zero)[:4])}"
+                     f"{', ...' if len(kept_zero) > 4 else ''}); pass residual='scale' to rescale them")
 
     distribution = m.law(opts)
     by_node = {info.node: info for info in infos}
     norm_scales = {str(node.target): alpha for node, alpha in residual.alphas.items() if node not in by_node}
+    written = [name for name in norm_scales if not any(str(n.target) == name for n in kept_zero)]
+    if written:
+        # Everything the plan writes beyond the weight layers (and their biases) is said.
+        notes.append(f"besides the weight layers, applying writes {len(written)} normalization weight(s) at the end "
+                     f"of residual branches (the {policy} policy's scale) and zeroes their biases: "
+                     f"{', '.join(written[:4])}{', ...' if len(written) > 4 else ''}")
     layers = []
     for info in infos:
         node = info.node

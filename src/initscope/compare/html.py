@@ -87,8 +87,9 @@ def check_table(frame: pd.DataFrame, method: str) -> str:
     """Measured against predicted, one row per weight layer (``weight_layer``) of one method; flagged rows
     highlighted.
 
-    A layer is flagged when either ratio (measured / predicted second moment) leaves [1/2, 2]; a
-    layer with non-finite values anywhere is flagged too, so a NaN never passes silently.
+    A layer is flagged when either ratio (measured / predicted second moment) lies outside the band the
+    plan's draw-to-draw spread allows (:func:`initscope.probe.flag_limit`); a layer with non-finite values
+    anywhere is flagged too, so a NaN never passes silently.
     """
     sub = frame[frame["method"] == method]
     weight_layers = sub[sub["weight_layer"].astype(bool)]
@@ -195,7 +196,8 @@ def render_page(
     parts.append('<section id="check"><h2>Measured against predicted, per weight layer</h2>'
                  '<p class="note">E[u²]: second moment of the layer\'s output; E[g²]: second moment of the '
                  "gradient at the layer's input. Ratio = measured / predicted; rows are flagged (red) when a "
-                 "ratio leaves [1/2, 2] or a tensor of the layer holds non-finite values.</p>")
+                 "ratio lies outside the plan's predicted spread (the band on the depth plot) or a tensor of the "
+                 "layer holds non-finite values.</p>")
     for i, method in enumerate(methods):
         open_ = " open" if i == 0 else ""
         parts.append(f"<details{open_}><summary>{_e(method or 'probe')}</summary>{check_table(frame, method)}</details>")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -52,7 +53,7 @@ class CompareResult:
     meta: dict[str, str] = field(default_factory=dict)
 
     def flagged(self) -> pd.DataFrame:
-        """One row per (method, weight layer) whose measurement is more than 2x off its prediction."""
+        """One row per (method, weight layer) whose measurement lies outside the plan's predicted spread."""
         f = self.frame
         return f[f["flagged"].astype(bool)].drop_duplicates(["method", "layer"])[
             ["method", "layer", "kind", "out_ratio", "in_grad_ratio"]]
@@ -111,6 +112,7 @@ def compare(
     data_root: str | Path | None = None,
     out_dir: str | Path,
     max_hist_layers: int = 8,
+    draws: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> CompareResult:
     """Probe one freshly initialized copy of the model per method and write ``out_dir/index.html``.
@@ -130,6 +132,10 @@ def compare(
         data_root: where the torchvision sets lie (``load_data``'s ``root``).
         out_dir: written: ``index.html``, ``stats.parquet`` (or ``.csv``), one PNG and SVG per figure.
         max_hist_layers: histogram grids show at most this many layers, evenly spaced.
+        draws: weight draws per method (seeds ``seed``, ``seed + 1``, ...). The measured second moments
+            of outputs and input gradients are their geometric means (what a prediction for a typical draw
+            is held to), so the plan's draw-to-draw spread, and the band a measurement may stay in
+            before it is flagged, shrink by ``sqrt(draws)``; quantiles and histograms are the first draw's.
         progress: called with a description before each method and before the report is drawn.
 
     Everything is checked (methods, shape, data source, that the model builds) before anything is written.
@@ -152,6 +158,8 @@ def compare(
         raise ValueError(f"input_shape={tuple(input_shape)} must be positive sizes, e.g. (3, 224, 224)")
     if batch < 1:
         raise ValueError(f"batch={batch} must be at least 1")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws={draws!r} must be a positive integer")
     check_source(data)
     build, model_name = _factory(model_name_or_factory)
     inputs = load_batch(data, shape, batch, seed, root=data_root)
@@ -173,6 +181,8 @@ def compare(
             p = make_plan(model, method, example_input=inputs.inputs)
         p.apply(model, generator=torch.Generator().manual_seed(seed))
         result = probe(model, inputs.inputs, plan=p)
+        if draws > 1:
+            result = _average_draws(result, model, p, inputs.inputs, seed, draws)
         frame = result.to_frame()
         frame.insert(0, "method", method)
         # the weight layers are the plan's (the rule registry's definition), whatever their class is called
@@ -215,6 +225,36 @@ def compare(
         shutil.rmtree(staging, ignore_errors=True)
     figures = {name: (moved[png.name], moved[svg.name]) for name, (png, svg) in figures.items()}
     return CompareResult(out_dir, moved[index.name], moved[stats.name], figures, frame, plans, meta)
+
+
+def _average_draws(first, model: nn.Module, p, inputs: torch.Tensor, seed: int, draws: int):
+    """``first`` with its outputs' and input gradients' second moments the geometric means over ``draws``
+    weight draws (the first is ``first`` itself), and each layer's ``draws`` set."""
+    import dataclasses
+
+    from initscope.probe import probe
+
+    logs: dict[tuple[str, str], list[float]] = {}
+
+    def keep(result) -> None:
+        for layer in result.layers:
+            for quantity in ("output", "input_grad"):
+                st = layer.stats.get(quantity)
+                if st is not None and st.second_moment > 0:
+                    logs.setdefault((layer.name, quantity), []).append(math.log(st.second_moment))
+
+    keep(first)
+    for d in range(1, draws):
+        p.apply(model, generator=torch.Generator().manual_seed(seed + d))
+        keep(probe(model, inputs, plan=p, quantiles=False, histograms=False, quantities=("output", "input_grad")))
+    for layer in first.layers:
+        layer.draws = draws
+        for quantity in ("output", "input_grad"):
+            values = logs.get((layer.name, quantity), [])
+            if len(values) == draws:
+                layer.stats[quantity] = dataclasses.replace(layer.stats[quantity],
+                                                            second_moment=math.exp(sum(values) / draws))
+    return first
 
 
 # The stats table is Parquet, or CSV with a note where Parquet cannot be written: the one not written this
@@ -280,8 +320,10 @@ def _write_page(meta: dict, frame: pd.DataFrame, plans: dict[str, InitPlan],
     notes = [
         "Each method was drawn into a freshly built copy of the model with the same seed and probed with the "
         "same batch: one forward and one backward pass, statistics taken by hooks.",
-        "A layer is flagged when its measured output or input-gradient second moment is more than 2× off the "
-        "plan's prediction, or when any of its tensors holds non-finite values.",
+        "A layer is flagged when its measured output or input-gradient second moment lies further from the "
+        "plan's prediction than the plan's own draw-to-draw spread allows (3 of its standard deviations, divided "
+        "by √draws, and never less than 1 bit: the band on the depth plot), or when any of its tensors holds "
+        "non-finite values.",
     ]
     index = out_dir / "index.html"
     index.write_text(render_page(meta, frame, plan_tables, page_figs, notes), encoding="utf-8")

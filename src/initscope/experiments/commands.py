@@ -11,6 +11,7 @@ engine registered after this module was imported is in the help and the flags al
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -45,6 +46,8 @@ def _field_flag(name: str, *, sweep: bool) -> inspect.Parameter:
     flags = (RUN_SCHEMA.flags(name)[0],) if sweep else RUN_SCHEMA.flags(name)
     if t.sequence:  # written as text, read by the schema (30,60)
         return _option(name, Optional[str], None, *flags, help=help)
+    if t.base is bool:  # --fixup-scalars/--no-fixup-scalars
+        flags = (f"{flags[0]}/--no-{flags[0][2:]}",)
     if sweep or t.optional:
         return _option(name, Optional[t.base], None, *flags, help=help)
     return _option(name, t.base, RUN_SCHEMA.default(name), *flags, help=help)
@@ -160,13 +163,11 @@ def _sweep(**flags: Any) -> None:
     except (ConfigError, ValueError, TypeError) as exc:
         raise fail(exc) from None
     kwargs = _engine_kwargs(engine, options)
+    if dry_run:
+        _dry_run(sweep, runs)
+        return
     console.print(f"sweep {sweep.name or sweep.sweep_id}: {len(runs)} runs over {axis_sizes(sweep.grid)}; "
                   f"db {sweep.db}; out {sweep.out}")
-    if dry_run:
-        for r in runs:
-            d = r.to_dict()
-            console.print(f"{r.run_id}  " + " ".join(f"{k}={d[k]}" for k in sweep.grid))
-        return
     try:
         summary = ENGINES[engine].run(sweep, retry_failed=retry_failed, **kwargs)
     except DiskFullError as exc:  # the run was given back: say so, with the file
@@ -184,6 +185,68 @@ def _sweep(**flags: Any) -> None:
         _write(sweep.db, report, None)
     else:
         console.print(f"report: initscope report {sweep.db} --out report")
+
+
+def _dry_run(sweep: SweepConfig, runs: list[RunConfig]) -> None:
+    """List the runs a sweep would train; with ``[select]``, the selection runs, then per group the runs after
+    its choice (the choice read from the database where it is made already)."""
+    from initscope.experiments.config.select import Select, selection_plan
+
+    keys = list(sweep.grid)
+    select = sweep.select if isinstance(sweep.select, Select) else None
+
+    def line(r: RunConfig, note: str = "") -> str:
+        d = r.to_dict()
+        return f"{r.run_id}  " + " ".join(f"{k}={d[k]}" for k in keys + (["seed"] if select else [])) + note
+
+    if select is None:
+        console.print(f"sweep {sweep.name or sweep.sweep_id}: {len(runs)} runs over {axis_sizes(sweep.grid)}; "
+                      f"db {sweep.db}; out {sweep.out}")
+        for r in runs:
+            console.print(line(r))
+        return
+    groups = selection_plan(select, runs)
+    later = (len(select.seeds) - 1) * len(groups)
+    console.print(f"sweep {sweep.name or sweep.sweep_id}: {len(runs) + later} runs: {len(runs)} selection runs over "
+                  f"{axis_sizes(sweep.grid)} at seed {select.seeds[0]}; {select.axis} chosen per group "
+                  f"({len(groups)} groups) by {select.by}; then {later} runs: seeds "
+                  f"{', '.join(map(str, select.seeds[1:])) or 'none'} at each group's choice; db {sweep.db}; "
+                  f"out {sweep.out}")
+    recorded = {k: json.loads(v) for k, v in _read_db(sweep.db, "SELECT group_id, chosen FROM selections").items()}
+    done = _read_db(sweep.db, "SELECT run_id, status FROM runs WHERE status IN ('finished', 'diverged')")
+    if done:
+        planned = {r.run_id for r in runs} | {r.run_id for gid, members in groups.items() if gid in recorded
+                                             for r in select.after_choice(next(
+                                                 (c for c in members if getattr(c, select.axis) == recorded[gid]),
+                                                 members[0]))}
+        console.print(f"{len(planned & set(done))} of them done in {sweep.db} already (a sweep skips them)")
+    console.print("selection runs:")
+    for r in runs:
+        console.print(line(r))
+    console.print(f"after the choice ({len(select.seeds) - 1} seed(s) per group):")
+    for gid, members in groups.items():
+        if gid in recorded:
+            chosen = next((c for c in members if getattr(c, select.axis) == recorded[gid]), members[0])
+            for r in select.after_choice(chosen):
+                console.print(line(r, f"  (chosen {select.axis}={recorded[gid]})"))
+        else:
+            what = " ".join(f"{k}={v}" for k, v in members[0].to_dict().items() if k in keys and k != select.axis)
+            console.print(f"  {what}: {len(select.seeds) - 1} run(s) at the {select.axis} its selection runs choose "
+                          "(not decided yet)")
+
+
+def _read_db(db: Path, query: str) -> dict[str, Any]:
+    """``{first column: second column}`` of a query on a results database; empty where there is none, or the
+    database is older than the table, or cannot be read (a dry run changes nothing and fails on nothing)."""
+    if not Path(db).is_file():
+        return {}
+    from initscope.experiments.tables.frames import connect
+
+    try:
+        with connect(db) as conn:
+            return {r[0]: r[1] for r in conn.execute(query)}
+    except Exception:  # noqa: BLE001
+        return {}
 
 
 def _print_first_failure(summary: SweepSummary) -> None:

@@ -100,6 +100,7 @@ class Job:
     clamped: set[fx.Node]
     bias_m2: dict[fx.Node, float]
     knobs: frozenset[fx.Node] = frozenset()
+    kept_zero: frozenset[fx.Node] = frozenset()  # norm knobs the model zeroed itself, kept at zero
 
     def layer(self, node: fx.Node) -> LayerInfo:
         return self._by_node[node]
@@ -115,7 +116,7 @@ class Job:
                  backward_starts: bool = False) -> ResidualPolicy:
         """The plan's residual policy, ready to run (``decide``: compute each branch's factor)."""
         return ResidualPolicy(self.adds, self.policy, self.options.residual_growth, decide=decide, alphas=alphas,
-                              backward_starts=backward_starts)
+                              backward_starts=backward_starts, kept_zero=self.kept_zero)
 
     def run(self, hook: WeightHook, residual: ResidualPolicy) -> Pass:
         """A full propagation, forward then backward, with the weight variances ``hook`` decides."""

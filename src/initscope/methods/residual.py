@@ -150,9 +150,12 @@ class ResidualPolicy(ResidualHook):
     """
 
     def __init__(self, adds: list[ResidualAdd], policy: str, growth: float, decide: bool = True,
-                 alphas: dict[fx.Node, float] | None = None, backward_starts: bool = False) -> None:
+                 alphas: dict[fx.Node, float] | None = None, backward_starts: bool = False,
+                 kept_zero: frozenset[fx.Node] = frozenset()) -> None:
         self.by_node = {ra.node: ra for ra in adds}
         self.policy = policy
+        # Knobs the model zeroed itself (a zero_init_last BatchNorm): they stay at zero.
+        self.kept_zero = kept_zero
         count = max(len(adds), 1)
         self.beta = growth ** (1.0 / count) - 1.0
         self.decide = decide
@@ -181,7 +184,7 @@ class ResidualPolicy(ResidualHook):
         for b in scalable:
             sig = values[b.input]
             if self.decide:
-                if self.policy == "zero":
+                if self.policy == "zero" or b.knob in self.kept_zero:
                     alpha2 = 0.0
                 else:
                     alpha2 = self.beta * main.mean_m2 / (len(scalable) * sig.mean_m2) if sig.mean_m2 > 0 else 1.0

@@ -73,12 +73,17 @@ def is_registered(name: str) -> bool:
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a model by name, with random weights; ``kwargs`` go to its constructor.
 
+    ``name``: one of initscope's (:func:`list_models`), a torchvision classification model, ``timm:NAME``
+    (timm's, with ``pretrained=False``; ``pip install 'initscope[timm]'``) or ``package.module:callable``.
+
     Examples:
         >>> create_model("plain34", width=8, in_channels=1, num_classes=10)
         >>> create_model("resnet18", width=16, norm="none", head="paper", num_classes=12)
     """
     if name in _REGISTRY:
         return _REGISTRY[name](**kwargs)
+    if name.startswith("timm:"):
+        return _timm(name[len("timm:"):], kwargs)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -101,6 +106,20 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         f"unknown model {name!r}: use one of initscope's ({', '.join(list_models())}), a torchvision "
         "classification model name (e.g. densenet121), or 'package.module:callable'"
     )
+
+
+def _timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """A timm model with random weights (``pretrained=False``: nothing is downloaded)."""
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"model 'timm:{name}' needs timm: pip install 'initscope[timm]' (or pip install timm)") from None
+    if kwargs.get("pretrained"):
+        raise ValueError("initscope builds models with random weights: pretrained=True is not allowed")
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as exc:  # timm's "Unknown model"
+        raise ValueError(f"timm has no model {name!r} ({exc}); see timm.list_models()") from None
 
 
 create = create_model

@@ -24,7 +24,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -32,6 +31,7 @@ from torch import nn
 from initscope.plan import InitPlan, plan_of
 from initscope.probe.hooks import QUANTITIES, Recorder, Selection, check_quantities, select
 from initscope.probe.probe import COLUMNS, Probe, build, probe, save_frame
+from initscope.probe.sinks import Sink, as_sinks
 from initscope.probe.summary import DEFAULT_BINS, DEFAULT_SAMPLE
 
 
@@ -40,7 +40,8 @@ class ProbeCallback:
 
     Args:
         every: record at steps ``0, every, 2·every, ...``.
-        writer: ``None`` (table only), the path of a TensorBoard log directory, or a ``SummaryWriter``.
+        writer: where records go besides the table: ``None``, a TensorBoard log directory or
+            ``SummaryWriter``, a :class:`~initscope.probe.sinks.Sink` (``WandbSink``), or a list of them.
         layers: as :func:`~initscope.probe.probe`'s ``layers``.
         quantities: which quantities to take (default all six).
         bins, quantiles, histograms, sample, seed: as for :func:`~initscope.probe.probe`.
@@ -49,8 +50,8 @@ class ProbeCallback:
             training read the ratios as a drift from initialization, not as errors.
         tag: the TensorBoard tag prefix.
 
-    TensorBoard tags: ``{tag}/{quantity}/{layer}`` (histogram, from the probe's own bins) and
-    ``{tag}/{quantity}/{layer}/var``, ``.../second_moment`` (scalars).
+    TensorBoard: charts by quantity, layers together, with the predictions and the measured/predicted
+    ratios, and the depth figure at every recorded step (see :mod:`initscope.probe.sinks`).
     """
 
     def __init__(self, every: int = 100, writer=None, layers: str | Sequence[str] = "weighted",
@@ -67,8 +68,7 @@ class ProbeCallback:
         self.plan = plan
         self.tag = tag
         self._writer_arg = writer
-        self._writer = None
-        self._owns_writer = False
+        self._sinks: list[Sink] | None = None
         self._frames: list[pd.DataFrame] = []
         self._attached: tuple[int, Recorder, InitPlan | None] | None = None
 
@@ -133,9 +133,9 @@ class ProbeCallback:
         """Append ``result``'s rows (with ``step``) to the table and write its TensorBoard summaries."""
         frame = result.to_frame()
         frame = frame[frame["quantity"].isin(self.quantities)]
+        self._write(step, result, frame)
         frame.insert(0, "step", int(step))
         self._frames.append(frame.reset_index(drop=True))
-        self._write(step, result)
 
     def frame(self) -> pd.DataFrame:
         """Every recorded row: the probe table's columns after a ``step`` column."""
@@ -147,46 +147,22 @@ class ProbeCallback:
         """Write :meth:`frame` as Parquet or CSV (by suffix)."""
         return save_frame(self.frame(), path)
 
-    def writer(self):
-        """The ``SummaryWriter`` (made on first use from a log directory path), or ``None``."""
-        if self._writer is None and self._writer_arg is not None:
-            if isinstance(self._writer_arg, (str, Path)):
-                from torch.utils.tensorboard import SummaryWriter
+    def sinks(self) -> list[Sink]:
+        """Where records go besides the table (made on first use: a log directory opens a writer then)."""
+        if self._sinks is None:
+            self._sinks = as_sinks(self._writer_arg, self.tag)
+        return self._sinks
 
-                self._writer = SummaryWriter(log_dir=str(self._writer_arg))
-                self._owns_writer = True
-            else:
-                self._writer = self._writer_arg
-        return self._writer
-
-    def _write(self, step: int, result: Probe) -> None:
-        w = self.writer()
-        if w is None:
-            return
-        for layer in result.layers:
-            name = layer.name or "model"
-            for quantity, s in layer.stats.items():
-                if quantity not in self.quantities or s.count == 0:
-                    continue
-                base = f"{self.tag}/{quantity}/{name}"
-                w.add_scalar(f"{base}/var", s.var, step)
-                w.add_scalar(f"{base}/second_moment", s.second_moment, step)
-                num = sum(s.hist_counts)
-                if num:
-                    edges = np.linspace(s.hist_lo, s.hist_hi, len(s.hist_counts) + 1)
-                    # The bins' own counts, so TensorBoard shows exactly the histogram in the table (its
-                    # sums are those of the entries the histogram counts: all, or the subsample).
-                    w.add_histogram_raw(base, min=s.min, max=s.max, num=num, sum=s.mean * num,
-                                        sum_squares=s.second_moment * num, bucket_limits=edges[1:].tolist(),
-                                        bucket_counts=list(s.hist_counts), global_step=step)
-        w.flush()
+    def _write(self, step: int, result: Probe, frame: pd.DataFrame) -> None:
+        for sink in self.sinks():
+            sink.write(step, result, frame)
 
     def close(self) -> None:
-        """Remove any hooks and close the writer if the callback opened it."""
+        """Remove any hooks and close what the callback's sinks opened."""
         self.detach()
-        if self._writer is not None and self._owns_writer:
-            self._writer.close()
-        self._writer = None
+        for sink in self._sinks or []:
+            sink.close()
+        self._sinks = None
 
     def __repr__(self) -> str:
         return f"ProbeCallback(every={self.every}, layers={self.layers!r}, recorded={len(self._frames)})"

@@ -48,6 +48,9 @@ class Setting:
         flags: the ``initscope train`` flags (default: ``--field-name``).
         sweep_flag: the ``initscope sweep`` flag of a grid axis, a comma-separated list (``--methods``).
         aliases: other names a sweep file accepts for the key (``methods`` for ``method``).
+        in_id_at_default: False for a field added after results databases existed: at its default it is
+            left out of the ``run_id`` hash, so that every run made before the field existed keeps its id
+            (and its database resumes); set to anything else, it is in the hash like every field.
     """
 
     help: str
@@ -59,6 +62,7 @@ class Setting:
     flags: tuple[str, ...] = ()
     sweep_flag: str | None = None
     aliases: tuple[str, ...] = ()
+    in_id_at_default: bool = True
 
 
 def setting(default: Any, help: str, **kw: Any) -> Any:
@@ -154,6 +158,10 @@ class Schema:
 
     @staticmethod
     def _scalar(name: str, value: Any, base: type) -> Any:
+        if base is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}: {value!r} is not true or false")
+            return value
         if base is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name}: {value!r} is not an integer")
@@ -184,6 +192,11 @@ class Schema:
 
     @staticmethod
     def _parse(name: str, text: str, base: type, whole: str | None = None) -> Any:
+        if base is bool:
+            words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+            if text.lower() not in words:
+                raise ConfigError(f"{name}: {text!r} is not true or false")
+            return words[text.lower()]
         try:
             return base(text)
         except ValueError:

@@ -23,12 +23,15 @@ The TOML form (relative paths are taken from the directory the command runs in):
     epochs = 2
 
 The plural names of the flags (``datasets``, ``models``, ``methods``, ``optimizers``, ``lrs``,
-``seeds``) are accepted in ``[grid]`` too. Where the data lie is the user's, not the file's: pass
+``seeds``) are accepted in ``[grid]`` too. A ``[select]`` table makes the sweep choose one axis (the
+learning rate) per group on validation, then run more seeds at the choice (:mod:`.select`).
+Where the data lie is the user's, not the file's: pass
 ``--data-root`` (or set ``data_root``) for the torchvision sets and relative ``folder:`` paths.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -40,12 +43,13 @@ from typing import Any
 
 from initscope.errors import ConfigError
 from initscope.experiments.config.run import RUN_SCHEMA, RunConfig
+from initscope.experiments.config.select import Select
 
 # The grid's usual axes, in the order runs are listed (seed first: one complete pass over every other
 # axis before the next seed, so an interrupted sweep already fills every table cell once).
 AXES = ("seed", "data", "model", "method", "optimizer", "lr")
 ALIASES = {alias: name for name in RUN_SCHEMA.names() for alias in RUN_SCHEMA.setting(name).aliases}
-TOP_KEYS = ("name", "db", "out", "grid", "run")
+TOP_KEYS = ("name", "db", "out", "grid", "run", "select")
 # The methods a sweep compares when none are named: the five of the papers.
 PAPER_METHODS = ("xavier", "kaiming-forward", "kaiming-backward", "asv-forward", "asv-backward")
 
@@ -111,6 +115,7 @@ class SweepConfig:
     db: Path = Path("runs.db")
     out: Path = Path("runs")
     name: str | None = None
+    select: Select | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         grid: dict[str, Any] = {}
@@ -140,6 +145,10 @@ class SweepConfig:
                                   f"it has: {', '.join(grid['lr'])}")
         self.grid, self.fixed = grid, fixed
         self.db, self.out = Path(self.db), Path(self.out)
+        if self.select is not None and not isinstance(self.select, Select):
+            self.select = Select.from_mapping(self.select, grid)
+        if isinstance(self.select, Select) and "seed" in fixed:
+            raise ConfigError("run: seed is set by [select] seeds; remove it from [run]")
 
     # -- constructors -----------------------------------------------------------------------------
 
@@ -155,7 +164,7 @@ class SweepConfig:
             if not isinstance(table, Mapping):
                 raise ConfigError(f"[{name}] must be a table of key = value lines, not {table!r}")
         return cls(grid=dict(grid), fixed=dict(fixed), db=Path(d.get("db", "runs.db")),
-                   out=Path(d.get("out", "runs")), name=d.get("name"))
+                   out=Path(d.get("out", "runs")), name=d.get("name"), select=d.get("select"))
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "SweepConfig":
@@ -187,6 +196,9 @@ class SweepConfig:
         """Take ``other``'s settings over this sweep's: a grid axis replaces the axis (and a fixed value
         of that key), a fixed value replaces the value (and an axis of that key)."""
         for k, v in other.grid.items():
+            if k == "seed" and isinstance(self.select, Select):  # --seeds: the seeds of the selection protocol
+                self.select = dataclasses.replace(self.select, seeds=tuple(v))
+                continue
             self.fixed.pop(k, None)
             self.grid[k] = v
         for k, v in other.fixed.items():
@@ -200,7 +212,11 @@ class SweepConfig:
         return [a for a in AXES if a in self.grid] + [a for a in self.grid if a not in AXES]
 
     def expand(self) -> list[RunConfig]:
-        """One RunConfig per grid point (duplicates by run_id dropped), seed outermost."""
+        """One RunConfig per grid point (duplicates by run_id dropped), seed outermost. With ``[select]``: the
+        selection runs (the grid at the first seed); the runs after each choice come from the engine."""
+        if isinstance(self.select, Select):
+            plain = SweepConfig(grid={**self.grid, "seed": [self.select.seeds[0]]}, fixed=self.fixed)
+            return plain.expand()
         axes = self.axes()
         lr_table = self.grid.get("lr") if isinstance(self.grid.get("lr"), dict) else None
         if lr_table is not None:  # the learning rates depend on the optimizer: expand them last
@@ -221,15 +237,19 @@ class SweepConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: what the report's "what was run" section shows."""
-        return {"name": self.name, "db": str(self.db), "out": str(self.out),
-                "grid": {k: dict(v) if isinstance(v, dict) else list(v) for k, v in self.grid.items()},
-                "run": {k: list(v) if isinstance(v, tuple) else v for k, v in self.fixed.items()}}
+        d = {"name": self.name, "db": str(self.db), "out": str(self.out),
+             "grid": {k: dict(v) if isinstance(v, dict) else list(v) for k, v in self.grid.items()},
+             "run": {k: list(v) if isinstance(v, tuple) else v for k, v in self.fixed.items()}}
+        if isinstance(self.select, Select):
+            d["select"] = self.select.to_dict()
+        return d
 
     @property
     def sweep_id(self) -> str:
-        """A stable hash of the grid and the fixed settings (not of where results go)."""
+        """A stable hash of the grid, the fixed settings and the selection (not of where results go)."""
         d = self.to_dict()
-        text = json.dumps({"grid": d["grid"], "run": d["run"]}, sort_keys=True, default=str)
+        key = {"grid": d["grid"], "run": d["run"], **({"select": d["select"]} if "select" in d else {})}
+        text = json.dumps(key, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

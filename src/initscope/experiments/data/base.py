@@ -40,12 +40,16 @@ class Images:
     """What a source loads: images in [0, 1] and their labels, before any split.
 
     Attributes:
-        x: float images (N, C, H, W), pixel values in [0, 1].
+        x: images (N, C, H, W): float pixel values in [0, 1], or uint8 values 0..255 (decoded files).
         y: int64 labels (N,), ``0 <= y < len(class_names)``.
         class_names: one name per class.
         test: an official test split ``(x, y)`` to keep as it is; None splits ``x`` three ways.
         files: for sources of files, the path (relative to the source's root) of each image of ``x``.
         skipped: files that could not be decoded and were left out.
+        rows: for a source that decoded only some of its images (:meth:`DataSource.load` with ``rows``):
+            which of ``y`` the rows of ``x`` are, and which of the test split's labels the rows of its
+            images are. ``y`` and the test labels then hold every image's label, decoded or not.
+        test_files: the official test split's files, as ``files``.
     """
 
     x: torch.Tensor
@@ -54,6 +58,8 @@ class Images:
     test: tuple[torch.Tensor, torch.Tensor] | None = None
     files: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    rows: tuple[list[int], list[int]] | None = None
+    test_files: list[str] = field(default_factory=list)
 
 
 class DataSource:
@@ -95,8 +101,18 @@ class DataSource:
             image_size: resize to this (H, W) or square size; None keeps the source's own size.
             in_channels: 1 or 3 for a source that ``converts_channels``; None for its default.
             progress: show a bar during slow loading.
+
+        A source whose :meth:`labels` gives its labels also takes ``rows=(pool, test)``: decode only those
+        images (indices into its labels and its official test split's), and say which in ``Images.rows``.
         """
         raise NotImplementedError(f"data source {self.name!r} does not implement load()")
+
+    def labels(self, arg: Any, *, root: str | Path | None, image_size: int | tuple[int, int] | None,
+               in_channels: int | None) -> Images | None:
+        """The labels (and files) without the pixels, ``x`` empty, for a source that can decode only the images
+        a run uses (``--limit``, ``eval_limit``): :meth:`load` then takes ``rows``. None (the default): the
+        source loads everything, or has everything decoded already."""
+        return None
 
 
 SOURCES: Registry[DataSource] = Registry("data source")

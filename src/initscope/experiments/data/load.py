@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from initscope.experiments.data.base import parse_data
-from initscope.experiments.data.splits import NORMALIZATIONS, DataSplits, assemble, square
+from initscope.experiments.data.splits import NORMALIZATIONS, DataSplits, assemble, draw_parts, square
 
 # A sweep runs many configs on the same data: loading (a folder's decoding above all) happens once.
 _CACHE: dict[tuple, DataSplits] = {}
@@ -20,7 +20,7 @@ _CACHE_SIZE = 4
 
 def load_data(source: str, *, root: str | Path | None = None, seed: int = 0, image_size: int | None = None,
               normalize: str = "minus-one-one", split: Sequence[float] = (0.6, 0.2, 0.2), limit: int | None = None,
-              in_channels: int | None = None, progress: bool = False) -> DataSplits:
+              in_channels: int | None = None, progress: bool = False, eval_limit: int | None = None) -> DataSplits:
     """Load ``source``, split it train/validation/test with ``seed`` and normalize it.
 
     Args:
@@ -33,10 +33,12 @@ def load_data(source: str, *, root: str | Path | None = None, seed: int = 0, ima
         normalize: ``minus-one-one`` or ``mean-subtract``.
         split: train/validation/test fractions per class, for sources without an official test split.
         limit: keep this many train images (stratified); None keeps all.
+        eval_limit: keep this many validation and this many test images (stratified); None keeps all.
         in_channels: ``folder`` and ``synthetic`` only: 1 (grayscale) or 3 (RGB, the default).
         progress: show a bar while a folder is decoded.
 
-    The result is cached (same arguments, same object): the tensors are shared, never write to them.
+    The result is cached (same arguments, same object): the tensors are shared, never write to them. A
+    source that can (``folder:``) decodes only the images the run uses when a limit leaves some out.
 
     Examples:
         >>> d = load_data("digits", seed=0)
@@ -50,10 +52,24 @@ def load_data(source: str, *, root: str | Path | None = None, seed: int = 0, ima
     ref = parse_data(source)
     key = (source, None if root is None else str(root), int(seed),
            None if image_size is None else square(image_size, (0, 0)), normalize, tuple(float(f) for f in split),
-           limit, in_channels)
+           limit, in_channels, eval_limit)
     if key not in _CACHE:
-        images = ref.source.load(ref.arg, root=root, image_size=key[3], in_channels=in_channels, progress=progress)
-        _CACHE[key] = assemble(source, images, split=key[5], normalize=normalize, limit=limit, seed=seed)
+        src, size = ref.source, key[3]
+        listed = None
+        if limit is not None or eval_limit is not None:
+            listed = src.labels(ref.arg, root=root, image_size=size, in_channels=in_channels)
+        if listed is not None:  # decode only what the parts use
+            test_y = listed.test[1] if listed.test is not None else None
+            parts = draw_parts(listed.y, test_y, split=key[5], limit=limit, eval_limit=eval_limit, seed=seed)
+            images = src.load(ref.arg, root=root, image_size=size, in_channels=in_channels, progress=progress,
+                              rows=(parts.train + parts.val + ([] if parts.official_test else parts.test),
+                                    parts.test if parts.official_test else []))
+            _CACHE[key] = assemble(source, images, split=key[5], normalize=normalize, limit=limit, seed=seed,
+                                   eval_limit=eval_limit, parts=parts)
+        else:
+            images = src.load(ref.arg, root=root, image_size=size, in_channels=in_channels, progress=progress)
+            _CACHE[key] = assemble(source, images, split=key[5], normalize=normalize, limit=limit, seed=seed,
+                                   eval_limit=eval_limit)
         while len(_CACHE) > _CACHE_SIZE:  # the oldest goes first
             _CACHE.pop(next(iter(_CACHE)))
     return _CACHE[key]

@@ -142,6 +142,8 @@ def square(image_size: int | Sequence[int] | None, default: tuple[int, int]) -> 
 
 def require_finite(source: str, x: torch.Tensor, files: list[str] | None) -> None:
     """Refuse images holding NaN or inf: every run on them would end ``diverged``, blaming the initialization."""
+    if not x.is_floating_point():  # bytes (decoded files) are finite
+        return
     bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
     if bool(bad.any()):
         first = int(bad.nonzero()[0])
@@ -171,38 +173,96 @@ def require_every_class_in_every_split(source: str, y: torch.Tensor, class_names
                          "put one in each of train, validation and test. Add images or remove those classes")
 
 
+@dataclass
+class Parts:
+    """Which images each split takes: ``train`` and ``val`` index the source's images (``Images.y``);
+    ``test`` indexes them too, or, where the source has an official test split, that split."""
+
+    train: list[int]
+    val: list[int]
+    test: list[int]
+    official_test: bool = False
+
+
+def draw_parts(y: torch.Tensor, test_y: torch.Tensor | None, *, split: Sequence[float], limit: int | None,
+               eval_limit: int | None, seed: int) -> Parts:
+    """The split of a source's labels, drawn with ``seed`` (labels only: no pixel is needed).
+
+    With an official test split (``test_y``) a stratified :data:`OFFICIAL_VAL_FRACTION` of ``y`` is
+    validation and the rest train; otherwise ``y`` is split ``split`` per class. Then ``limit`` keeps a
+    stratified subset of train, ``eval_limit`` one of validation and one of test.
+    """
+    if test_y is not None:
+        train, val = stratified_split(y, (1 - OFFICIAL_VAL_FRACTION, OFFICIAL_VAL_FRACTION), seed)
+        test = list(range(len(test_y)))
+    else:
+        train, val, test = stratified_split(y, split, seed)
+
+    def subset(idx: list[int], labels: torch.Tensor, n: int | None) -> list[int]:
+        return idx if n is None else [idx[i] for i in stratified_subset(labels[idx], n, seed)]
+
+    return Parts(subset(train, y, limit), subset(val, y, eval_limit),
+                 subset(test, y if test_y is None else test_y, eval_limit), official_test=test_y is not None)
+
+
 def assemble(source: str, images: Images, *, split: Sequence[float], normalize: str, limit: int | None,
-             seed: int) -> DataSplits:
+             seed: int, eval_limit: int | None = None, parts: Parts | None = None) -> DataSplits:
     """The splits of a source's ``images``: an official test split is kept and a stratified
     :data:`OFFICIAL_VAL_FRACTION` of the rest is validation; otherwise the images are split ``split``
-    per class with ``seed``. Then the ``limit`` subset of train, the checks, the normalization."""
-    x01, y, names = images.x, images.y, images.class_names
+    per class with ``seed`` (:func:`draw_parts`, unless ``parts`` were drawn already). Then the checks and
+    the normalization.
+
+    A source that decoded only the images the parts use (``images.rows``) may have found some unreadable:
+    they are left out of their split here, after it was drawn.
+    """
+    y, names = images.y, images.class_names
+    test_y = images.test[1] if images.test is not None else None
     if len(names) < 2:  # any source: one class trains to the end, then fails in the metrics
         raise ValueError(f"{source}: {len(names)} class(es) ({', '.join(map(repr, names))}); classification needs "
                          "at least two")
-    require_finite(source, x01, images.files or None)
-    if images.test is not None:
-        require_finite(f"{source} (test split)", images.test[0], None)
-        parts = stratified_split(y, (1 - OFFICIAL_VAL_FRACTION, OFFICIAL_VAL_FRACTION), seed)
+    if images.rows is None:
+        require_finite(source, images.x, images.files or None)
+        if images.test is not None:
+            require_finite(f"{source} (test split)", images.test[0], None)
+        if test_y is None:
+            require_every_class_in_every_split(source, y, names, split)
+    if parts is None:
+        parts = draw_parts(y, test_y, split=split, limit=limit, eval_limit=eval_limit, seed=seed)
+    pool_rows, test_rows = images.rows if images.rows is not None else (None, None)
+
+    def take(idx: list[int], x: torch.Tensor, rows: list[int] | None) -> tuple[list[int], torch.Tensor]:
+        if rows is None:
+            return idx, x[idx]
+        where = {p: r for r, p in enumerate(rows)}
+        kept = [i for i in idx if i in where]  # the unreadable ones are not in rows
+        return kept, x[[where[i] for i in kept]]
+
+    idx, xs, ys = {}, {}, {}
+    for k in ("train", "val"):
+        idx[k], xs[k] = take(getattr(parts, k), images.x, pool_rows)
+        ys[k] = y[idx[k]]
+    if test_y is not None:
+        idx["test"], xs["test"] = take(parts.test, images.test[0], test_rows)
+        ys["test"] = test_y[idx["test"]]
     else:
-        require_every_class_in_every_split(source, y, names, split)
-        parts = stratified_split(y, split, seed)
-    train_idx = parts[0]
-    if limit is not None:
-        sub = stratified_subset(y[train_idx], limit, seed)
-        train_idx = [train_idx[i] for i in sub]
-    keys = ["train", "val", "test"]
-    xs = {k: x01[idx] for k, idx in zip(keys, [train_idx, *parts[1:]])}
-    ys = {k: y[idx] for k, idx in zip(keys, [train_idx, *parts[1:]])}
-    if images.test is not None:
-        xs["test"], ys["test"] = images.test
+        idx["test"], xs["test"] = take(parts.test, images.x, pool_rows)
+        ys["test"] = y[idx["test"]]
+    xs = {k: x.float() / 255.0 if x.dtype == torch.uint8 else x for k, x in xs.items()}  # decoded files: bytes
+    if images.rows is not None:
+        for k, x in xs.items():
+            files = images.test_files if k == "test" and test_y is not None else images.files
+            require_finite(f"{source} ({k} split)", x, [files[i] for i in idx[k]] if files else None)
     xs = normalized(xs, normalize)
+    split_indices = {k: list(v) for k, v in idx.items()}
+    files = list(images.files)
+    if test_y is not None and images.test_files:  # the test split's files are the official split's
+        split_indices["test"] = [len(files) + i for i in idx["test"]]
+        files += list(images.test_files)
     return DataSplits(
         train=TensorDataset(xs["train"].contiguous(), ys["train"]),
         val=TensorDataset(xs["val"].contiguous(), ys["val"]),
         test=TensorDataset(xs["test"].contiguous(), ys["test"]),
-        num_classes=len(names), in_channels=x01.shape[1], image_size=tuple(x01.shape[-2:]),
-        class_names=list(names), source=source,
-        split_indices={"train": list(train_idx), **{k: list(v) for k, v in zip(keys[1:], parts[1:])}},
-        files=list(images.files), skipped=list(images.skipped), normalize=normalize, seed=seed,
+        num_classes=len(names), in_channels=images.x.shape[1], image_size=tuple(images.x.shape[-2:]),
+        class_names=list(names), source=source, split_indices=split_indices, files=files,
+        skipped=list(images.skipped), normalize=normalize, seed=seed,
     )

@@ -15,6 +15,11 @@ engine calls :func:`prepare`: the runs, the checks that they can train at all (:
 that their data can be read and their folders written, in that order, so a sweep that cannot work
 stops before the database is created. Then it takes the runs through :class:`Claims`, which skips what
 the store holds as done or owned and comes back once to runs whose owner only a heartbeat can vouch for.
+
+A sweep with ``[select]`` (:mod:`initscope.experiments.config.select`) starts with its selection runs;
+:meth:`SweepJob.after_choices`, which :class:`Claims` asks whenever it has nothing left to hand out,
+decides each group whose selection runs are all done (recording the choice in the store) and adds the
+runs of the other seeds at the chosen value. Every engine runs the protocol that way, and resumes it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 
 from initscope.errors import ConfigError
 from initscope.experiments.config import RunConfig, SweepConfig
+from initscope.experiments.config.select import Select, selection_plan
 from initscope.experiments.data import parse_data
 from initscope.experiments.store import DONE, Claim, Store, check_output
 from initscope.progress import progress_bar
@@ -57,12 +63,15 @@ class SweepSummary:
     skipped: Counter = field(default_factory=Counter)
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    waiting_groups: int = 0  # [select] groups left undecided: a selection run failed or is held elsewhere
 
     def line(self) -> str:
         ran = ", ".join(f"{n} {s}" for s, n in sorted(self.ran.items())) or "none"
         skipped = ", ".join(f"{n} {s}" for s, n in sorted(self.skipped.items())) or "none"
+        waiting = (f"; {self.waiting_groups} selection group(s) undecided (a selection run failed or another sweep "
+                   "holds it): run the same command again") if self.waiting_groups else ""
         return (f"{self.total} runs: trained {sum(self.ran.values())} ({ran}); skipped "
-                f"{sum(self.skipped.values())} ({skipped}); {self.seconds:.0f} s")
+                f"{sum(self.skipped.values())} ({skipped}); {self.seconds:.0f} s{waiting}")
 
     @property
     def nothing_done(self) -> bool:
@@ -139,6 +148,54 @@ class SweepJob:
     grid: dict[str, Any]
     name: str | None
     label_keys: list[str]
+    select: Select | None = None
+    followed: set[str] = field(default_factory=set)  # [select] groups whose runs after the choice are planned
+    groups: dict[str, list[RunConfig]] = field(init=False)  # the selection runs by group ({} without [select])
+
+    def __post_init__(self) -> None:
+        self.groups = selection_plan(self.select, self.runs) if self.select is not None else {}
+
+    def after_choices(self, store: Store) -> list[RunConfig]:
+        """The runs that became known since the last call: for each ``[select]`` group whose selection runs
+        are all done, its choice (decided now and recorded, or read from the store) and the runs of the other
+        seeds at it. They are appended to :attr:`runs` and to the sweep's record in the store."""
+        if self.select is None:
+            return []
+        new: list[RunConfig] = []
+        for gid, candidates in self.groups.items():
+            if gid in self.followed:
+                continue
+            chosen = self.choice(store, gid, candidates, decide=True)
+            if chosen is None:
+                continue
+            self.followed.add(gid)
+            known = {r.run_id for r in self.runs}
+            new += [r for r in self.select.after_choice(chosen) if r.run_id not in known]
+        if new:
+            self.runs.extend(new)
+            store.add_sweep_runs(self.sweep_id, [r.run_id for r in new])
+        return new
+
+    def choice(self, store: Store, gid: str, candidates: list[RunConfig], *, decide: bool) -> RunConfig | None:
+        """The selection run at the group's chosen value: recorded, or (``decide``) decided now when every
+        candidate is done; None while it cannot be."""
+        axis = self.select.axis
+        recorded = store.selection(gid)
+        if recorded is None:
+            rows = [store.run(c.run_id) for c in candidates]
+            if not decide or any(r is None or r["status"] not in DONE for r in rows):
+                return None
+            value, scores = self.select.choose([(getattr(c, axis), r["best_val_accuracy"])
+                                                for c, r in zip(candidates, rows)])
+            for entry, c in zip(scores, candidates):
+                entry["run_id"] = c.run_id
+            recorded = store.decide(gid, axis=axis, by=self.select.by, group=self.select.group(candidates[0]),
+                                    chosen=value, scores=scores, sweep_id=self.sweep_id)
+        return next((c for c in candidates if getattr(c, axis) == recorded["chosen"]), None)
+
+    def undecided(self) -> int:
+        """How many ``[select]`` groups have no choice yet."""
+        return len(self.groups) - len(self.followed)
 
 
 def check_trainable(runs: Sequence[RunConfig]) -> None:
@@ -196,9 +253,12 @@ def prepare(sweep: SweepConfig | Sequence[RunConfig], *, db: str | Path | None, 
     but the folders themselves."""
     if isinstance(sweep, SweepConfig):
         runs = sweep.expand()
+        select = sweep.select if isinstance(sweep.select, Select) else None
+        keys = [k for k, v in sweep.grid.items() if len(v) > 1 or isinstance(v, dict)]
+        if select is not None and len(select.seeds) > 1:
+            keys.append("seed")
         job = SweepJob(runs, Path(db) if db is not None else sweep.db, Path(out) if out is not None else sweep.out,
-                       sweep.sweep_id, sweep.to_dict(), name or sweep.name,
-                       [k for k, v in sweep.grid.items() if len(v) > 1 or isinstance(v, dict)])
+                       sweep.sweep_id, sweep.to_dict(), name or sweep.name, keys, select)
     else:
         runs = list(sweep)
         if db is None:
@@ -234,14 +294,29 @@ class Claims:
     """
 
     def __init__(self, store: Store, runs: Sequence[RunConfig], *, retry_failed: bool, summary: SweepSummary,
-                 bar: "SweepBar", sleep: Callable[[float], None] = time.sleep) -> None:
+                 bar: "SweepBar", sleep: Callable[[float], None] = time.sleep,
+                 more: Callable[[], list[RunConfig]] | None = None) -> None:
         self.store, self.retry_failed, self.summary, self.bar, self.sleep = store, retry_failed, summary, bar, sleep
         self.pending = list(enumerate(runs))
+        self.count = len(self.pending)
         self.deferred: list[tuple[float, int, RunConfig]] = []  # (retry_at, index, config)
         self.put_off: set[str] = set()
+        self.more = more
+
+    def _refill(self) -> None:
+        """With nothing pending, ask ``more`` for runs that became known (a [select] choice)."""
+        if self.pending or self.more is None:
+            return
+        new = self.more()
+        self.pending.extend((self.count + k, cfg) for k, cfg in enumerate(new))
+        self.count += len(new)
+        self.summary.total += len(new)
+        self.bar.grow(len(new))
 
     @property
     def exhausted(self) -> bool:
+        """No run is left to hand out, now or after the choices the runs done so far allow."""
+        self._refill()
         return not self.pending and not self.deferred
 
     def due_in(self) -> float:
@@ -252,6 +327,7 @@ class Claims:
         """The next run this sweep now owns, as ``(index, config, claim)``; None when no run is left, or
         (with ``wait=False``) when only put-off runs are left and none is due yet."""
         while True:
+            self._refill()
             if not self.pending:
                 if not self.deferred:
                     return None
@@ -274,6 +350,17 @@ class Claims:
                 continue
             self.summary.skipped[claim.reason] += 1
             self.bar.skip()
+
+
+def start_claimed(store: Store, cfg: RunConfig, out: Path, start: Callable[[], Any]) -> Any:
+    """Hand a run this sweep claimed to ``start`` (a worker process, a Ray task) and return what it gives; a
+    run that could not be started is given back, so that the next sweep takes it."""
+    store.set_run_dir(cfg.run_id, out / cfg.run_id)
+    try:
+        return start()
+    except BaseException:
+        store.release(cfg.run_id)
+        raise
 
 
 def default_train() -> TrainFn:
@@ -324,6 +411,12 @@ class SweepBar:
 
     def skip(self) -> None:
         self.bar.advance(self.runs)
+
+    def grow(self, n: int) -> None:
+        """``n`` more runs to do (the runs after a [select] choice)."""
+        if n:
+            total = next(t.total for t in self.bar.tasks if t.id == self.runs) or 0
+            self.bar.update(self.runs, total=total + n)
 
     def start(self, description: str, epochs: int) -> None:
         """A run begins: the runs bar names it, the epochs bar starts over."""

@@ -36,7 +36,7 @@ from typing import Any
 from initscope.errors import ConfigError, DiskFullError
 from initscope.experiments.config import RunConfig, SweepConfig
 from initscope.experiments.engines.base import (Claims, EngineOption, SweepBar, SweepSummary, TrainFn, default_train,
-                                                label, prepare, register_engine, result_note)
+                                                label, prepare, register_engine, result_note, start_claimed)
 from initscope.experiments.store import DEFAULT_LEASE_S, Store
 from initscope.threads import torch_threads
 
@@ -151,7 +151,8 @@ def run_sweep_ray(
             store.add_sweep(job.sweep_id, job.name, job.grid, [r.run_id for r in job.runs])
             _drive(ray, store, job.runs, job.out, train_fn, summary, job.label_keys, progress=progress,
                    retry_failed=retry_failed, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
-                   max_retries=max_retries)
+                   max_retries=max_retries, more=lambda: job.after_choices(store))
+            summary.waiting_groups = job.undecided()
     finally:
         if started_here:
             ray.shutdown()
@@ -161,7 +162,7 @@ def run_sweep_ray(
 
 def _drive(ray: Any, store: Store, runs: list[RunConfig], out: Path, train_fn: TrainFn, summary: SweepSummary,
            label_keys: Sequence[str], *, progress: bool, retry_failed: bool, cpus_per_run: float,
-           gpus_per_run: float | None, max_retries: int) -> None:
+           gpus_per_run: float | None, max_retries: int, more: Any = None) -> None:
     """Claim, submit, collect: at most as many runs in flight as the cluster can run at once."""
     from ray.util.queue import Queue
 
@@ -182,25 +183,21 @@ def _drive(ray: Any, store: Store, runs: list[RunConfig], out: Path, train_fn: T
     attempts: Counter = Counter()  # attempts started in this sweep, by run
     claimed: dict[str, int] = {}  # the store's attempt count when this sweep claimed the run
     with SweepBar(progress, len(runs), title="runs (ray)", epochs=False) as bar:
-        claims = Claims(store, runs, retry_failed=retry_failed, summary=summary, bar=bar)
+        claims = Claims(store, runs, retry_failed=retry_failed, summary=summary, bar=bar, more=more)
         try:
             while not claims.exhausted or inflight:
                 # claim only what can start now; with nothing in flight, wait for a put-off run to be due
                 while len(inflight) < width and (taken := claims.take(wait=not inflight)) is not None:
                     i, cfg, claim = taken
-                    store.set_run_dir(cfg.run_id, out / cfg.run_id)
                     claimed[cfg.run_id] = claim.attempts
-                    try:
-                        gpus = gpus_of[cfg.run_id]
-                        if gpus > 0:
-                            width = max(1, min(width, math.floor(cluster_gpus / gpus + 1e-9)))
-                        ref = task.options(num_cpus=cpus_per_run, num_gpus=gpus, max_retries=max_retries,
-                                           retry_exceptions=False, name=f"initscope-run-{cfg.run_id}").remote(
-                            cfg, str(out.resolve()), train_fn, events, max(1, int(cpus_per_run)), os.getcwd())
-                    except BaseException:
-                        store.release(cfg.run_id)  # claimed but never started: the next sweep takes it
-                        raise
-                    inflight[ref] = (cfg, f"{i + 1}/{len(runs)} {label(cfg, label_keys)}")
+                    gpus = gpus_of.get(cfg.run_id, _gpus_for(cfg, gpus_per_run, cluster_gpus))  # or a [select] run
+                    if gpus > 0:
+                        width = max(1, min(width, math.floor(cluster_gpus / gpus + 1e-9)))
+                    ref = start_claimed(store, cfg, out, lambda: task.options(
+                        num_cpus=cpus_per_run, num_gpus=gpus, max_retries=max_retries, retry_exceptions=False,
+                        name=f"initscope-run-{cfg.run_id}").remote(
+                        cfg, str(out.resolve()), train_fn, events, max(1, int(cpus_per_run)), os.getcwd()))
+                    inflight[ref] = (cfg, f"{i + 1}/{claims.count} {label(cfg, label_keys)}")
                 if not inflight:
                     continue
                 bar.running(len(inflight))

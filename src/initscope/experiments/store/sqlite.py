@@ -12,13 +12,23 @@ Tables:
     ``seed``), and the bookkeeping of who ran it: ``started_at``, ``finished_at``, ``heartbeat_at``,
     ``attempts``, ``host``, ``pid``, and who that process is beyond its pid (see below): ``boot_id``,
     ``pid_ns``, ``proc_start``, ``token``, ``beat_s``; ``notes``: what happened to the run besides its
-    result, one line per event (a Ray worker lost and the run retried, a damaged checkpoint set aside).
+    result, one line per event (a Ray worker lost and the run retried, a damaged checkpoint set aside);
+    ``stopped_epoch`` (the early stop's epoch; NULL when the run trained every epoch), ``wall_seconds`` and
+    ``cpu_seconds`` (the run's wall and CPU time, summed over its attempts), ``device`` (what it trained on:
+    ``cpu``, or ``cuda:0 <GPU>, AMP float16``) and ``threads`` (torch's CPU threads).
     Columns newer than a database are added to it when it is opened (``ALTER TABLE ... ADD COLUMN``).
 ``epochs``
     ``(run_id, epoch)`` primary key; ``train_loss``, ``train_accuracy``, ``val_loss``,
-    ``val_accuracy``, ``lr``, ``seconds``.
+    ``val_accuracy``, ``lr``, ``seconds``; ``test_accuracy``, ``test_loss`` after the epochs a run lists in
+    ``test_at`` (NULL otherwise).
 ``sweeps``
     what was asked for: ``sweep_id``, ``name``, ``grid`` (JSON), ``run_ids`` (JSON list), ``created_at``.
+``selections``
+    what a sweep's ``[select]`` chose (:mod:`initscope.experiments.config.select`): ``group_id`` (a hash of
+    the group's settings, every field but the selected axis and the seed), ``axis``, ``by``, ``group``
+    (JSON), ``chosen`` (JSON: the value), ``scores`` (JSON: each candidate value's score and run), ``sweep_id``
+    (the sweep that decided), ``decided_at``. Decided once, from the selection runs' validation accuracy;
+    a later sweep with the same group reads the same choice.
 
 Claiming is one ``BEGIN IMMEDIATE`` transaction, so two sweeps on one database never run the same
 run twice. A run left ``running`` can be taken over when its owner is gone. A pid alone cannot say so:
@@ -66,7 +76,8 @@ from initscope.errors import DiskFullError, StoreError
 STATUSES = ("running", "finished", "diverged", "failed")
 DONE = ("finished", "diverged")  # a re-run skips these; "failed" is retried
 METRICS = ("accuracy", "precision", "recall", "f1", "loss")
-EPOCH_COLUMNS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+EPOCH_COLUMNS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds", "test_accuracy",
+                 "test_loss")
 GRID_COLUMNS = ("data", "model", "method", "optimizer", "lr", "seed")
 DEFAULT_LEASE_S = 6 * 3600.0
 # How often a Store renews the heartbeat of the runs it holds (``INITSCOPE_HEARTBEAT_S`` overrides it),
@@ -76,7 +87,10 @@ DEFAULT_BEAT_S = 10.0
 STALE_BEATS = 6
 # Columns a database written by an earlier release may lack; _migrate adds them (every row keeps its values).
 _ADDED_COLUMNS = (("notes", "TEXT"), ("boot_id", "TEXT"), ("pid_ns", "TEXT"), ("proc_start", "INTEGER"),
-                  ("token", "TEXT"), ("beat_s", "REAL"))
+                  ("token", "TEXT"), ("beat_s", "REAL"), ("stopped_epoch", "INTEGER"), ("wall_seconds", "REAL"),
+                  ("cpu_seconds", "REAL"), ("device", "TEXT"), ("threads", "INTEGER"))
+_ADDED_EPOCH_COLUMNS = (("test_accuracy", "REAL"), ("test_loss", "REAL"))
+RUN_FACTS = ("stopped_epoch", "wall_seconds", "cpu_seconds", "device", "threads")
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
@@ -88,13 +102,25 @@ CREATE TABLE IF NOT EXISTS runs (
     data TEXT, model TEXT, method TEXT, optimizer TEXT, lr REAL, seed INTEGER,
     started_at TEXT, finished_at TEXT, heartbeat_at REAL,
     attempts INTEGER NOT NULL DEFAULT 0, host TEXT, pid INTEGER, notes TEXT,
-    boot_id TEXT, pid_ns TEXT, proc_start INTEGER, token TEXT, beat_s REAL
+    boot_id TEXT, pid_ns TEXT, proc_start INTEGER, token TEXT, beat_s REAL,
+    stopped_epoch INTEGER, wall_seconds REAL, cpu_seconds REAL, device TEXT, threads INTEGER
 );
 CREATE TABLE IF NOT EXISTS epochs (
     run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
     epoch INTEGER NOT NULL,
     train_loss REAL, train_accuracy REAL, val_loss REAL, val_accuracy REAL, lr REAL, seconds REAL,
+    test_accuracy REAL, test_loss REAL,
     PRIMARY KEY (run_id, epoch)
+);
+CREATE TABLE IF NOT EXISTS selections (
+    group_id TEXT PRIMARY KEY,
+    axis TEXT NOT NULL,
+    by TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    chosen TEXT NOT NULL,
+    scores TEXT NOT NULL,
+    sweep_id TEXT,
+    decided_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sweeps (
     sweep_id TEXT PRIMARY KEY,
@@ -328,14 +354,20 @@ class Store:
 
     def _migrate(self) -> None:
         """Add the columns newer than a database's schema (ADD COLUMN keeps every row; a no-op when present)."""
-        have = {r["name"] for r in self.conn.execute("PRAGMA table_info(runs)")}
-        if all(name in have for name, _ in _ADDED_COLUMNS):
+        added = (("runs", _ADDED_COLUMNS), ("epochs", _ADDED_EPOCH_COLUMNS))
+
+        def missing(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+            out = []
+            for table, columns in added:
+                have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
+                out += [(table, name, kind) for name, kind in columns if name not in have]
+            return out
+
+        if not missing(self.conn):
             return
         with self._write() as c:
-            have = {r["name"] for r in c.execute("PRAGMA table_info(runs)")}  # another opener may have won
-            for name, kind in _ADDED_COLUMNS:
-                if name not in have:
-                    c.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+            for table, name, kind in missing(c):  # read again inside the lock: another opener may have won
+                c.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -395,6 +427,41 @@ class Store:
     def sweeps(self) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM sweeps ORDER BY created_at, sweep_id").fetchall()
         return [{**dict(r), "grid": json.loads(r["grid"]), "run_ids": json.loads(r["run_ids"])} for r in rows]
+
+    def add_sweep_runs(self, sweep_id: str, run_ids: Iterable[str]) -> None:
+        """Add runs a sweep planned later (the runs after a ``[select]`` choice) to its recorded list."""
+        with self._write() as c:
+            row = c.execute("SELECT run_ids FROM sweeps WHERE sweep_id=?", (sweep_id,)).fetchone()
+            if row is None:
+                return
+            have = json.loads(row["run_ids"])
+            new = [r for r in run_ids if r not in set(have)]
+            if new:
+                c.execute("UPDATE sweeps SET run_ids=? WHERE sweep_id=?", (json.dumps(have + new), sweep_id))
+
+    # -- selections ([select] in a sweep) ----------------------------------------------------------
+
+    def selection(self, group_id: str) -> dict[str, Any] | None:
+        """The recorded choice of a selection group, or None when it is not decided yet."""
+        r = self.conn.execute("SELECT * FROM selections WHERE group_id=?", (group_id,)).fetchone()
+        if r is None:
+            return None
+        return {**dict(r), "group": json.loads(r["grp"]), "chosen": json.loads(r["chosen"]),
+                "scores": json.loads(r["scores"])}
+
+    def decide(self, group_id: str, *, axis: str, by: str, group: Mapping[str, Any], chosen: Any,
+               scores: Any, sweep_id: str | None) -> dict[str, Any]:
+        """Record a group's choice, unless one is recorded already (the first decision stays); returns the
+        recorded one."""
+        with self._write() as c:
+            c.execute("INSERT OR IGNORE INTO selections (group_id, axis, by, grp, chosen, scores, sweep_id, decided_at)"
+                      " VALUES (?,?,?,?,?,?,?,?)", (group_id, axis, by, json.dumps(dict(group), sort_keys=True),
+                                                   json.dumps(chosen), json.dumps(scores), sweep_id, _now()))
+        return self.selection(group_id)  # type: ignore[return-value]
+
+    def selections(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT group_id FROM selections ORDER BY decided_at, group_id").fetchall()
+        return [self.selection(r["group_id"]) for r in rows]
 
     # -- the life of a run ------------------------------------------------------------------------
 
@@ -485,7 +552,8 @@ class Store:
     @staticmethod
     def _put_epoch(c: sqlite3.Connection, run_id: str, row: Mapping[str, Any]) -> None:
         c.execute(
-            f"INSERT OR REPLACE INTO epochs (run_id, epoch, {', '.join(EPOCH_COLUMNS)}) VALUES (?, ?, ?,?,?,?,?,?)",
+            f"INSERT OR REPLACE INTO epochs (run_id, epoch, {', '.join(EPOCH_COLUMNS)}) "
+            f"VALUES (?, ?, {','.join('?' * len(EPOCH_COLUMNS))})",
             (run_id, int(row["epoch"]), *(_finite_or_none(row.get(k)) for k in EPOCH_COLUMNS)))
 
     def finish(self, result: Any) -> bool:
@@ -518,11 +586,11 @@ class Store:
             c.execute(
                 "UPDATE runs SET status=?, test_accuracy=?, test_precision=?, test_recall=?, test_f1=?, test_loss=?,"
                 " best_epoch=?, best_val_accuracy=?, diverged_epoch=?, error=?, run_dir=COALESCE(?, run_dir),"
-                " finished_at=? WHERE run_id=?",
+                f" finished_at=?, {', '.join(f'{k}=?' for k in RUN_FACTS)} WHERE run_id=?",
                 (status, *(_finite_or_none(test.get(m)) for m in METRICS),
                  None if best_epoch is None else int(best_epoch), best_val,
                  getattr(result, "diverged_epoch", None), getattr(result, "error", None), run_dir, _now(),
-                 result.run_id))
+                 *(getattr(result, k, None) for k in RUN_FACTS), result.run_id))
             for note in getattr(result, "notes", None) or ():
                 self._note(c, result.run_id, note)
         self._let_go(result.run_id)

@@ -17,18 +17,42 @@ from initscope.errors import StoreError
 
 def load_runs(db: str | Path) -> pd.DataFrame:
     """Every run of a store, one row each: the ``runs`` columns, ``config`` parsed, each config key as a
-    ``cfg_<key>`` column, and ``best_val`` (the run's best validation accuracy over its epochs)."""
+    ``cfg_<key>`` column, and ``best_val`` (the run's best validation accuracy over its epochs). A config
+    written before a field existed reads as that field's default (a run before ``augment`` had none)."""
     with connect(db) as conn:
         runs = pd.read_sql_query("SELECT * FROM runs ORDER BY started_at, run_id", conn)
         best = pd.read_sql_query("SELECT run_id, MAX(val_accuracy) AS best_val, COUNT(*) AS n_epochs "
                                  "FROM epochs GROUP BY run_id", conn)
     runs = runs.merge(best, on="run_id", how="left")
-    configs = [json.loads(c) for c in runs["config"]]
+    configs = [_with_defaults(json.loads(c)) for c in runs["config"]]
     runs["config"] = configs
     keys = list(dict.fromkeys(k for c in configs for k in c))
     for k in keys:
         runs[f"cfg_{k}"] = [_hashable(c.get(k)) for c in configs]
     return runs
+
+
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    from initscope.experiments.config import RUN_SCHEMA
+
+    if "method" not in config:  # not a run's config (a test's stand-in): as it is
+        return config
+    for name in RUN_SCHEMA.names():
+        default = RUN_SCHEMA.default(name)
+        config.setdefault(name, list(default) if isinstance(default, tuple) else default)
+    return config
+
+
+def load_selections(db: str | Path) -> list[dict[str, Any]]:
+    """The ``[select]`` choices a store recorded (empty for a store without any, or older than them)."""
+    with connect(db) as conn:
+        try:
+            rows = conn.execute("SELECT group_id, axis, by, grp, chosen, scores, sweep_id, decided_at FROM selections "
+                                "ORDER BY decided_at, group_id").fetchall()
+        except sqlite3.OperationalError:
+            return []
+    return [{"group_id": r[0], "axis": r[1], "by": r[2], "group": json.loads(r[3]), "chosen": json.loads(r[4]),
+             "scores": json.loads(r[5]), "sweep_id": r[6], "decided_at": r[7]} for r in rows]
 
 
 def load_epochs(db: str | Path) -> pd.DataFrame:
@@ -113,8 +137,9 @@ def _hashable(v: Any) -> Any:
 
 
 def varying_keys(runs: pd.DataFrame) -> list[str]:
-    """Config keys that take more than one value among these runs (``device`` never counts)."""
-    keys = [c[4:] for c in runs.columns if c.startswith("cfg_") and c != "cfg_device"]
+    """Config keys that take more than one value among these runs (``device`` and ``workers``, which do not change a
+    result, never count)."""
+    keys = [c[4:] for c in runs.columns if c.startswith("cfg_") and c not in ("cfg_device", "cfg_workers")]
     return [k for k in keys if runs[f"cfg_{k}"].astype(str).nunique(dropna=False) > 1]
 
 

@@ -13,8 +13,10 @@ from typing import Any
 import pandas as pd
 
 from initscope.errors import OutputError
-from initscope.experiments.tables.frames import connect, load_epochs, load_runs, load_sweeps, select_runs, varying_keys
-from initscope.experiments.tables.papers import Table, build_tables, counted_runs, in_order, md_code, md_text
+from initscope.experiments.tables.frames import (connect, load_epochs, load_runs, load_selections, load_sweeps,
+                                                 select_runs, varying_keys)
+from initscope.experiments.tables.papers import (Table, apply_selections, build_tables, counted_runs, in_order, md_code,
+                                                 md_text)
 from initscope.fileio import atomic_write_text, disk_error
 
 MAX_CURVE_FIGURES = 24
@@ -43,6 +45,8 @@ def _curve_frames(runs: pd.DataFrame, epochs: pd.DataFrame) -> list[tuple[str, p
     counted = counted_runs(runs)
     if counted.empty or epochs.empty:
         return []
+    if "selection" in counted:  # a [select] group's runs at the values not chosen have no curves
+        counted = counted[counted["selection"] != "candidate"]
     group_keys = [k for k in varying_keys(counted) if k not in ("method", "seed")]
     cols = ["train_loss", "train_accuracy", "val_loss", "val_accuracy"]
     out = []
@@ -103,7 +107,7 @@ def _what_was_run(db: Path, runs: pd.DataFrame, epochs: pd.DataFrame) -> dict[st
     errors = [(r["run_id"], (r["error"] or "").strip().splitlines()[-1:] or [""]) for r in failed.to_dict("records")]
     seconds = float(pd.to_numeric(epochs.get("seconds", pd.Series(dtype=float)), errors="coerce").sum())
     fixed_keys = [k[4:] for k in runs.columns if k.startswith("cfg_") and k[4:] not in varying_keys(runs)]
-    fixed = {k: runs[f"cfg_{k}"].iloc[0] for k in fixed_keys} if len(runs) else {}
+    fixed = {k: runs[f"cfg_{k}"].iloc[0] for k in fixed_keys if k not in ("device", "workers")} if len(runs) else {}
     return {
         "sweeps": sweeps,
         "counts": {s: int(counts.get(s, 0)) for s in ("finished", "diverged", "failed", "running")},
@@ -113,7 +117,107 @@ def _what_was_run(db: Path, runs: pd.DataFrame, epochs: pd.DataFrame) -> dict[st
         "fixed": fixed,
         "failed": [(rid, line[0]) for rid, line in errors],
         "train_seconds": seconds,
+        "protocol": protocol(runs, load_selections(db)),
     }
+
+
+def _values(runs: pd.DataFrame, key: str, fmt: Any = str) -> str:
+    col = f"cfg_{key}"
+    if col not in runs:
+        return "–"
+    values = in_order([v for v in runs[col] if not (isinstance(v, float) and pd.isna(v))], key)
+    return ", ".join("none" if v is None else fmt(v) for v in values) or "–"
+
+
+def _split_text(data: str, root: Any) -> str:
+    """How a source is split, as the loaders do it."""
+    from initscope.experiments.data import parse_data
+    from initscope.experiments.data.folder import SPLIT_FOLDERS, Folder
+
+    try:
+        ref = parse_data(data)
+    except Exception:  # noqa: BLE001 - a source this release does not know: say nothing about it
+        return "split as its source does"
+    if ref.source.name in ("mnist", "fashion-mnist", "cifar10", "cifar100"):
+        return "the official test split; validation a stratified, seeded 1/6 of the official train split"
+    if isinstance(ref.source, Folder):
+        try:
+            folder = ref.source.resolve(ref.arg, None if pd.isna(root) else root)
+            own = set(SPLIT_FOLDERS) <= set(Folder.subfolders(folder))
+        except (OSError, ValueError):  # the report is read where the data are not: say what the loader does
+            return ("its own train/ and test/ split (validation a stratified, seeded 1/6 of train/), or 60/20/20 per "
+                    "class without one")
+        if own:
+            return "its own train/ and test/ split; validation a stratified, seeded 1/6 of train/, never of test/"
+    return "60/20/20 per class, stratified and seeded"
+
+
+def protocol(runs: pd.DataFrame, selections: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """What was run, as a reader needs it beside the tables: data and split, resolution, model and width,
+    augmentation, the budget (epochs, early stop, where runs stopped), optimizer and learning rates, seeds, the
+    selection, devices and time. (label, text) pairs."""
+    counted = counted_runs(runs)
+    if counted.empty:
+        return []
+    out: list[tuple[str, str]] = []
+    for data, root in dict.fromkeys(zip(counted["cfg_data"], counted.get("cfg_data_root", [None] * len(counted)))):
+        sub = counted[counted["cfg_data"] == data]
+        extra = []
+        if "cfg_limit" in sub and sub["cfg_limit"].notna().any():
+            extra.append(f"train limited to {_values(sub, 'limit')} images")
+        if "cfg_eval_limit" in sub and sub["cfg_eval_limit"].notna().any():
+            extra.append(f"validation and test limited to {_values(sub, 'eval_limit')} images each")
+        out.append(("data", f"{data}: {_split_text(data, root)}" + "".join(f"; {e}" for e in extra)))
+    out.append(("resolution", _values(counted, "image_size", lambda v: f"{v}×{v}").replace("none", "the source's own")
+                + "; pixels " + _values(counted, "normalize")))
+    out.append(("model", f"{_values(counted, 'model')}; width {_values(counted, 'width')}; norm "
+                         f"{_values(counted, 'norm')}; head {_values(counted, 'head')}"
+                + ("; Fixup scalars built in" if "cfg_fixup_scalars" in counted and counted["cfg_fixup_scalars"].any()
+                   else "")))
+    init = f"{_values(counted, 'method')}"
+    for key in ("distribution", "residual"):
+        if f"cfg_{key}" in counted and counted[f"cfg_{key}"].notna().any():
+            init += f"; {key} {_values(counted, key)}"
+    out.append(("initialization", init))
+    out.append(("augmentation", _values(counted, "augment")))
+    budget = f"at most {_values(counted, 'epochs')} epochs, batch {_values(counted, 'batch_size')}"
+    patience = pd.to_numeric(counted.get("cfg_patience", pd.Series(dtype=float)), errors="coerce").fillna(0)
+    if (patience > 0).any():
+        budget += (f"; early stop on validation accuracy after {_values(counted, 'patience')} epochs without a better "
+                   f"one, never before epoch {_values(counted, 'min_epochs')}")
+    if "stopped_epoch" in counted:
+        stopped = pd.to_numeric(counted["stopped_epoch"], errors="coerce")
+        if stopped.notna().any():
+            budget += (f"; {int(stopped.notna().sum())} of {len(counted)} runs stopped early (epochs "
+                       f"{int(stopped.min())}-{int(stopped.max())}, median {stopped.median():g})")
+    best = pd.to_numeric(counted.get("best_epoch", pd.Series(dtype=float)), errors="coerce").dropna()
+    if len(best):
+        budget += f"; best validation epoch median {best.median():g} (range {int(best.min())}-{int(best.max())})"
+    out.append(("budget", budget))
+    schedule = _values(counted, "schedule")
+    if "step" in schedule:
+        schedule += f" (÷{1 / float(counted['cfg_step_gamma'].iloc[0]):g} at epochs {_values(counted, 'step_epochs')})"
+    number = lambda v: f"{v:g}"  # noqa: E731
+    out.append(("optimization", f"{_values(counted, 'optimizer')}; lr {_values(counted, 'lr', number)}; "
+                                f"schedule {schedule}; weight decay {_values(counted, 'weight_decay', number)}"))
+    out.append(("seeds", _values(counted, "seed")))
+    if selections:
+        axes = ", ".join(dict.fromkeys(s["axis"] for s in selections))
+        out.append(("selection", f"{axes} chosen on validation ({selections[0]['by']} of the first seed) in "
+                                 f"{len(selections)} group(s), then the other seeds at the choice; the tables count "
+                                 "the runs at the choice"))
+    if "device" in counted and counted["device"].notna().any():
+        devices = counted["device"].fillna("not recorded").value_counts()
+        threads = ", ".join(str(int(t)) for t in sorted(counted["threads"].dropna().unique())) if "threads" in counted \
+            else ""
+        out.append(("device", "; ".join(f"{d} ({n} runs)" for d, n in devices.items())
+                    + (f"; torch threads per run: {threads}" if threads else "")))
+    for col, what in (("cpu_seconds", "CPU"), ("wall_seconds", "wall")):
+        if col in counted and counted[col].notna().any():
+            v = pd.to_numeric(counted[col], errors="coerce")
+            out.append((f"{what} time", f"{v.sum() / 3600:.2f} h over {int(v.notna().sum())} runs (median "
+                                        f"{v.median():.0f} s per run)"))
+    return out
 
 
 # The "what was run" summary as lines, each a list of segments, so that Markdown and HTML are rendered
@@ -152,6 +256,11 @@ def _summary_lines(s: dict[str, Any]) -> list[Line]:
     if not s["sweeps"]:
         for k, v in s["varying"].items():
             text(1, f"{k}: {', '.join(map(str, v))}")
+    if s.get("protocol"):
+        text(0)
+        text(0, "Protocol (finished and diverged runs):")
+        for what, line in s["protocol"]:
+            text(1, f"{what}: {line}")
     if s["fixed"]:
         text(0)
         text(0, "Same in every run: " + ", ".join(f"{k}={v}" for k, v in s["fixed"].items()) + ".")
@@ -215,17 +324,18 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
     runs = load_runs(db)
     if where:
         runs = select_runs(runs, where)
+    runs = apply_selections(runs, load_selections(db))
     epochs = load_epochs(db)
     epochs = epochs[epochs["run_id"].isin(runs["run_id"])]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise disk_error(exc, out_dir, "creating the report folder") from None
-    tables = build_tables(runs) if len(runs) else []
+    tables = build_tables(runs, epochs, load_selections(db)) if len(runs) else []
     report = Report(out_dir, tables)
     report.summary = _what_was_run(db, runs, epochs) if len(runs) else {
         "sweeps": load_sweeps(db), "counts": dict.fromkeys(("finished", "diverged", "failed", "running"), 0),
-        "not_started": 0, "total": 0, "varying": {}, "fixed": {}, "failed": [], "train_seconds": 0.0}
+        "not_started": 0, "total": 0, "varying": {}, "fixed": {}, "failed": [], "train_seconds": 0.0, "protocol": []}
     report.summary["where"] = {k: [str(v) for v in vs] for k, vs in (where or {}).items()}
 
     for t in tables:

@@ -2,9 +2,14 @@
 
 :func:`train` reads top to bottom in phases. Setup: seeds, device, data, model, the initialization
 (``initscope.init_``), optimizer. Then per epoch: the schedule's learning rate, a pass over the
-shuffled train split, validation, the best-validation checkpoint and the resume state. At the end the
+shuffled (and, with ``augment``, augmented: :mod:`.augment`) train split, validation (and the test split
+after the epochs of ``test_at``), the best-validation checkpoint and the resume state, and the early
+stop: with ``patience`` > 0 the run ends once that many epochs passed without a better validation
+accuracy (never before ``min_epochs``), and says at which epoch it stopped. At the end the
 best-validation weights are loaded and scored on the test split (accuracy, macro precision, recall,
 F1, loss). A non-finite loss ends the run as ``diverged`` with its epoch: a result, not an exception.
+The run's wall time and CPU time (this process, every thread; summed over the attempts of a resumed run)
+and the device it ran on are in its result.
 
 A run is repeatable to the bit on the CPU: ``torch.manual_seed(seed)`` before the model is built, the
 initialization drawn from its own ``torch.Generator``, the shuffling from another, and
@@ -41,6 +46,7 @@ from initscope.errors import ConfigError
 from initscope.experiments.training.checkpoint import (BEST_FILE, STATE_FILE, CheckpointError, check_state,
                                                        load_state, load_weights, read_weights, save_state,
                                                        save_weights, set_aside)
+from initscope.experiments.training.augment import Feeder, batch_seed, augment_batch, epoch_order
 from initscope.experiments.training.metrics import classification_metrics
 from initscope.experiments.training.optim import lr_at, make_optimizer
 from initscope.fileio import atomic_write_text
@@ -69,6 +75,11 @@ class RunResult:
     test: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
     notes: list[str] = field(default_factory=list)  # what happened besides the result (a checkpoint set aside)
+    stopped_epoch: int | None = None  # the early stop's epoch; None when the run trained every epoch
+    wall_seconds: float | None = None  # setup, training and test, summed over the run's attempts
+    cpu_seconds: float | None = None  # this process's CPU time over the same (every thread)
+    device: str | None = None  # what it ran on: "cpu", "cuda:0 <name>, AMP float16"
+    threads: int | None = None  # torch's intra-op threads
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -99,8 +110,9 @@ def build_model(config: "RunConfig", in_channels: int, num_classes: int) -> nn.M
     from initscope.models.zoo import set_in_channels, with_head
 
     if models.is_registered(config.model):
+        extra = {"fixup_scalars": True} if config.fixup_scalars else {}
         return models.create(config.model, width=config.width, in_channels=in_channels, num_classes=num_classes,
-                             norm=config.norm, head=config.head)
+                             norm=config.norm, head=config.head, **extra)
     kw: dict[str, Any] = {"num_classes": num_classes}
     if config.norm == "none":
         kw["norm_layer"] = nn.Identity
@@ -144,16 +156,34 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
     of one sample is dropped when the batches are larger (BatchNorm cannot normalize a single sample;
     :func:`check_batch_size` refuses batches of one for models with BatchNorm).
     """
-    n = len(x)
-    if generator is None:
-        for s in range(0, n, batch_size):
-            yield x[s:s + batch_size], y[s:s + batch_size]
-        return
-    order = torch.randperm(n, generator=generator).to(x.device)
-    for s in range(0, n, batch_size):
-        idx = order[s:s + batch_size]
-        if len(idx) > 1 or n == 1 or batch_size == 1:
-            yield x[idx], y[idx]
+    for idx in epoch_order(len(x), batch_size, generator):
+        idx = idx.to(x.device)
+        yield x[idx], y[idx]
+
+
+def early_stop(history: list[dict[str, float]], best_epoch: int | None, patience: int, min_epochs: int) -> bool:
+    """Whether a run with this history stops now: ``patience`` > 0, at least ``min_epochs`` epochs done, and
+    ``patience`` epochs since the best validation accuracy (or since the start, when no epoch had one)."""
+    done = len(history)
+    return patience > 0 and done >= min_epochs and done - (best_epoch or 0) >= patience
+
+
+def device_text(device: torch.device, amp: bool) -> str:
+    """The device a run trains on, as the store records it: ``cpu`` or ``cuda:0 <GPU name>, AMP float16``."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} {torch.cuda.get_device_name(index)}" + (", AMP float16" if amp else "")
+
+
+def init_options(config: "RunConfig") -> dict[str, Any]:
+    """The plan options a run sets (``distribution``, ``residual``); the method's own defaults otherwise. A
+    method that draws its own way (orthogonal, LSUV: ``fixed_distribution``) keeps it: a sweep's ``distribution``
+    is the law of the methods that draw i.i.d. weights (the Glorot/He paper's uniform Glorot and He beside LSUV)."""
+    opts = {k: getattr(config, k) for k in ("distribution", "residual") if getattr(config, k) is not None}
+    if getattr(METHODS[config.method], "fixed_distribution", False):
+        opts.pop("distribution", None)
+    return opts
 
 
 @torch.no_grad()
@@ -194,6 +224,17 @@ def _probe_callback(config: "RunConfig", run_dir: Path | None):
         raise RuntimeError(f"probe callback not available (initscope.probe.ProbeCallback: {exc}); "
                            "run with probe_every=0") from exc
     return ProbeCallback(every=config.probe_every, seed=config.seed)
+
+
+def _probe_at_end(probe, step: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The trained weights probed once more after the last step (unless that step was a probed one), so a
+    run with ``probe_every`` has the distributions at initialization and at the end."""
+    if probe.due(step):
+        return
+    from initscope.probe.callback import probe as run_probe
+
+    probe.record(step, run_probe(model, x, y, loss_fn=F.cross_entropy, plan=probe.plan, layers=probe.layers,
+                                 quantities=probe.quantities, **probe.options))
 
 
 def _resumable_state(run_dir: Path, config: "RunConfig", notes: list[str], *,
@@ -265,6 +306,8 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
     """
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     dist_env = distributed.DistEnv()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    feeder: Feeder | None = None
     try:
         # -- setup: device, seeds, data ------------------------------------------------------------
         run_id = config.run_id
@@ -276,7 +319,8 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.seed)
         data = load_data(config.data, root=config.data_root, seed=config.seed, image_size=config.image_size,
-                         normalize=config.normalize, limit=config.limit, progress=progress)
+                         normalize=config.normalize, limit=config.limit, eval_limit=config.eval_limit,
+                         progress=progress)
         if run_dir is not None and data.files and dist_env.is_main:
             data.save_split(run_dir / "split.json")
         x_train, y_train = _split_tensors(data.train, device)
@@ -291,7 +335,7 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
             check_batch_size(config, model)
             if dist_env.is_main:  # planned once; the other ranks get these weights by broadcast below
                 initscope.init_(model, config.method, **_planned_from(config, data.input_shape, x_train),
-                                generator=torch.Generator().manual_seed(config.seed))
+                                generator=torch.Generator().manual_seed(config.seed), **init_options(config))
             model.to(device)
             opt = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
             scaler = torch.amp.GradScaler(device.type, enabled=amp)
@@ -305,6 +349,7 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
         history: list[dict[str, float]] = []
         notes: list[str] = []
         best_epoch, best_acc, best_state, start = None, -math.inf, None, 0
+        spent = {"wall": 0.0, "cpu": 0.0}  # earlier attempts' wall and CPU seconds (a resumed run)
         state_path = run_dir / STATE_FILE if run_dir is not None else None
         best_path = run_dir / BEST_FILE if run_dir is not None and dist_env.is_main else None
         st = _resumable_state(run_dir, config, notes, writer=dist_env.is_main) if resume and run_dir else None
@@ -323,10 +368,15 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
                 model, opt, scaler, shuffle = fresh()  # the failed load may have written part of them
             else:
                 history, best_epoch, best_acc, start = st["history"], st["best_epoch"], st["best_acc"], st["epoch"]
+                spent = {"wall": float(st.get("wall_seconds", 0.0)), "cpu": float(st.get("cpu_seconds", 0.0))}
         distributed.broadcast_module(model, dist_env)
         net = distributed.wrap(model, dist_env, device)  # DDP for the training steps; `model` for the rest
 
-        status, diverged_epoch = "finished", None
+        status, diverged_epoch, stopped_epoch = "finished", None, None
+        if not dist_env.enabled:
+            feeder = Feeder(x_train, y_train, config.batch_size, config.augment, config.seed,
+                            workers=config.workers, device=device)
+        x_test = y_test = None
         steps_per_epoch = max(1, math.ceil(len(x_train) // dist_env.world_size / config.batch_size))
         bar_every = max(1, steps_per_epoch // _BAR_UPDATES_PER_EPOCH)
         step = start * steps_per_epoch
@@ -336,6 +386,10 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
             if probe is not None and start == 0:  # step 0: the initialization itself
                 probe(0, model, x_train[:config.batch_size], y_train[:config.batch_size], F.cross_entropy)
             for epoch in range(start, config.epochs):
+                # a resumed run that had stopped already trains nothing more
+                if early_stop(history, best_epoch, config.patience, config.min_epochs):
+                    stopped_epoch = len(history)
+                    break
                 t0 = time.perf_counter()
                 # -- schedule: this epoch's learning rate --
                 lr = lr_at(epoch, config.lr, config.schedule, epochs=config.epochs,
@@ -349,8 +403,8 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
                 loss_sum = torch.zeros((), device=device)
                 hits = torch.zeros((), device=device, dtype=torch.long)
                 seen = 0
-                epoch_batches = (distributed.shard_batches(x_train, y_train, config.batch_size, shuffle, dist_env)
-                                 if dist_env.enabled else batches(x_train, y_train, config.batch_size, shuffle))
+                epoch_batches = (_augmented_shards(config, epoch, x_train, y_train, shuffle, dist_env)
+                                 if dist_env.enabled else feeder.epoch(epoch, shuffle))
                 for i, (xb, yb) in enumerate(epoch_batches):
                     with autocast:
                         logits = net(xb)
@@ -397,6 +451,12 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
                        "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr,
                        "seconds": time.perf_counter() - t0}
+                if epoch + 1 in config.test_at:  # the weights of this epoch on the test split (not the best ones)
+                    if x_test is None:
+                        x_test, y_test = _split_tensors(data.test, device)
+                    test_logits = predict(model, x_test, config.batch_size, amp)
+                    row["test_accuracy"] = float((test_logits.argmax(1) == y_test).float().mean())
+                    row["test_loss"] = float(F.cross_entropy(test_logits, y_test))
                 history.append(row)
 
                 # -- checkpoint: the best validation accuracy so far (first one on ties), and the resume state --
@@ -411,11 +471,20 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
                     save_state({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "scaler": scaler.state_dict(), "shuffle": shuffle.get_state(),
                                 "torch_rng": torch.get_rng_state(), "history": history, "best_epoch": best_epoch,
-                                "best_acc": best_acc, "epoch": epoch + 1, "config": config.to_dict()}, state_path)
+                                "best_acc": best_acc, "epoch": epoch + 1, "config": config.to_dict(),
+                                "wall_seconds": spent["wall"] + time.perf_counter() - wall0,
+                                "cpu_seconds": spent["cpu"] + time.process_time() - cpu0}, state_path)
                 if on_epoch is not None and dist_env.is_main:
                     on_epoch(dict(row))
 
+                # -- early stop: patience epochs without a better validation accuracy --
+                if epoch + 1 < config.epochs and early_stop(history, best_epoch, config.patience, config.min_epochs):
+                    stopped_epoch = epoch + 1
+                    break
+
         if probe is not None:
+            if status == "finished":
+                _probe_at_end(probe, step, model, x_train[:config.batch_size], y_train[:config.batch_size])
             if run_dir is not None:  # beside the results, for the report's figures
                 probe.save(run_dir / "probe.parquet")
             probe.close()
@@ -432,15 +501,31 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
                 load_weights(model, best_path)
             else:
                 model.load_state_dict(best_state)
-            x_test, y_test = _split_tensors(data.test, device)
+            if x_test is None:
+                x_test, y_test = _split_tensors(data.test, device)
             test = classification_metrics(predict(model, x_test, config.batch_size, amp).cpu(), y_test.cpu(),
                                           data.num_classes)
         result = RunResult(run_id=run_id, config=config, status=status, diverged_epoch=diverged_epoch,
                            history=history, best_epoch=best_epoch, test=test,
-                           checkpoint=best_path if best_epoch is not None else None, notes=notes)
+                           checkpoint=best_path if best_epoch is not None else None, notes=notes,
+                           stopped_epoch=stopped_epoch, wall_seconds=spent["wall"] + time.perf_counter() - wall0,
+                           cpu_seconds=spent["cpu"] + time.process_time() - cpu0, device=device_text(device, amp),
+                           threads=torch.get_num_threads())
         if run_dir is not None and dist_env.is_main:
             atomic_write_text(run_dir / "result.json", json.dumps(result.to_dict(), indent=1))
         return result
     finally:
+        if feeder is not None:
+            feeder.close()
         torch.use_deterministic_algorithms(deterministic_before)
         distributed.teardown(dist_env)
+
+
+def _augmented_shards(config: "RunConfig", epoch: int, x: torch.Tensor, y: torch.Tensor, shuffle: torch.Generator,
+                      env: distributed.DistEnv) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Under torchrun: this rank's shard of the epoch, augmented with a seed per (epoch, batch, rank)."""
+    for i, (xb, yb) in enumerate(distributed.shard_batches(x, y, config.batch_size, shuffle, env)):
+        if config.augment != "none":
+            g = torch.Generator().manual_seed(batch_seed(config.seed, epoch, i * env.world_size + env.rank))
+            xb = augment_batch(xb, config.augment, g)
+        yield xb, yb
