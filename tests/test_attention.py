@@ -334,3 +334,37 @@ def test_unet_like_predictions_hold(method, one_thread):
         assert all(l.pred_out_var == pytest.approx(1.0, rel=1e-6) for l in p.layers)
     if method == "asv-backward-exact":
         assert all(l.pred_in_grad_var == pytest.approx(1.0, rel=1e-3) for l in p.layers)
+
+
+class PreNormStack(nn.Module):
+    """Pre-norm blocks between a patch embedding and a mean-pooled head (benchmarks/residual_prenorm.py)."""
+
+    def __init__(self, depth: int, dim: int = 64):
+        super().__init__()
+        from initscope.models.vit import Block
+
+        self.patch_embed = nn.Conv2d(3, dim, 8, stride=8)
+        self.blocks = nn.Sequential(*(Block(dim, 2) for _ in range(depth)))
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 10))
+
+    def forward(self, x):
+        h = self.blocks(self.patch_embed(x).flatten(2).transpose(1, 2))
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize("growth", [2.0, 4.0])
+def test_scale_policy_holds_a_pre_norm_stream_at_its_growth_at_any_depth(growth, one_thread):
+    # docs/theory.md section 7: with a LayerNorm in front of every branch the stream grows additively, and
+    # the scale policy sets each branch's end so that the stream's moment grows by `growth` over all adds
+    # (width 64; at width 32, 16-wide heads read 0.13 bits low at growth 4, a finite-width effect).
+    for depth in (4, 16):
+        torch.manual_seed(0)
+        model = PreNormStack(depth)
+        logs = []
+        for draw in range(3):
+            initscope.init_(model, "kaiming-forward", input_shape=(3, 32, 32), residual="scale",
+                            residual_growth=growth, generator=torch.Generator().manual_seed(draw))
+            with torch.no_grad():
+                h0 = model.patch_embed(torch.randn(16, 3, 32, 32)).flatten(2).transpose(1, 2)
+                logs.append(math.log2(float((model.blocks(h0) ** 2).mean() / (h0**2).mean())))
+        assert sum(logs) / 3 == pytest.approx(math.log2(growth), abs=0.1), (depth, logs)
