@@ -91,14 +91,20 @@ def multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding
 
 # Modules traced as a composition of ops with one weight each, instead of through their own forward.
 _DECOMPOSED = {nn.MultiheadAttention: multihead_attention}
-try:  # torchvision is optional for the core
-    from torchvision.models.swin_transformer import ShiftedWindowAttention as _SwinAttention
 
-    from initscope.rules.windows import swin_attention
 
-    _DECOMPOSED[_SwinAttention] = swin_attention
-except ImportError:  # pragma: no cover
-    pass
+def _register_optional_rules() -> None:
+    """Rules and decompositions for timm's and torchvision's blocks, once that library is imported: only
+    then can a model hold them, and initscope never imports either itself (each costs seconds)."""
+    if "timm" in sys.modules:
+        import initscope.rules.timm_layers  # noqa: F401  (weight-standardized convs)
+    if "torchvision" in sys.modules:
+        import initscope.rules.torchvision_layers  # noqa: F401
+        from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+        from initscope.rules.windows import swin_attention
+
+        _DECOMPOSED.setdefault(ShiftedWindowAttention, swin_attention)
 
 
 @dataclass
@@ -120,9 +126,7 @@ def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
 
 def trace(model: nn.Module, record_stack_traces: bool = False) -> Traced:
     """Trace ``model`` with torch.fx, treating modules that have a rule as single ops."""
-    if "timm" in sys.modules:
-        # Rules for timm's blocks (weight-standardized convs): only a timm model can need them.
-        import initscope.rules.timm_layers  # noqa: F401
+    _register_optional_rules()
     if isinstance(model, fx.GraphModule):
         return _finish(model, model.graph)
     modes = [(m, m.training) for m in model.modules()]

@@ -55,7 +55,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from initscope.rules import registry
 from initscope.rules.base import Context, Rule, bind
+from initscope.rules.passthrough import ShapeRule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE
 from initscope.stats.signal import Grad, Layout, Shared, Signal, Spatial, compact
@@ -376,13 +378,12 @@ def attention_backward(ctx: Context, grad: Grad) -> dict:
 def _projected_by(node) -> fx.Node | None:
     """The Linear node whose output ``node`` is, through shape ops and identities only (heads split off,
     q/k/v unbound or chunked, transposed); None when something else stands between."""
-    from initscope.rules.passthrough import _SHAPE_FUNCTIONS, _SHAPE_METHODS
-
     while isinstance(node, fx.Node):
         if "initscope_linear_in" in node.meta:
             return node
-        shape_op = (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
-            node.op == "call_function" and node.target in _SHAPE_FUNCTIONS) or "initscope_identity" in node.meta
+        rule = (registry.method_rule(node.target) if node.op == "call_method"
+                else registry.function_rule(node.target) if node.op == "call_function" else None)
+        shape_op = isinstance(rule, ShapeRule) or "initscope_identity" in node.meta
         if not shape_op or not node.args:
             return None
         node = node.args[0]

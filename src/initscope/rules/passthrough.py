@@ -10,6 +10,7 @@ Dropout and stochastic depth are modelled as the module runs: the identity in ev
 training mode (where an initialization is used) the inverted scaling ``y = x m / (1 - p)`` with
 ``m ~ Bernoulli(1 - p)``, which keeps ``E[y] = E[x]`` but not the second moment (see
 :class:`DropoutRule`). Alpha dropout keeps mean and variance by construction and stays the identity.
+torchvision's stochastic depth and shape ops are registered by :mod:`initscope.rules.torchvision_layers`.
 """
 
 from __future__ import annotations
@@ -28,13 +29,6 @@ from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.signal import Grad, Hidden, Layout, Shared, Signal, Spatial, compact, shrink
-
-try:  # torchvision is optional for the core
-    from torchvision.ops import stochastic_depth as _stochastic_depth
-    from torchvision.ops.misc import Permute as _TVPermute
-except ImportError:  # pragma: no cover
-    _stochastic_depth, _TVPermute = None, None
-
 
 class IdentityRule(Rule):
     def homogeneous(self, ctx: Context) -> bool:
@@ -67,8 +61,6 @@ _DROPOUT_MODULES = {nn.Dropout: "element", nn.Dropout1d: "channel", nn.Dropout2d
                     nn.Dropout3d: "channel"}
 _DROPOUT_FUNCTIONS = {F.dropout: "element", F.dropout1d: "channel", F.dropout2d: "channel",
                       F.dropout3d: "channel"}
-if _stochastic_depth is not None:
-    _DROPOUT_FUNCTIONS[_stochastic_depth] = "row"
 
 
 def _arg(ctx: Context, index: int, name: str, default: Any) -> Any:
@@ -103,9 +95,6 @@ class DropoutRule(Rule):
             return 0.0, "element"
         if ctx.module is not None:
             return float(ctx.module.p), _DROPOUT_MODULES[type(ctx.module)]
-        if ctx.node.target is _stochastic_depth:
-            mode = _arg(ctx, 2, "mode", "row")
-            return float(_arg(ctx, 1, "p", 0.0)), mode
         return float(_arg(ctx, 1, "p", 0.5)), _DROPOUT_FUNCTIONS[ctx.node.target]
 
     def forward(self, ctx: Context, x, *args, **kwargs):
@@ -453,15 +442,6 @@ _SHAPE_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "squeeze
                   "expand_as", "narrow", "chunk", "split", "flip", "roll", "unflatten", "movedim", "t",
                   "view_as", "reshape_as", "unbind", "__getitem__", "swapaxes", "swapdims")
 _SHAPE_MODULES = [nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle]
-if _TVPermute is not None:
-    _SHAPE_MODULES.append(_TVPermute)
-try:  # Swin's relative position bias: a gather from a parameter table by an index buffer (constants)
-    from torchvision.models.swin_transformer import _get_relative_position_bias, _patch_merging_pad
-
-    # The patch merging's pad and 2x2 gather is a shape op too.
-    _SHAPE_FUNCTIONS = (*_SHAPE_FUNCTIONS, _get_relative_position_bias, _patch_merging_pad)
-except ImportError:  # pragma: no cover
-    pass
 
 register_rule(*_SHAPE_FUNCTIONS, *_SHAPE_METHODS, *_SHAPE_MODULES)(ShapeRule)
 
