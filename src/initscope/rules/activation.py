@@ -133,7 +133,7 @@ def _on_grid(curve: Tensor, r: Tensor | float) -> Tensor | float:
     """Linear interpolation of ``curve`` (given on the ρ grid ``_R``) at ``r``: a tensor, or one float."""
     n = len(_R)
     if isinstance(r, float):
-        # One correlation (rho, xcorr): plain Python, a dozen tensor ops would cost 50x more.
+        # One correlation (rho, xcorr): plain Python, far cheaper than a dozen small tensor ops.
         pos = (min(max(r, -1.0), 1.0) + 1.0) / 2.0 * (n - 1)
         lo = min(max(int(math.floor(pos)), 0), n - 2)
         frac = pos - lo
