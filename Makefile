@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/plan_speed.py
 	$(PY) benchmarks/probe_speed.py
 	$(PY) benchmarks/train_speed.py --threads 1
+	$(PY) benchmarks/cli_start.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .hypothesis

@@ -1,7 +1,11 @@
 import json
+import subprocess
+import sys
 
+from torch import nn
 from typer.testing import CliRunner
 
+import initscope
 from initscope.cli import app
 
 runner = CliRunner()
@@ -88,3 +92,29 @@ def test_your_own_model_from_the_command_line_and_a_table_that_fits():
     assert bad.exit_code == 2 and "unknown column" in bad.output
     typo = CliRunner().invoke(app, ["plan", "--model", "plain34", "--model-arg", "widht=8"])
     assert typo.exit_code == 2 and "widht" in typo.output
+
+
+def test_listing_methods_imports_neither_torchvision_nor_timm():
+    # `initscope methods` and `--help` are what a user runs first; torchvision's import (torch._dynamo)
+    # costs as much as torch's own (benchmarks/cli_start.py). Its rules register at trace time instead.
+    code = ("import sys, initscope.cli\n"
+            "from typer.testing import CliRunner\n"
+            "r = CliRunner().invoke(initscope.cli.app, ['methods'])\n"
+            "assert r.exit_code == 0 and 'asv-backward' in r.output, r.output\n"
+            "print(sorted(m for m in ('torchvision', 'timm', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_torchvision_rules_register_when_a_model_is_traced():
+    import torchvision
+
+    from initscope.rules import registry
+
+    block = torchvision.ops.StochasticDepth(0.2, "row").train()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), block, torchvision.ops.misc.Permute([0, 2, 3, 1]), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 4))
+    initscope.plan(model, "kaiming-forward", input_shape=(3, 8, 8), cache=False)  # no UnknownOpError
+    assert registry.function_rule(torchvision.ops.stochastic_depth) is not None
+    assert registry.module_rule(torchvision.ops.misc.Permute([0, 1])) is not None

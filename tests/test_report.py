@@ -326,3 +326,17 @@ def test_compare_flags_by_the_plans_spread_and_averages_draws(tmp_path):
     deep = rows["pred_out_spread"] > 0.5
     assert (rows.loc[deep, "flag_out_bits"].to_numpy() < r1.loc[deep.to_numpy(), "flag_out_bits"].to_numpy()).all()
     assert not (rows["second_moment"].to_numpy() == r1["second_moment"].to_numpy()).all()
+
+
+def test_compare_announces_every_plan_and_draw(tmp_path):
+    # A large model's probe takes a while: the bar advances per method's plan and per draw, and its total
+    # (compare_steps) is exactly the number of announcements.
+    from initscope.compare.run import compare_steps
+
+    seen: list[str] = []
+    compare(tiny_cnn, "xavier,kaiming-forward", input_shape=(3, 16, 16), batch=4, draws=3, out_dir=tmp_path,
+            progress=seen.append)
+    assert len(seen) == compare_steps(2, 3)
+    assert seen[:4] == ["xavier: planning", "xavier: probing draw 1/3", "xavier: probing draw 2/3",
+                        "xavier: probing draw 3/3"]
+    assert seen[-1] == "drawing the report"

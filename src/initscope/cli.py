@@ -166,12 +166,13 @@ def demo_cmd(
         console.print(table)
         console.print(f"saved {r.figure}")
     if report:
-        from initscope.compare import compare
+        from initscope.compare.run import compare, compare_steps
 
         for name in DEMO_MODELS:
-            with console.status(f"comparison report: {name}"):
+            with step_bar(compare_steps(len(DEMO_REPORT_METHODS)), console=console, transient=True,
+                          description_width=36) as step:
                 result = compare(name, DEMO_REPORT_METHODS, input_shape=(3, 64, 64), batch=16, seed=0,
-                                 out_dir=out / f"report_{name}")
+                                 out_dir=out / f"report_{name}", progress=lambda d, n=name: step(f"{n}: {d}"))
             console.print(f"report: {result.index}")
     if sweep:
         summary, written = run_demo_sweep(out / "sweep", epochs=epochs)

@@ -29,7 +29,7 @@ def compare_cmd(
     out: Path = typer.Option(..., "--out", help="folder for index.html, stats.parquet and the figures"),
 ) -> None:
     """Probe a fresh copy of the model per method; write a self-contained HTML report with figures and tables."""
-    from initscope.compare.run import compare, parse_methods
+    from initscope.compare.run import compare, compare_steps, parse_methods
     from initscope.errors import InitscopeError
     from initscope.progress import step_bar
 
@@ -45,7 +45,7 @@ def compare_cmd(
     except ValueError as exc:
         raise fail(exc, to=err_console) from None
     try:
-        with step_bar(len(names) + 1, console=err_console, transient=True) as step:
+        with step_bar(compare_steps(len(names), draws), console=err_console, transient=True) as step:
             result = compare(factory, names, input_shape=shape, batch=batch, seed=seed, data=data, draws=draws,
                              data_root=data_root, out_dir=out, progress=step)
     except (InitscopeError, ValueError, TypeError) as exc:

@@ -101,6 +101,12 @@ def _save_table(frame: pd.DataFrame, out_dir: Path) -> Path:
         return csv
 
 
+def compare_steps(methods: int, draws: int = 1) -> int:
+    """How many times :func:`compare` calls ``progress``: a plan and ``draws`` probes per method, and the
+    report (a progress bar's total)."""
+    return methods * (1 + draws) + 1
+
+
 def compare(
     model_name_or_factory: str | Callable[[], nn.Module],
     methods: str | Sequence[str],
@@ -136,7 +142,8 @@ def compare(
             of outputs and input gradients are their geometric means (what a prediction for a typical draw
             is held to), so the plan's draw-to-draw spread, and the band a measurement may stay in
             before it is flagged, shrink by ``sqrt(draws)``; quantiles and histograms are the first draw's.
-        progress: called with a description before each method and before the report is drawn.
+        progress: called with a description before each step: each method's planning, each of its draws'
+            probes, and drawing the report (:func:`compare_steps` of them in all).
 
     Everything is checked (methods, shape, data source, that the model builds) before anything is written.
     The files are written into a hidden folder inside ``out_dir`` and moved into place together, one
@@ -170,7 +177,7 @@ def compare(
     frames, plans = [], {}
     for method in names:
         if progress:
-            progress(f"probing {method}")
+            progress(f"{method}: planning")
         torch.manual_seed(seed)  # the same construction-time draws for every copy
         model = build()
         # Gaussian inputs are exactly what input_shape stands for; real data is planned from itself, and so
@@ -180,9 +187,12 @@ def compare(
         else:
             p = make_plan(model, method, example_input=inputs.inputs)
         p.apply(model, generator=torch.Generator().manual_seed(seed))
+        if progress:
+            progress(f"{method}: probing" + (f" draw 1/{draws}" if draws > 1 else ""))
         result = probe(model, inputs.inputs, plan=p)
         if draws > 1:
-            result = _average_draws(result, model, p, inputs.inputs, seed, draws)
+            result = _average_draws(result, model, p, inputs.inputs, seed, draws,
+                                    (lambda d, m=method: progress(f"{m}: probing draw {d}/{draws}")) if progress else None)
         frame = result.to_frame()
         frame.insert(0, "method", method)
         # the weight layers are the plan's (the rule registry's definition), whatever their class is called
@@ -227,9 +237,11 @@ def compare(
     return CompareResult(out_dir, moved[index.name], moved[stats.name], figures, frame, plans, meta)
 
 
-def _average_draws(first, model: nn.Module, p, inputs: torch.Tensor, seed: int, draws: int):
+def _average_draws(first, model: nn.Module, p, inputs: torch.Tensor, seed: int, draws: int,
+                   announce: Callable[[int], None] | None = None):
     """``first`` with its outputs' and input gradients' second moments the geometric means over ``draws``
-    weight draws (the first is ``first`` itself), and each layer's ``draws`` set."""
+    weight draws (the first is ``first`` itself), and each layer's ``draws`` set; ``announce(d)`` is
+    called before draw d (2..draws)."""
     import dataclasses
 
     from initscope.probe import probe
@@ -245,6 +257,8 @@ def _average_draws(first, model: nn.Module, p, inputs: torch.Tensor, seed: int, 
 
     keep(first)
     for d in range(1, draws):
+        if announce:
+            announce(d + 1)
         p.apply(model, generator=torch.Generator().manual_seed(seed + d))
         keep(probe(model, inputs, plan=p, quantiles=False, histograms=False, quantities=("output", "input_grad")))
     for layer in first.layers:

@@ -227,7 +227,7 @@ class Pass:
         if isinstance(rule, WeightRule):
             unit = _fresh(rule.forward_unit(ctx, *args, **kwargs), inputs, rule.channels(ctx))
             var, bias_m2 = self.weights.forward(node, ctx, unit)
-            out = unit if self.local else finish_weight_forward(unit, var, bias_m2)
+            out = unit if self.local else finish_weight_forward(unit, rule.effective_var(ctx, var), bias_m2)
         else:
             out = rule.forward(ctx, *args, **kwargs)
             out = _map_signals(out, lambda o: rule.fluctuation(ctx, inputs, o))
@@ -270,7 +270,7 @@ class Pass:
                 x = rule.input_signal(ctx)
                 arrived = self._arrived(x)
                 unit = unit.with_(scatter=g.scatter)
-                var = self.weights.backward(node, ctx, unit, arrived)
+                var = rule.effective_var(ctx, self.weights.backward(node, ctx, unit, arrived))
                 contributions = {x: unit if self.local else unit.scaled(var)}
             else:
                 contributions = rule.backward(ctx, g)

@@ -21,9 +21,10 @@ on any model initscope plans, where the packages walk ``nn.Sequential`` chains o
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.func import functional_call
 
@@ -38,15 +39,27 @@ class _Captured(Exception):
     """Raised by the hook once the layer's output is seen: the rest of the forward pass is not needed."""
 
 
-def _output_variance(model: nn.Module, module: nn.Module, tensors: dict[str, torch.Tensor], inputs: tuple) -> float:
-    """The variance of ``module``'s (first) output when ``model`` runs on ``inputs`` with ``tensors``."""
-    seen: list[torch.Tensor] = []
+# Reruns one weight layer on the input it saw, with the tensors (path -> tensor) given: the layers before
+# it are settled while it is scaled, so only the layer itself is run again.
+Replay = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
-    def hook(mod, args, output):
-        seen.append(output.detach())
+
+def _own(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def _module_call(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], inputs: tuple) -> Replay | None:
+    """Run ``model`` on ``inputs`` with ``tensors`` up to the module ``name``; None when its forward is not
+    called (its weight is used by another module's code) or returns no tensor."""
+    module = model.get_submodule(name)
+    seen: list[tuple] = []
+
+    def hook(mod, args, kwargs, output):
+        if isinstance(output, torch.Tensor):
+            seen.append((args, kwargs))
         raise _Captured
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(hook, with_kwargs=True)
     try:
         functional_call(model, tensors, inputs)
     except _Captured:
@@ -54,8 +67,74 @@ def _output_variance(model: nn.Module, module: nn.Module, tensors: dict[str, tor
     finally:
         handle.remove()
     if not seen:
-        raise ValueError(f"lsuv: {type(module).__name__} was not reached by the forward pass on the batch")
-    return float(seen[0].double().var())
+        return None
+    args, kwargs = seen[0]
+    return lambda t: functional_call(module, _own(t, name), args, kwargs)
+
+
+def _uses(node: fx.Node, weight_path: str) -> bool:
+    """Whether the traced ``node`` is a call of the weight at ``weight_path`` (a module's or a functional one)."""
+    if node.op == "call_module":
+        return f"{node.target}.weight" == weight_path
+    if node.op != "call_function":
+        return False
+    args = list(node.args) + list(node.kwargs.values())
+    return any(isinstance(a, fx.Node) and a.op == "get_attr" and a.target == weight_path for a in args)
+
+
+class _Graph:
+    """The model as initscope traces it, run up to the first call of a weight.
+
+    A weight used outside its module's forward (``nn.MultiheadAttention``'s ``in_proj_weight`` and
+    ``out_proj``, Swin's ``qkv`` and ``proj``, which torchvision calls through ``F.linear``) has no
+    module output to hook; the traced graph writes such modules out as one call per weight
+    (:mod:`initscope.graph.trace`), and that call's output is the layer's.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from initscope.graph.trace import trace
+
+        self.module = fx.GraphModule(model, trace(model).graph)
+        self.names = {n for n, _ in self.module.named_parameters()} | {n for n, _ in self.module.named_buffers()}
+
+    def call(self, weight_path: str, tensors: dict[str, torch.Tensor], inputs: tuple) -> Replay | None:
+        target = next((n for n in self.module.graph.nodes if _uses(n, weight_path)), None)
+        if target is None:
+            return None
+        seen: list[tuple] = []
+
+        class Stop(fx.Interpreter):
+            def run_node(self, n):
+                if n is target:
+                    seen.append(self.fetch_args_kwargs_from_env(n))
+                    raise _Captured
+                return super().run_node(n)
+
+        class Run(nn.Module):
+            def __init__(self, graph: fx.GraphModule) -> None:
+                super().__init__()
+                self.graph = graph
+
+            def forward(self, *args):
+                return Stop(self.graph).run(*args)
+
+        try:
+            functional_call(Run(self.module), {f"graph.{k}": v for k, v in tensors.items() if k in self.names}, inputs)
+        except _Captured:
+            pass
+        if not seen:
+            return None
+        args, kwargs = seen[0]
+        if target.op == "call_module":
+            module = self.module.get_submodule(str(target.target))
+            return lambda t: functional_call(module, _own(t, str(target.target)), args, kwargs)
+
+        def fresh(node_arg, value, t):
+            # The parameters the call reads are the tensors being scaled, not the ones it saw.
+            return t[node_arg.target] if isinstance(node_arg, fx.Node) and node_arg.op == "get_attr" else value
+
+        return lambda t: target.target(*(fresh(a, v, t) for a, v in zip(target.args, args)),
+                                       **{k: fresh(target.kwargs[k], v, t) for k, v in kwargs.items()})
 
 
 @register_method("lsuv")
@@ -94,11 +173,18 @@ class LSUV(AsvForwardExact):
 
         for path in candidates:
             put(path)
+        graph: _Graph | None = None
         with torch.no_grad():
             for layer in plan.layers:
-                module = model.get_submodule(layer.name)
+                hooked = layer.weight_path == f"{layer.name}.weight"
+                replay = _module_call(model, layer.name, tensors, inputs) if hooked else None
+                if replay is None:
+                    graph = graph or _Graph(model)
+                    replay = graph.call(layer.weight_path, tensors, inputs)
+                if replay is None:
+                    raise ValueError(f"lsuv: {layer.name!r} was not reached by the forward pass on the batch")
                 for _ in range(MAX_ITERATIONS):
-                    var = _output_variance(model, module, tensors, inputs)
+                    var = float(replay(tensors).double().var())
                     if not (math.isfinite(var) and var > 0):
                         raise ValueError(f"lsuv: layer {layer.name!r} has output variance {var} on the batch; "
                                          "nothing was written")

@@ -22,9 +22,8 @@ Two ways to call it from a training loop (``callback = ProbeCallback(every=100, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TYPE_CHECKING
 
-import pandas as pd
 import torch
 from torch import nn
 
@@ -33,6 +32,9 @@ from initscope.probe.hooks import QUANTITIES, Recorder, Selection, check_quantit
 from initscope.probe.probe import COLUMNS, Probe, build, probe, save_frame
 from initscope.probe.sinks import Sink, as_sinks
 from initscope.probe.summary import DEFAULT_BINS, DEFAULT_SAMPLE
+
+if TYPE_CHECKING:  # pandas costs 0.8 s to import; only the functions that build frames need it
+    import pandas as pd
 
 
 class ProbeCallback:
@@ -139,6 +141,8 @@ class ProbeCallback:
 
     def frame(self) -> pd.DataFrame:
         """Every recorded row: the probe table's columns after a ``step`` column."""
+        import pandas as pd
+
         if not self._frames:
             return pd.DataFrame(columns=["step", *COLUMNS])
         return pd.concat(self._frames, ignore_index=True)

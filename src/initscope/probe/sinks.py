@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from initscope.probe.probe import Probe
+
+if TYPE_CHECKING:  # pandas costs 0.8 s to import; only the functions that build frames need it
+    import pandas as pd
 
 RATIOS = (("output", "out_ratio"), ("input_grad", "in_grad_ratio"))
 

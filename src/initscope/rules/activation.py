@@ -133,7 +133,7 @@ def _on_grid(curve: Tensor, r: Tensor | float) -> Tensor | float:
     """Linear interpolation of ``curve`` (given on the ρ grid ``_R``) at ``r``: a tensor, or one float."""
     n = len(_R)
     if isinstance(r, float):
-        # One correlation (rho, xcorr): plain Python, a dozen tensor ops would cost 50x more.
+        # One correlation (rho, xcorr): plain Python, far cheaper than a dozen small tensor ops.
         pos = (min(max(r, -1.0), 1.0) + 1.0) / 2.0 * (n - 1)
         lo = min(max(int(math.floor(pos)), 0), n - 2)
         frac = pos - lo
@@ -330,7 +330,7 @@ class ElementwiseRule(Rule):
             return {}
         stored = ctx.get(Applied)
         if stored is None:
-            return {x: Grad(x.shape, grad.live(), spatial=grad.spatial.without_hidden())}
+            return {x: Grad(x.shape, grad.live(), x.layout, grad.spatial.without_hidden())}
         act, applied = stored.act, stored.applied
         if applied is None:
             return {x: _identity_backward(act, x, grad)}
@@ -357,7 +357,7 @@ class ElementwiseRule(Rule):
             total = through + pre
             rho = grad.spatial.rho * (kept * through + pre) / total if total > 0 else 0.0
         # Both parts went through this mask: the pre part was handed over as already through it.
-        return {x: Grad(x.shape, m2, spatial=Spatial(cov, rho), masked_by=x if act.slope == 0.0 else None)}
+        return {x: Grad(x.shape, m2, x.layout, Spatial(cov, rho), masked_by=x if act.slope == 0.0 else None)}
 
 
 def _identity_backward(act: Activation, x: Signal, grad: Grad) -> Grad:
@@ -378,8 +378,8 @@ def _identity_backward(act: Activation, x: Signal, grad: Grad) -> Grad:
     same_mask = a == 0.0 and x.activated is not None and x.activated.f.slope == 0.0
     spatial = Spatial(None if grad.spatial.cov is None else grad.spatial.cov * share, grad.spatial.rho)
     if same_mask:
-        return Grad(x.shape, torch.zeros_like(live), spatial=spatial, pre=live, masked_by=x)
-    return Grad(x.shape, live, spatial=spatial, masked_by=x if a == 0.0 else None)
+        return Grad(x.shape, torch.zeros_like(live), x.layout, spatial, pre=live, masked_by=x)
+    return Grad(x.shape, live, x.layout, spatial, masked_by=x if a == 0.0 else None)
 
 
 # -- which nodes are activations -------------------------------------------------------------------

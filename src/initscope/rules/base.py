@@ -170,6 +170,11 @@ class WeightRule(Rule):
     def backward_unit(self, ctx: Context, grad: Grad) -> Grad:
         raise NotImplementedError
 
+    def effective_var(self, ctx: Context, var: float) -> float:
+        """The weight variance the op computes with, given the planned one: the same, except for a
+        weight the forward pass rescales itself (weight standardization), which ignores it."""
+        return var
+
     def channels(self, ctx: Context) -> int:
         """Output channels with weights of their own (out_features for Linear)."""
         w = self.weight(ctx)
@@ -177,3 +182,12 @@ class WeightRule(Rule):
 
     def input_signal(self, ctx: Context) -> Signal:
         return ctx.args[0]
+
+
+def bind(args: tuple, kwargs: dict, names: tuple, defaults: dict) -> dict:
+    """An op's arguments by name: ``defaults``, then the positional ``args`` in the order of ``names``,
+    then ``kwargs`` (how a rule reads ``F.layer_norm(x, shape, weight=...)`` whichever way it was called)."""
+    out = dict(defaults)
+    out.update(dict(zip(names, args)))
+    out.update(kwargs)
+    return out

@@ -22,7 +22,7 @@ from initscope.geometry import Axis, prod
 from initscope.rules.base import Context, LayerGeometry, WeightRule
 from initscope.rules.registry import register_rule
 from initscope.stats.maps import apply_axes, apply_axes_t, tied_taps, tied_taps_t
-from initscope.stats.signal import Grad, Shared, Signal, Spatial, compact
+from initscope.stats.signal import CHANNELS_FIRST, Grad, Layout, Shared, Signal, Spatial, compact
 
 
 def _tuple(value, dims: int) -> tuple[int, ...]:
@@ -259,7 +259,17 @@ def linear_forward_unit(ctx: Context, x: Signal, in_features: int, out_features:
         return Signal.unit(out_shape)
     m = compact(x.m2, x.shape)
     m2 = in_features * m.mean(dim=-1, keepdim=True) if m.shape[-1] > 1 else in_features * m
-    return Signal(out_shape, m2, spatial=Spatial(rho=x.spatial.rho), shared=Shared(x.shared.xcorr))
+    return Signal(out_shape, m2, _linear_layout(x), spatial=Spatial(rho=x.spatial.rho), shared=Shared(x.shared.xcorr))
+
+
+def _linear_layout(x: Signal) -> Layout:
+    """A Linear mixes the last dim: on a token tensor ``(N, L, E)`` the tokens are its positions, and
+    so they stay (a layout that names the positions is kept)."""
+    if x.layout.spatial is not None:
+        return x.layout
+    if len(x.shape) == 3:
+        return Layout(-1, (1,))
+    return CHANNELS_FIRST
 
 
 def linear_backward_unit(ctx: Context, x: Signal, out_features: int, grad: Grad) -> Grad:
@@ -267,7 +277,9 @@ def linear_backward_unit(ctx: Context, x: Signal, out_features: int, grad: Grad)
         return Grad.unit(x.shape)
     g = compact(grad.total(), grad.shape)
     g = out_features * g.mean(dim=-1, keepdim=True) if g.shape[-1] > 1 else out_features * g
-    return Grad(x.shape, g)
+    # The same weights at every token: the tokens' gradient correlation carries over.
+    rho = grad.spatial.rho if x.layout.spatial is not None else 0.0
+    return Grad(x.shape, g, x.layout, Spatial(rho=rho))
 
 
 class _LinearBase(WeightRule):
@@ -301,3 +313,58 @@ class LinearFunction(_LinearBase, _FunctionalWeights):
 
     def bias(self, ctx: Context):
         return self.param(ctx, 2, "bias")
+
+
+class StandardizedConv(ConvModule):
+    r"""A conv whose forward standardizes its weight (timm's ``StdConv2d``, ``ScaledStdConv2d``).
+
+    Each output channel's weights are made zero-mean with unit variance (``StdConv2d``), or variance
+    ``(gain·γ)²/fan_in`` (``ScaledStdConv2d``, ``scale = γ/√fan_in``), before the conv, so the
+    planned std does not reach the output: the op computes with that fixed variance forward and
+    backward (:meth:`effective_var`). initscope still plans and writes the underlying parameter
+    (``weight``), which is what the model trains.
+    """
+
+    def forward_unit(self, ctx: Context, *args, **kwargs) -> Signal:
+        # Each output channel's standardized weights sum to zero over its fan-in, so what every tap of a
+        # window reads alike (the marginal's mean, after an activation) adds nothing to the output.
+        return conv_forward_unit(ctx, _centred(self.input_signal(ctx)), self.spec(ctx))
+
+    def effective_var(self, ctx: Context, var: float) -> float:
+        m = ctx.module
+        gain = getattr(m, "gain", None)
+        if gain is None:
+            return 1.0
+        g2 = float((gain.detach().to("cpu", torch.float64) ** 2).mean())
+        return g2 * float(m.scale) ** 2
+
+    def spec(self, ctx: Context) -> ConvSpec:
+        m = ctx.module
+        x = self.input_signal(ctx)
+        padding = m.padding
+        if getattr(m, "same_pad", False):
+            padding = "same"
+        return ctx.remember(ConvSpec, tuple(x.shape), lambda: ConvSpec.build(
+            x.shape, m.weight.shape, m.stride, padding, m.dilation, m.groups, m.padding_mode))
+
+
+def _centred(x: Signal) -> Signal:
+    r"""The statistics of ``x − E[x]`` when the marginal's mean is the same fraction f of every element's
+    root second moment (``mean_fraction``): ``m2 (1 − f²)``, ``f² √(m_p m_q)`` off the covariance, and the
+    shares (``rho``, ``xcorr``, ``pooled``) of the rest. For a zero-sum kernel (a standardized weight)
+    ``E[(Σ_k w_k x_k)²] = v (Σ_k E[x_k²] − E[(Σ_k x_k)²]/K)``, whose largest part is this."""
+    f2 = x.mean_fraction**2
+    if f2 <= 0 or x.const is not None:
+        return x
+    keep = 1.0 - f2
+
+    def share(r: float) -> float:
+        return min(max((r - f2) / keep, 0.0), 1.0)
+
+    cov = x.spatial.cov
+    if cov is not None:
+        s = x.channel_map().reshape(-1).sqrt()
+        cov = cov - f2 * torch.outer(s, s).reshape(cov.shape)
+    pooled = x.shared.pooled
+    return x.with_(m2=x.m2 * keep, spatial=Spatial(cov, share(x.spatial.rho)),
+                   shared=Shared(share(x.shared.xcorr), None if pooled is None else share(pooled)), dist=None)

@@ -15,6 +15,10 @@ from initscope.rules.passthrough import _signals, _swap
 from initscope.stats.signal import Grad, Signal, compact
 
 
+def _stand_in(s: Signal) -> torch.Tensor:
+    return s.const if s.const is not None else torch.empty(s.shape)
+
+
 class FallbackRule(Rule):
     def __init__(self, halve: bool = False) -> None:
         self.factor = 0.5 if halve else 1.0
@@ -22,8 +26,10 @@ class FallbackRule(Rule):
     def _run(self, ctx: Context, args, kwargs):
         node = ctx.node
         with FakeTensorMode(allow_non_fake_inputs=True):
-            fake_args = _swap(args, lambda s: torch.empty(s.shape))
-            fake_kwargs = _swap(kwargs, lambda s: torch.empty(s.shape))
+            # A constant goes in as itself (an index buffer must stay an integer tensor); a tensor as
+            # an empty one of its shape.
+            fake_args = _swap(args, _stand_in)
+            fake_kwargs = _swap(kwargs, _stand_in)
             if node.op == "call_module":
                 out = ctx.module(*fake_args, **fake_kwargs)
             elif node.op == "call_method":

@@ -130,7 +130,7 @@ def _grad_for(x: Signal, grad: Grad, factor: float) -> Grad:
     m2 = reduce_to(grad.total() * factor, grad.shape, x.shape)
     same = tuple(x.shape) == tuple(grad.shape)
     cov = grad.spatial.cov * factor if grad.spatial.cov is not None and same else None
-    return Grad(x.shape, m2, spatial=Spatial(cov, grad.spatial.rho if same else 0.0))
+    return Grad(x.shape, m2, x.layout, Spatial(cov, grad.spatial.rho if same else 0.0))
 
 
 class AddRule(Rule):
@@ -198,7 +198,7 @@ def _shortcut_grad(s: Signal, other: Any, other_factor: float, grad: Grad, out: 
         return None
     arrived = compact(grad.total(), s.shape) * own
     live = arrived * min(joint / passed, 1.0)
-    return Grad(s.shape, torch.zeros_like(live), spatial=Spatial(rho=grad.mean_corr()), pre=live, dead=arrived - live,
+    return Grad(s.shape, torch.zeros_like(live), s.layout, Spatial(rho=grad.mean_corr()), pre=live, dead=arrived - live,
                 scatter=grad.scatter)
 
 
@@ -411,7 +411,9 @@ def concat_signals(tensors: list[Signal], dim: int) -> Signal:
         # concatenate two ReLU outputs before its max pools; read as one non-Gaussian map, the pools'
         # outputs were predicted 1.0-1.5 bits high.
         activated = Activated(first.f, concat_signals([t.activated.pre for t in tensors], dim))
-    return Signal(shape, m2, tensors[0].layout, Spatial(cov, rho), Shared(xcorr, pooled), dist=dist,
+    # A constant block (a class token) has no layout of its own: the tensors' is the first computed one's.
+    layout = next((t.layout for t in tensors if t.const is None), tensors[0].layout)
+    return Signal(shape, m2, layout, Spatial(cov, rho), Shared(xcorr, pooled), dist=dist,
                   activated=activated, blocks=blocks)
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from initscope.rules.base import Context, Rule
+from initscope.rules.base import Context, Rule, bind
 from initscope.rules.merge import concat_signals
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE
@@ -61,7 +61,7 @@ class _Norm:
             # Equal parameters (the default γ = 1, β = 0) keep every map channel-uniform: one number
             # instead of a per-channel map that would make every later op C times larger.
             return (flat[0] ** 2).reshape((1,) * nd)
-        if self.kind == "layer":
+        if self.kind in ("layer", "rms"):
             return (p**2).reshape((1,) * (nd - p.ndim) + tuple(p.shape))
         return (p**2).reshape(1, -1, *(1,) * (nd - 2))
 
@@ -97,7 +97,7 @@ class _Norm:
         spatial = tuple(range(2, nd))
         if self.kind in ("batch", "instance"):
             return m.mean(dim=spatial, keepdim=True) if spatial else m
-        if self.kind == "layer":
+        if self.kind in ("layer", "rms"):
             return m.mean(dim=tuple(range(nd - self.normalized, nd)), keepdim=True)
         if m.shape[1] == 1:  # channel-uniform: a group's mean is the spatial mean
             return m.mean(dim=spatial, keepdim=True) if spatial else m
@@ -109,6 +109,13 @@ class _Norm:
 
     def removed(self, x: Signal) -> float:
         """Fraction of the second moment the subtracted mean carries."""
+        if self.kind == "rms":
+            return 0.0  # RMSNorm divides by the root mean square and subtracts nothing
+        if self.kind == "layer" and x.layout.spatial is not None:
+            # A LayerNorm over a token's channels subtracts the token's mean over channels. What the
+            # channels share there is the marginal's mean (after an activation), not the offsets a
+            # Linear gives each channel across samples (``xcorr``): those average out over channels.
+            return max(0.0, min(x.mean_fraction**2, 1.0 - 1e-9))
         if self.kind == "instance":
             return max(0.0, x.mean_corr()) if x.positions > 1 else 1.0
         share = x.shared.batch_mean if self.kind == "batch" else x.shared.xcorr
@@ -181,7 +188,7 @@ def _backward(ctx: Context, x: Signal, grad: Grad) -> Grad:
             cov = grad.spatial.cov * mean_of(scale)
         else:
             cov = matched_cov(grad.spatial.cov, m2, x.shape, x.layout)
-    return Grad(x.shape, m2, spatial=Spatial(cov, grad.mean_corr() if cov is None else 0.0))
+    return Grad(x.shape, m2, x.layout, Spatial(cov, grad.mean_corr() if cov is None else 0.0))
 
 
 class NormRule(Rule):
@@ -238,17 +245,10 @@ class LayerNormModule(NormRule):
         return _Norm("layer", x.shape, m.weight, m.bias, m.eps, normalized=len(m.normalized_shape))
 
 
-def _bind(args: tuple, kwargs: dict, names: tuple, defaults: dict) -> dict:
-    out = dict(defaults)
-    out.update(dict(zip(names, args)))
-    out.update(kwargs)
-    return out
-
-
 @register_rule(F.layer_norm)
 class LayerNormFunction(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+        p = bind(args, kwargs, ("normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
         shape = p["normalized_shape"]
         n = 1 if isinstance(shape, int) else len(shape)
         return _Norm("layer", x.shape, p["weight"], p["bias"], p["eps"], normalized=n)
@@ -257,7 +257,7 @@ class LayerNormFunction(NormRule):
 @register_rule(F.batch_norm)
 class BatchNormFunction(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+        p = bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
                   {"weight": None, "bias": None, "eps": 1e-5})
         return _Norm("batch", x.shape, p["weight"], p["bias"], p["eps"])
 
@@ -265,13 +265,35 @@ class BatchNormFunction(NormRule):
 @register_rule(F.group_norm)
 class GroupNormFunction(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+        p = bind(args, kwargs, ("num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
         return _Norm("group", x.shape, p["weight"], p["bias"], p["eps"], p["num_groups"])
 
 
 @register_rule(F.instance_norm)
 class InstanceNormFunction(NormRule):
     def norm(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
+        p = bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
                   {"weight": None, "bias": None, "eps": 1e-5})
         return _Norm("instance", x.shape, p["weight"], p["bias"], p["eps"])
+
+
+def _rms_eps(eps) -> float:
+    return float(torch.finfo(torch.float32).eps) if eps is None else float(eps)
+
+
+@register_rule(nn.RMSNorm)
+class RMSNormModule(NormRule):
+    """``nn.RMSNorm``: ``x / rms(x) · γ`` over the last dims; what comes in sets only the gradient's scale."""
+
+    def norm(self, ctx, x, *args, **kwargs):
+        m = ctx.module
+        return _Norm("rms", x.shape, m.weight, None, _rms_eps(m.eps), normalized=len(m.normalized_shape))
+
+
+@register_rule(F.rms_norm)
+class RMSNormFunction(NormRule):
+    def norm(self, ctx, x, *args, **kwargs):
+        p = bind(args, kwargs, ("normalized_shape", "weight", "eps"), {"weight": None, "eps": None})
+        shape = p["normalized_shape"]
+        n = 1 if isinstance(shape, int) else len(shape)
+        return _Norm("rms", x.shape, p["weight"], None, _rms_eps(p["eps"]), normalized=n)

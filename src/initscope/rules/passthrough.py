@@ -10,6 +10,7 @@ Dropout and stochastic depth are modelled as the module runs: the identity in ev
 training mode (where an initialization is used) the inverted scaling ``y = x m / (1 - p)`` with
 ``m ~ Bernoulli(1 - p)``, which keeps ``E[y] = E[x]`` but not the second moment (see
 :class:`DropoutRule`). Alpha dropout keeps mean and variance by construction and stays the identity.
+torchvision's stochastic depth and shape ops are registered by :mod:`initscope.rules.torchvision_layers`.
 """
 
 from __future__ import annotations
@@ -27,14 +28,7 @@ from torch import nn
 from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
-from initscope.stats.signal import Grad, Hidden, Shared, Signal, Spatial, compact, shrink
-
-try:  # torchvision is optional for the core
-    from torchvision.ops import stochastic_depth as _stochastic_depth
-    from torchvision.ops.misc import Permute as _TVPermute
-except ImportError:  # pragma: no cover
-    _stochastic_depth, _TVPermute = None, None
-
+from initscope.stats.signal import Grad, Hidden, Layout, Shared, Signal, Spatial, compact, shrink
 
 class IdentityRule(Rule):
     def homogeneous(self, ctx: Context) -> bool:
@@ -67,8 +61,6 @@ _DROPOUT_MODULES = {nn.Dropout: "element", nn.Dropout1d: "channel", nn.Dropout2d
                     nn.Dropout3d: "channel"}
 _DROPOUT_FUNCTIONS = {F.dropout: "element", F.dropout1d: "channel", F.dropout2d: "channel",
                       F.dropout3d: "channel"}
-if _stochastic_depth is not None:
-    _DROPOUT_FUNCTIONS[_stochastic_depth] = "row"
 
 
 def _arg(ctx: Context, index: int, name: str, default: Any) -> Any:
@@ -103,9 +95,6 @@ class DropoutRule(Rule):
             return 0.0, "element"
         if ctx.module is not None:
             return float(ctx.module.p), _DROPOUT_MODULES[type(ctx.module)]
-        if ctx.node.target is _stochastic_depth:
-            mode = _arg(ctx, 2, "mode", "row")
-            return float(_arg(ctx, 1, "p", 0.0)), mode
         return float(_arg(ctx, 1, "p", 0.5)), _DROPOUT_FUNCTIONS[ctx.node.target]
 
     def forward(self, ctx: Context, x, *args, **kwargs):
@@ -214,10 +203,30 @@ class ShapeRule(Rule):
         if consts:
             return _wrap_const(out)
         kept = None
-        if sum(s.const is None for s in sigs) == 1 and _hidden_of(x) is not None:
+        single = sum(s.const is None for s in sigs) == 1
+        tokens = _token_dim(x) if single else None
+        if tokens is not None:
+            # One position dim (the tokens of an (N, L, E) tensor, a Conv1d's length): followed through
+            # the op, so that the output knows its tokens (heads split off, transposes, unbind).
+            layouts = self._track_tokens(ctx, args, kwargs, x, tokens)
+            ctx.put(TrackedTokens(layouts))
+            return _with_layouts(_wrap(out, x, None), layouts, x)
+        if single and x.layout.spatial is None and _hidden_of(x) is not None:
             kept = self._keeps_positions(ctx, args, kwargs, x, _hidden_of(x).shape)
         ctx.put(KeptPositions(kept))
         return _wrap(out, x, kept)
+
+    def _track_tokens(self, ctx: Context, args, kwargs, x: Signal, dim: int) -> list[Layout | None]:
+        """Per output, the layout whose one position dim holds x's tokens (None: they were split up
+        or mixed with other dims)."""
+        length = int(x.shape[dim])
+        shape = [1] * len(x.shape)
+        shape[dim] = length
+        ids = torch.arange(length, dtype=DTYPE).reshape(shape).expand(x.shape).contiguous()
+        out = self.call(ctx, *_swap(args, lambda s: ids if s is x else _materialize(s)),
+                        **_swap(kwargs, lambda s: ids if s is x else _materialize(s)))
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        return [_token_layout_of(o, length) for o in outs]
 
     def _keeps_positions(self, ctx: Context, args, kwargs, x: Signal, spatial: torch.Size) -> list[bool]:
         """For each output of the op, whether every element keeps the spatial position (the last
@@ -235,6 +244,9 @@ class ShapeRule(Rule):
         if _picks_from_outputs(ctx, ctx.args):
             return {ctx.args[0][ctx.args[1]]: grad}
         sigs = [s for s in _signals(ctx.args) + _signals(ctx.kwargs) if s.const is None]
+        if not sigs:
+            # Only constants went in (a class token expanded over the batch): nothing to send back.
+            return {}
         primals = {s: _materialize(s).requires_grad_(True) for s in sigs}
         with torch.enable_grad():
             out = self.call(ctx, *_swap(ctx.args, lambda s: primals.get(s, _materialize(s))),
@@ -244,6 +256,9 @@ class ShapeRule(Rule):
             pairs = [(o, compact(g.total(), g.shape).expand(o.shape)) for o, g in zip(outs, grads) if g is not None]
             got = torch.autograd.grad([o for o, _ in pairs], list(primals.values()), [g for _, g in pairs],
                                       allow_unused=True)
+        tracked = ctx.get(TrackedTokens)
+        if tracked is not None:
+            return self._token_backward(ctx, grad, sigs, got, tracked)
         held = ctx.get(KeptPositions)
         kept = None if held is None else held.kept
         keep_cov = _keeps_layout(ctx, sigs[0]) if sigs and kept is None else False
@@ -259,6 +274,78 @@ class ShapeRule(Rule):
                 cov, rho = grad.spatial.cov, grad.spatial.rho
             result[s] = Grad(s.shape, g, spatial=Spatial(cov, rho, hidden))
         return result
+
+    def _token_backward(self, ctx: Context, grad, sigs: list, got: tuple, tracked: "TrackedTokens") -> dict:
+        """Gradients of a shape op on a token tensor: in the input's layout, with the token correlation
+        of the outputs that kept the tokens."""
+        rho = _token_grad_rho(grad, tracked.layouts) if all(lay is not None for lay in tracked.layouts) else 0.0
+        result = {}
+        for s, g in zip(sigs, got):
+            g = torch.zeros((), dtype=DTYPE) if g is None else shrink(g.detach())
+            result[s] = Grad(s.shape, g, s.layout, Spatial(rho=rho))
+        return result
+
+
+@dataclass(frozen=True)
+class TrackedTokens:
+    """Per output of a shape op on a token tensor, its layout (None where the tokens were mixed)."""
+
+    layouts: list
+
+
+def _token_dim(x: Signal) -> int | None:
+    """The one position dim of a tensor whose layout has a single one of size > 1 (tokens), else None."""
+    nd = len(x.shape)
+    if nd < 3:
+        return None
+    if x.layout.spatial is None:
+        dims = tuple(range(2, nd))
+    else:
+        dims = tuple(d % nd for d in x.layout.spatial)
+    if len(dims) != 1 or int(x.shape[dims[0]]) < 2:
+        return None
+    return dims[0]
+
+
+def _token_layout_of(o: Any, length: int) -> "Layout | None":
+    """The layout of a shape op's output ``o`` run on token numbers: its one dim along which they run
+    0..L-1 (every other dim constant), with the channel last (first when the tokens are last)."""
+    if not isinstance(o, torch.Tensor) or o.ndim < 2:
+        return None
+    varying = [d for d in range(o.ndim) if o.shape[d] > 1 and not torch.equal(o, o.narrow(d, 0, 1).expand_as(o))]
+    if len(varying) != 1 or o.shape[varying[0]] != length:
+        return None
+    d = varying[0]
+    line = o.movedim(d, -1).reshape(-1, length)[0]
+    if not torch.equal(line, torch.arange(length, dtype=line.dtype)):
+        return None
+    return Layout(-1 if d != o.ndim - 1 else 0, (d,))
+
+
+def _with_layouts(result: Any, layouts: list, x: Signal) -> Any:
+    """The op's output Signals with the tracked layouts and x's token correlation where tokens stay
+    tokens; the ``(N, C, *spatial)`` layout and no correlation where they were mixed."""
+    if isinstance(result, Signal):
+        lay = layouts[0] if layouts else None
+        if lay is None:
+            return result.with_(spatial=Spatial())
+        return result.with_(layout=lay, spatial=Spatial(rho=x.spatial.rho), shared=result.shared)
+    if isinstance(result, (tuple, list)):
+        return type(result)(_with_layouts(r, [layouts[i]] if i < len(layouts) else [], x)
+                            for i, r in enumerate(result))
+    return result
+
+
+def _token_grad_rho(grad, layouts: list) -> float:
+    """The tokens' gradient correlation, from the outputs that kept the tokens (weighted by size)."""
+    grads = list(grad) if isinstance(grad, (tuple, list)) else [grad]
+    num = den = 0.0
+    for g, lay in zip(grads, layouts):
+        if g is None or lay is None:
+            continue
+        w = g.mean_m2
+        num, den = num + g.spatial.rho * w, den + w
+    return num / den if den > 0 else 0.0
 
 
 def _keeps_layout(ctx: Context, x: Signal) -> bool:
@@ -350,13 +437,11 @@ def _wrap_const(out):
 _SHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                     torch.movedim, torch.narrow, torch.chunk, torch.split, torch.flip, torch.roll, torch.t,
                     F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle, operator.getitem,
-                    torch.unbind, torch.stack)
+                    torch.unbind, torch.stack, torch.swapaxes, torch.swapdims)
 _SHAPE_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "expand",
                   "expand_as", "narrow", "chunk", "split", "flip", "roll", "unflatten", "movedim", "t",
-                  "view_as", "reshape_as", "unbind", "__getitem__")
+                  "view_as", "reshape_as", "unbind", "__getitem__", "swapaxes", "swapdims")
 _SHAPE_MODULES = [nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle]
-if _TVPermute is not None:
-    _SHAPE_MODULES.append(_TVPermute)
 
 register_rule(*_SHAPE_FUNCTIONS, *_SHAPE_METHODS, *_SHAPE_MODULES)(ShapeRule)
 

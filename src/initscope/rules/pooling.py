@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from initscope.geometry import Windows, prod
-from initscope.rules.base import Context, Rule
+from initscope.rules.base import Context, Rule, bind
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.gaussian import max_conditional_mean, max_of_normals
 from initscope.stats.maps import apply_axes, apply_axes_t, diagonal, sandwich, sandwich_t
-from initscope.stats.signal import Grad, Shared, Signal, Spatial, compact, mean_corr_of, mean_of
+from initscope.stats.signal import (CHANNELS_FIRST, Grad, Layout, Shared, Signal, Spatial, compact, mean_corr_of,
+                                    mean_of, shrink)
 
 
 def _tuple(value, dims: int) -> tuple:
@@ -432,13 +433,6 @@ class AdaptiveMaxPoolModule(PoolRule):
         return adaptive_spec(x.shape[-d:], ctx.module.output_size)
 
 
-def _bind(args: tuple, kwargs: dict, names: tuple, defaults: dict) -> dict:
-    out = dict(defaults)
-    out.update(dict(zip(names, args)))
-    out.update(kwargs)
-    return out
-
-
 _MAX_FUNCS = (F.max_pool1d, F.max_pool2d, F.max_pool3d)
 _AVG_FUNCS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
 _ADAPTIVE_AVG = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
@@ -450,7 +444,7 @@ class MaxPoolFunction(PoolRule):
     kind = "max"
 
     def spec(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+        p = bind(args, kwargs, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
                   {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
         _check_indices(p["return_indices"], ctx.where)
         d = _MAX_FUNCS.index(ctx.node.target) + 1
@@ -460,7 +454,7 @@ class MaxPoolFunction(PoolRule):
 @register_rule(*_AVG_FUNCS)
 class AvgPoolFunction(PoolRule):
     def spec(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+        p = bind(args, kwargs, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
                   {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None})
         d = _AVG_FUNCS.index(ctx.node.target) + 1
         return sliding_spec(x.shape[-d:], p["kernel_size"], p["stride"], p["padding"], 1, p["ceil_mode"],
@@ -470,7 +464,7 @@ class AvgPoolFunction(PoolRule):
 @register_rule(*_ADAPTIVE_AVG)
 class AdaptiveAvgPoolFunction(PoolRule):
     def spec(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("output_size",), {})
+        p = bind(args, kwargs, ("output_size",), {})
         d = _ADAPTIVE_AVG.index(ctx.node.target) + 1
         return adaptive_spec(x.shape[-d:], p["output_size"])
 
@@ -480,7 +474,7 @@ class AdaptiveMaxPoolFunction(PoolRule):
     kind = "max"
 
     def spec(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("output_size", "return_indices"), {"return_indices": False})
+        p = bind(args, kwargs, ("output_size", "return_indices"), {"return_indices": False})
         _check_indices(p["return_indices"], ctx.where)
         d = _ADAPTIVE_MAX.index(ctx.node.target) + 1
         return adaptive_spec(x.shape[-d:], p["output_size"])
@@ -498,17 +492,15 @@ class MeanRule(PoolRule):
     """``x.mean(dims)`` over trailing spatial dims: a global average pool."""
 
     def forward(self, ctx, x, *args, **kwargs):
-        p = _bind(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
+        p = bind(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
         dims = p["dim"]
         dims = tuple(range(len(x.shape))) if dims is None else ((dims,) if isinstance(dims, int) else tuple(dims))
         nd = len(x.shape)
         dims = tuple(sorted(d % nd for d in dims))
         k = len(dims)
-        if k == 0 or dims != tuple(range(nd - k, nd)) or dims[0] < 2:
-            raise ValueError(
-                f"mean over dims {dims} of a tensor of shape {tuple(x.shape)} at {ctx.where!r}: "
-                "initscope models means over trailing spatial dims (global average pooling) only"
-            )
+        if k == 0 or dims != tuple(range(nd - k, nd)) or dims[0] < 2 or x.layout.spatial is not None:
+            # Not a global pool over an (N, C, *spatial) map: the mean over any dims (tokens, heads).
+            return reduce_forward(ctx, x, dims, bool(p["keepdim"]), mean=True)
         spec = adaptive_spec(x.shape[-k:], (1,) * k)
         ctx.put(MeanDims(spec, bool(p["keepdim"])))
         out = avg_forward(ctx, x, spec)
@@ -522,6 +514,8 @@ class MeanRule(PoolRule):
 
     def backward(self, ctx, grad):
         x = ctx.args[0]
+        if ctx.get(Reduced) is not None:
+            return {x: reduce_backward(ctx, x, grad)}
         dims = ctx.get(MeanDims)
         spec = dims.spec
         k = len(spec.windows)
@@ -532,5 +526,90 @@ class MeanRule(PoolRule):
         return {x: avg_backward(ctx, x, spec, grad)}
 
 
+@dataclass(frozen=True)
+class Reduced:
+    """What a sum or mean over dims leaves its backward."""
+
+    dims: tuple[int, ...]
+    keepdim: bool
+    mean: bool
+
+
+def _along(x: Signal, dim: int) -> float:
+    """The correlation of two elements along ``dim``: the positions' ``rho``, else the shared share."""
+    nd = len(x.shape)
+    positions = tuple(range(2, nd)) if x.layout.spatial is None else tuple(d % nd for d in x.layout.spatial)
+    if dim in positions:
+        return x.mean_corr() if x.layout.spatial is None else x.spatial.rho
+    return x.shared.xcorr
+
+
+def reduce_forward(ctx, x: Signal, dims: tuple[int, ...], keepdim: bool, mean: bool) -> Signal:
+    r"""``x.sum(dims)`` or ``x.mean(dims)`` over any dims: ``E[(Σ_k x_k)²] = Σ_k E[x_k²] (1 + (K − 1) c)``
+    per reduced dim, c the correlation along it (``rho`` for the layout's positions, the shared share
+    ``xcorr`` for channels and other dims: a resnest's radix splits, a ViT's token mean); a mean
+    divides by K²."""
+    ctx.put(Reduced(dims, keepdim, mean))
+    m = compact(x.m2, x.shape).expand(x.shape)
+    factor = 1.0
+    for d in dims:
+        k = int(x.shape[d])
+        c = min(max(_along(x, d), -1.0 / max(k - 1, 1)), 1.0)
+        factor *= (1.0 + (k - 1) * c) / (k if mean else 1.0)
+    m2 = m.sum(dim=dims, keepdim=keepdim) * factor
+    shape = torch.Size(m2.shape)
+    nd = len(x.shape)
+    layout = x.layout
+    rho = x.spatial.rho
+    if layout.spatial is not None:
+        positions = tuple(d % nd for d in layout.spatial)
+        if any(d in dims for d in positions):
+            layout, rho = CHANNELS_FIRST, 0.0
+        elif not keepdim:
+            shift = lambda d: d - sum(1 for r in dims if r < d)  # noqa: E731
+            channel = layout.channel_dim(nd)
+            layout = Layout(-1 if channel == nd - 1 else shift(channel), tuple(shift(d) for d in positions))
+    elif not keepdim or any(d >= 2 for d in dims):
+        layout, rho = CHANNELS_FIRST, 0.0
+    total = float(m2.mean()) if m2.numel() else 0.0
+    xcorr = min(1.0, x.shared.xcorr * x.mean_m2 * factor * (math.prod(int(x.shape[d]) for d in dims)) / total) \
+        if total > 0 else 0.0
+    return Signal(shape, shrink(m2), layout, Spatial(rho=rho), Shared(xcorr))
+
+
+def reduce_backward(ctx, x: Signal, grad: Grad) -> Grad:
+    held = ctx.get(Reduced)
+    g = compact(grad.total(), grad.shape)
+    if not held.keepdim:
+        for d in sorted(held.dims):
+            g = g.unsqueeze(d)
+    scale = 1.0
+    for d in held.dims:
+        k = int(x.shape[d])
+        scale *= 1.0 / (k * k) if held.mean else 1.0
+    # Every element of a reduced slice gets the same gradient: perfectly correlated along it.
+    nd = len(x.shape)
+    positions = tuple(range(2, nd)) if x.layout.spatial is None else tuple(d % nd for d in x.layout.spatial)
+    rho = 1.0 if any(d in held.dims for d in positions) else (grad.spatial.rho if x.layout.spatial is not None else 0.0)
+    return Grad(x.shape, shrink(g * scale), x.layout, Spatial(rho=rho))
+
+
+class SumRule(Rule):
+    """``x.sum(dims)`` (``torch.sum``): see :func:`reduce_forward`."""
+
+    def forward(self, ctx, x, *args, **kwargs):
+        p = bind(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
+        nd = len(x.shape)
+        dims = p["dim"]
+        dims = tuple(range(nd)) if dims is None else ((dims,) if isinstance(dims, int) else tuple(dims))
+        return reduce_forward(ctx, x, tuple(sorted(d % nd for d in dims)), bool(p["keepdim"]), mean=False)
+
+    def backward(self, ctx, grad):
+        x = ctx.args[0]
+        return {x: reduce_backward(ctx, x, grad)}
+
+
+register_rule("sum")(SumRule)
+register_rule(torch.sum)(type("TorchSumRule", (SumRule,), {}))
 register_rule("mean")(MeanRule)
 register_rule(torch.mean)(type("TorchMeanRule", (MeanRule,), {}))

@@ -462,9 +462,13 @@ class Signal(_Positions):
 
     @staticmethod
     def constant(value: Tensor) -> "Signal":
-        v = value.detach().to("cpu", DTYPE)
+        """A graph constant. Integer and boolean constants (an index buffer, a mask) keep their dtype, so
+        that ops run on them (indexing, ``masked_fill``) do what they do on the model's tensors."""
+        v = value.detach().to("cpu")
+        if v.is_floating_point() or v.is_complex():
+            v = v.to(DTYPE)
         shape = torch.Size(v.shape)
-        return Signal(shape, v**2, const=v)
+        return Signal(shape, v.to(DTYPE) ** 2, const=v)
 
     @_once
     def mean_m2(self) -> float:
