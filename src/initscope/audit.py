@@ -33,6 +33,7 @@ import torch.fx as fx
 from torch import nn
 
 from initscope.errors import InitscopeError
+from initscope.graph.branches import Ancestry
 from initscope.methods.base import METHODS, Layer, Method
 from initscope.plan import unwrap_model
 from initscope.rules.registry import is_weight_module
@@ -177,13 +178,7 @@ def _branch_ends(model: nn.Module, notes: list[str]) -> tuple[set[str], set[str]
         return set(), set(), 0
     modules = dict(model.named_modules())
     nodes = list(graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
-    anc: dict[fx.Node, int] = {}
-    for n in nodes:
-        mask = 0
-        for a in n.all_input_nodes:
-            mask |= anc[a] | (1 << index[a])
-        anc[n] = mask
+    ancestry = Ancestry.of(nodes)
 
     def weight(n: fx.Node) -> str | None:
         if n.op == "call_module" and is_weight_module(modules.get(str(n.target))):
@@ -197,15 +192,10 @@ def _branch_ends(model: nn.Module, notes: list[str]) -> tuple[set[str], set[str]
         inputs = [a for a in add.args[:2] if isinstance(a, fx.Node)]
         if len(inputs) != 2:
             continue
-        full = [anc[a] | (1 << index[a]) for a in inputs]
-        common = full[0] & full[1]
-        if not common:
+        forked = ancestry.sides(*inputs)
+        if forked is None:
             continue
-        fork = 1 << (common.bit_length() - 1)
-        sides = []
-        for mask in full:
-            members = [n for n in nodes if (mask >> index[n]) & 1 and anc[n] & fork]
-            sides.append([weight(n) for n in members if weight(n)])
+        sides = [[weight(n) for n in members if weight(n)] for members in forked[1]]
         for i, side in enumerate(sides):
             other = sides[1 - i]
             # The branch is the side with more weight layers; an identity or projection shortcut has fewer.

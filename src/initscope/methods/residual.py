@@ -27,6 +27,7 @@ from numbers import Number
 
 import torch.fx as fx
 
+from initscope.graph.branches import Ancestry
 from initscope.graph.propagate import Pass, Resolved, ResidualHook
 from initscope.options import POLICIES  # noqa: F401  (the policies this module implements)
 from initscope.rules.activation import ElementwiseRule
@@ -55,17 +56,6 @@ class ResidualAdd:
     branches: list[Branch] = field(default_factory=list)
 
 
-def _ancestors(nodes: list[fx.Node]) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
-    index = {n: i for i, n in enumerate(nodes)}
-    anc: dict[fx.Node, int] = {}
-    for n in nodes:
-        mask = 0
-        for inp in n.all_input_nodes:
-            mask |= anc[inp] | (1 << index[inp])
-        anc[n] = mask
-    return index, anc
-
-
 def _tensor_input(n: fx.Node, values: dict) -> bool:
     v = values.get(n)
     return isinstance(v, Signal) and v.const is None
@@ -74,7 +64,7 @@ def _tensor_input(n: fx.Node, values: dict) -> bool:
 def find_residual_adds(resolved: Resolved, probe: Pass) -> list[ResidualAdd]:
     """The residual adds of a graph (``probe`` is any forward pass, for which inputs are tensors)."""
     nodes = resolved.traced.nodes
-    index, anc = _ancestors(nodes)
+    ancestry = Ancestry.of(nodes)
     found = []
     for node in nodes:
         rule = resolved.rules.get(node)
@@ -83,15 +73,10 @@ def find_residual_adds(resolved: Resolved, probe: Pass) -> list[ResidualAdd]:
         inputs = [a for a in node.args[:2] if isinstance(a, fx.Node) and _tensor_input(a, probe.values)]
         if len(inputs) != 2 or inputs[0] is inputs[1]:
             continue
-        full = [anc[a] | (1 << index[a]) for a in inputs]
-        common = full[0] & full[1]
-        if not common:
+        forked = ancestry.sides(*inputs)
+        if forked is None:
             continue
-        fork = nodes[common.bit_length() - 1]
-        fork_bit = 1 << index[fork]
-        members = []
-        for a, mask in zip(inputs, full):
-            members.append([n for n in nodes if (mask >> index[n]) & 1 and anc[n] & fork_bit])
+        fork, members = forked
         weights = [[n for n in m if resolved.is_weight(n)] for m in members]
         identity = [i for i in range(2) if not weights[i]]
         if len(identity) == 2:
@@ -103,7 +88,7 @@ def find_residual_adds(resolved: Resolved, probe: Pass) -> list[ResidualAdd]:
                 continue
             knob, kind, reason = _knob(inputs[i], fork, resolved, probe)
             branch_weights = set(weights[i])
-            starts = [w for w in weights[i] if not any((anc[w] >> index[o]) & 1 for o in branch_weights if o is not w)]
+            starts = [w for w in weights[i] if not any(ancestry.below(w, o) for o in branch_weights if o is not w)]
             ra.branches.append(Branch(inputs[i], knob, kind, starts, reason, list(weights[i])))
         found.append(ra)
     return found
