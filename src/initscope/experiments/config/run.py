@@ -215,6 +215,8 @@ class RunConfig:
 
 
 RUN_SCHEMA = Schema(RunConfig)
+# A field's other spellings in a sweep's [grid] and [select] ("lr" for the learning rate), to its name.
+ALIASES = {alias: name for name in RUN_SCHEMA.names() for alias in RUN_SCHEMA.setting(name).aliases}
 
 
 def _default_json(name: str) -> Any:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from initscope.errors import ConfigError
-from initscope.experiments.config.run import RUN_SCHEMA, RunConfig
+from initscope.experiments.config.run import ALIASES, RUN_SCHEMA, RunConfig
 
 SELECT_BY = ("best validation accuracy",)
 SELECT_KEYS = ("axis", "by", "seeds")
@@ -64,8 +64,6 @@ class Select:
             if key not in d:
                 raise ConfigError(f"select: needs {key} (e.g. axis = \"lr\", seeds = [0, 1, 2])")
         axis, by = d["axis"], d.get("by", SELECT_BY[0])
-        from initscope.experiments.config.sweep import ALIASES
-
         axis = ALIASES.get(axis, axis) if isinstance(axis, str) else axis
         if axis == "seed":
             raise ConfigError("select: axis cannot be the seed: the seeds are what runs after the choice")

@@ -42,13 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from initscope.errors import ConfigError
-from initscope.experiments.config.run import RUN_SCHEMA, RunConfig
+from initscope.experiments.config.run import ALIASES, RUN_SCHEMA, RunConfig
 from initscope.experiments.config.select import Select
 
 # The grid's usual axes, in the order runs are listed (seed first: one complete pass over every other
 # axis before the next seed, so an interrupted sweep already fills every table cell once).
 AXES = ("seed", "data", "model", "method", "optimizer", "lr")
-ALIASES = {alias: name for name in RUN_SCHEMA.names() for alias in RUN_SCHEMA.setting(name).aliases}
 TOP_KEYS = ("name", "db", "out", "grid", "run", "select")
 # The methods a sweep compares when none are named: the five of the papers.
 PAPER_METHODS = ("xavier", "kaiming-forward", "kaiming-backward", "asv-forward", "asv-backward")
