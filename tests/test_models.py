@@ -10,6 +10,7 @@ from initscope.models import create, create_model, list_models, register_model
 
 OWN = ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "plain34", "plain50", "resnet110", "resnet18",
        "resnet18-nobn", "resnet20", "resnet34", "resnet50", "resnet56"]
+BEYOND_CNN = ["unet_like", "vit_tiny_like"]  # their own arguments (tests/test_attention.py)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,7 +21,9 @@ def _weights(model):
 
 
 def test_listing():
-    assert list_models() == OWN
+    assert list_models() == sorted(OWN + BEYOND_CNN)
+    assert create("vit_tiny_like", depth=2)(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    assert create("unet_like", width=8)(torch.randn(2, 3, 32, 32)).shape == (2, 3, 32, 32)
     assert list_models("resnet*") == ["resnet110", "resnet18", "resnet18-nobn", "resnet20", "resnet34", "resnet50",
                                       "resnet56"]
     assert create is create_model

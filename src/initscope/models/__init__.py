@@ -6,7 +6,8 @@ models (:func:`list_models`): the poster's plain nets ``plain34`` and ``plain50`
 ``in_channels``, ``num_classes``, ``norm="none"`` for the BatchNorm-free variant and ``head="paper"`` for
 the second paper's 256-unit head); ``mobilenet_v1`` (ours); ``resnet18-nobn`` (= ``resnet18(norm="none")``);
 the CIFAR-style ``resnet20``, ``resnet56``, ``resnet110`` (:mod:`initscope.models.cifar`, with
-``fixup_scalars=True`` for Fixup's scalar biases and multipliers).
+``fixup_scalars=True`` for Fixup's scalar biases and multipliers); ``vit_tiny_like`` and ``unet_like``
+(:mod:`initscope.models.vit`, :mod:`initscope.models.unet`: a small pre-norm ViT and an encoder–decoder).
 Any other torchvision classification model name (``densenet121``) is built by torchvision with random
 weights (nothing is downloaded), and ``"mypkg.nets:build"`` calls ``build(**kw)``.
 See docs/experiments-models.md.
@@ -22,6 +23,8 @@ from torch import nn
 
 from initscope.models.cifar import resnet20, resnet56, resnet110
 from initscope.models.plain import plain34, plain50
+from initscope.models.unet import unet_like
+from initscope.models.vit import vit_tiny_like
 from initscope.models.zoo import mobilenet_v1, mobilenet_v2, mobilenet_v3_small, resnet18, resnet34, resnet50
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -45,7 +48,7 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 for _name, _fn in [("plain34", plain34), ("plain50", plain50), ("resnet18", resnet18), ("resnet34", resnet34),
                    ("resnet50", resnet50), ("mobilenet_v1", mobilenet_v1), ("mobilenet_v2", mobilenet_v2),
                    ("mobilenet_v3_small", mobilenet_v3_small), ("resnet20", resnet20), ("resnet56", resnet56),
-                   ("resnet110", resnet110)]:
+                   ("resnet110", resnet110), ("vit_tiny_like", vit_tiny_like), ("unet_like", unet_like)]:
     register_model(_name)(_fn)
 
 
@@ -126,4 +129,4 @@ create = create_model
 
 __all__ = ["create", "create_model", "is_registered", "list_models", "mobilenet_v1", "mobilenet_v2",
            "mobilenet_v3_small", "plain34", "plain50", "register_model", "resnet18", "resnet18_nobn",
-           "resnet20", "resnet34", "resnet50", "resnet56", "resnet110"]
+           "resnet20", "resnet34", "resnet50", "resnet56", "resnet110", "unet_like", "vit_tiny_like"]
