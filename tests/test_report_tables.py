@@ -188,6 +188,12 @@ def test_where_restricts_the_tables(db, tmp_path):
     assert "Only the runs with optimizer in adam; lr in 0.001" in md and "14 runs in the database" in md
     with pytest.raises(ValueError, match="where: unknown key 'optimiser'; valid: .*optimizer"):
         rp.write_report(db, tmp_path / "w2", where={"optimiser": ["adam"]})
+    # a filter that keeps nothing (a typo, a sweep not run yet) is refused, naming what there is
+    with pytest.raises(ValueError, match="no run has optimizer in adma; the runs have optimizer: .*adam"):
+        rp.write_report(db, tmp_path / "w3", where={"optimizer": ["adma"]})
+    with pytest.raises(ValueError, match="no run has lr in 0.5; the runs the filters before it kept have lr: "):
+        rp.write_report(db, tmp_path / "w4", where={"optimizer": ["adam"], "lr": ["0.5"]})
+    assert not (tmp_path / "w3").exists()
 
 
 def test_probe_frames_become_figures(tmp_path):

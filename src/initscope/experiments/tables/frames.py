@@ -147,7 +147,7 @@ def varying_keys(runs: pd.DataFrame) -> list[str]:
 def select_runs(runs: pd.DataFrame, where: Mapping[str, Sequence[Any]]) -> pd.DataFrame:
     """The runs whose config matches ``where`` (key -> accepted values, compared as text)."""
     keys = [c[4:] for c in runs.columns if c.startswith("cfg_")]
-    for key, values in where.items():
+    for i, (key, values) in enumerate(where.items()):
         if key not in keys:
             raise ValueError(f"where: unknown key {key!r}; valid: {', '.join(keys)}")
         accepted = {str(v) for v in values}
@@ -155,7 +155,13 @@ def select_runs(runs: pd.DataFrame, where: Mapping[str, Sequence[Any]]) -> pd.Da
         # 1e-3 and 0.001 are one learning rate: compare numbers as numbers where both sides are
         nums = pd.to_numeric(col, errors="coerce")
         num_accepted = {float(v) for v in accepted if _is_number(v)}
-        runs = runs[col.astype(str).isin(accepted) | nums.isin(num_accepted)]
+        kept = runs[col.astype(str).isin(accepted) | nums.isin(num_accepted)]
+        if kept.empty and not runs.empty:
+            # An empty report is never what was asked for: most often a typo or a sweep not run yet.
+            present = sorted(col.astype(str).unique())
+            raise ValueError(f"where: no run has {key} in {', '.join(sorted(accepted))}; the runs"
+                             f"{' the filters before it kept' if i else ''} have {key}: {', '.join(present)}")
+        runs = kept
     return runs
 
 
