@@ -416,3 +416,43 @@ def test_the_page_says_what_was_run(tmp_path):
                  "at most 30 epochs", "after 5 epochs without a better one", "2 of 2 runs stopped early (epochs 12-12",
                  "seeds: 0, 1", "device: cpu (2 runs); torch threads per run: 1", "CPU time: 2.00 h over 2 runs"):
         assert text in md, text
+
+
+def test_accuracy_against_depth(tmp_path):
+    # Issue 15's depth question: one line per method against the nets' weight layers, at each test_at epoch.
+    path = tmp_path / "depth.db"
+
+    def acc(model, method, epoch, seed):
+        return 0.2 + (0.3 if method == "fixup" else 0.0) + (0.1 if model == "resnet20" else 0.0) + 0.1 * epoch + 0.01 * seed
+
+    keys = list(itertools.product(("resnet20", "resnet56"), ("fixup", "kaiming-forward"), SEEDS))
+    with Store(path) as s:
+        s.add_sweep("d", "depth", {"grid": {}, "run": {}}, [rid(*k) for k in keys])
+        for model, method, seed in keys:
+            config = {"data": "A", "model": model, "method": method, "optimizer": "adam", "lr": 1e-3, "seed": seed,
+                      "epochs": 2, "width": 16, "norm": "none", "test_at": [1, 2], "device": "auto"}
+            s.claim(rid(model, method, seed), config)
+            history = [{"epoch": e, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5,
+                        "lr": 1e-3, "seconds": 1.0, "test_accuracy": acc(model, method, e, seed), "test_loss": 1.0}
+                       for e in (1, 2)]
+            s.finish(SimpleNamespace(run_id=rid(model, method, seed), status="finished", history=history, best_epoch=2,
+                                     test={m: 0.5 for m in rp.METRICS}, diverged_epoch=None, error=None,
+                                     checkpoint=None))
+    table = rp.papers.depth_table(rp.load_runs(path), rp.load_epochs(path))
+    assert sorted(table["depth"].unique()) == [20, 56]  # the CIFAR ResNets' 6n + 2 weight layers
+    cell = table[(table["method"] == "fixup") & (table["model"] == "resnet56") & (table["epoch"] == 2)].iloc[0]
+    values = [100 * acc("resnet56", "fixup", 2, s) for s in SEEDS]
+    assert cell["mean"] == pytest.approx(statistics.mean(values)) and cell["n"] == 3
+    assert cell["low"] < cell["mean"] < cell["high"]
+    rep = rp.write_report(path, tmp_path / "r")
+    assert (tmp_path / "r" / "figures" / "accuracy_vs_depth.png").exists()
+    assert "accuracy_vs_depth.png" in (tmp_path / "r" / "report.md").read_text()
+
+    from initscope.plotting.depth_accuracy import plot_accuracy_vs_depth
+
+    fig = plot_accuracy_vs_depth(table)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["after epoch 1", "after epoch 2"]
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["20", "56"] and axes[0].get_xscale() == "log"
+    assert len(axes[1].get_legend().get_texts()) == 2
+    assert rep.figures

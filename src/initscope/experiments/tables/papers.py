@@ -593,3 +593,39 @@ def build_tables(runs: pd.DataFrame, epochs: pd.DataFrame | None = None,
                             "split takes no part in the choice.", t, ", ".join(_group_columns(t)) or "group",
                             headers, grid, labels))
     return tables
+
+
+def weight_layers(config: Mapping[str, Any]) -> int:
+    """How many weight layers (convs and linears, the papers' "depth") the model of a run's config has:
+    built once with random weights on a 3-channel, 10-class input (neither changes the count)."""
+    from initscope.experiments.config.run import RunConfig
+    from initscope.experiments.training.loop import build_model
+    from initscope.rules.registry import is_weight_module
+
+    # Only the model's fields matter; the data source need not be readable where the report is written.
+    model = build_model(RunConfig.from_dict({**config, "data": "synthetic", "data_root": None}), 3, 10)
+    return sum(1 for m in model.modules() if is_weight_module(m))
+
+
+def depth_table(runs: pd.DataFrame, epochs: pd.DataFrame, *,
+                selections: Sequence[Mapping[str, Any]] | None = None) -> pd.DataFrame:
+    """Test accuracy (%) against depth, one row per (method, model, epoch): ``depth`` (weight layers),
+    ``epoch`` (each ``test_at`` epoch, or ``"best"``: the best-validation checkpoint where no run has
+    ``test_at``), and :class:`Stat`'s mean, sd, n and interval over the seeds. Empty unless the runs span
+    at least two depths."""
+    counted = _table_runs(runs, selections)
+    if counted.empty or counted["cfg_model"].nunique() < 2:
+        return pd.DataFrame()
+    depth = {model: weight_layers(group["config"].iloc[0]) for model, group in counted.groupby("cfg_model")}
+    if len(set(depth.values())) < 2:
+        return pd.DataFrame()
+    at = test_at_epochs(epochs)
+    scores = ([(e, epochs.loc[epochs["epoch"] == e].set_index("run_id")["test_accuracy"]) for e in at] if at
+              else [("best", counted.set_index("run_id")["test_accuracy"])])
+    rows = []
+    for epoch, score in scores:
+        for (method, model), group in counted.groupby(["cfg_method", "cfg_model"], sort=False):
+            st = Stat.of(100 * score.reindex(group["run_id"]).to_numpy(dtype=float))
+            rows.append({"method": method, "model": model, "depth": depth[model], "epoch": epoch, "mean": st.mean,
+                         "std": st.std, "n": st.n, "low": st.low, "high": st.high})
+    return pd.DataFrame(rows).sort_values(["epoch", "method", "depth"], key=lambda c: c.astype(str), kind="stable")

@@ -356,6 +356,7 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
             png = fig_dir / f"curves_{_slug(name)}.png"
             plot_training_curves(frame, path=png, title=f"{name} (mean over {n} seed{'s' if n != 1 else ''})")
             report.figures.append((f"Training curves: {name}; training dashed, validation solid.", png))
+        report.figures.extend(_write_depth_figure(runs, epochs, load_selections(db), fig_dir))
         report.figures.extend(_write_probe_figures(runs, fig_dir))
         report.files.extend(p for _, p in report.figures)
 
@@ -364,6 +365,19 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
     atomic_write_text(out_dir / "report.html", _render_html(report, heading))
     report.files[:0] = [out_dir / "report.md", out_dir / "report.html"]
     return report
+
+
+def _write_depth_figure(runs: pd.DataFrame, epochs: pd.DataFrame, selections, fig_dir: Path) -> list[tuple[str, Path]]:
+    from initscope.experiments.tables.papers import depth_table
+    from initscope.plotting.depth_accuracy import plot_accuracy_vs_depth
+
+    table = depth_table(runs, epochs, selections=selections)
+    if table.empty:
+        return []
+    png = fig_dir / "accuracy_vs_depth.png"
+    plot_accuracy_vs_depth(table, path=png)
+    return [("Test accuracy (%) against depth (weight layers), mean over seeds with the 95 % t interval of the "
+             "mean as error bars.", png)]
 
 
 def _write_probe_figures(runs: pd.DataFrame, fig_dir: Path) -> list[tuple[str, Path]]:
