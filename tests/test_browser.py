@@ -1,89 +1,126 @@
-"""The report opened in a real browser (headless Chromium): every figure loads, with a non-zero size,
-and nothing but the page itself is fetched.
+"""The pages opened in a real browser (headless Chromium, driven by Playwright): every figure is drawn with no
+console error, every panel holds marks, hovering a mark names its layer (or run), tables sort, and the page asks
+for nothing but itself. Screenshots of each page and figure go to the test's folder (``tmp_path``).
 
-The check runs on a copy of index.html with one inline script appended: after the window's load
-event it writes, for each <img>, ``complete``, ``naturalWidth/Height`` and the laid-out size into
-a <pre>, together with every resource the page requested; ``--dump-dom`` prints the DOM after load.
-The report itself carries no script.
+Skipped, saying why, where Playwright or a Chromium is missing (see :mod:`pages`); deselect with
+``-m 'not browser'``.
 """
 
-import json
-import os
-import re
-import shutil
-import subprocess
+from __future__ import annotations
 
 import pytest
+from pages import PANEL_MARKS, chromium_path, hover, open_page, sweep_report
 from probe_frames import shared_report
 
-BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-BROWSER = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
-pytestmark = pytest.mark.skipif(
-    BROWSER is None,
-    reason="no Chromium binary on PATH (looked for chromium, chromium-browser, google-chrome); "
-           "`apt-get install -y chromium` installs it",
-)
-
-CHECK = """<script>
-window.addEventListener("load", function () {
-  var images = Array.from(document.images).map(function (im) {
-    var box = im.getBoundingClientRect();
-    return {alt: im.alt, complete: im.complete, naturalWidth: im.naturalWidth, naturalHeight: im.naturalHeight,
-            width: box.width, height: box.height};
-  });
-  var fetched = performance.getEntriesByType("resource").map(function (r) { return r.name; });
-  var pre = document.createElement("pre");
-  pre.id = "initscope-check";
-  pre.textContent = JSON.stringify({images: images, fetched: fetched, title: document.title});
-  document.body.appendChild(pre);
-});
-</script>"""
-
-
-def open_in_browser(page_path, tmp_path):
-    """Load ``page_path`` (a file:// URL) in headless Chromium; return what the check script saw."""
-    env = dict(os.environ, HOME=str(tmp_path))  # a throwaway profile, nothing written to the real home
-    cmd = [BROWSER, "--headless=new", "--disable-gpu", "--no-sandbox", "--no-first-run",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-           "--window-size=1400,1000", "--dump-dom", page_path.as_uri()]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    found = re.search(r'<pre id="initscope-check">(.*?)</pre>', done.stdout, re.S)
-    assert found, f"the check script left no result (exit {done.returncode}); stderr tail:\n{done.stderr[-2000:]}"
-    text = found.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
-    return json.loads(text)
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def report():
-    return shared_report()  # made by initscope.compare.compare on a small CNN, shared with test_report
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+    executable = chromium_path()
+    with sync_api.sync_playwright() as p:
+        if executable is None:
+            try:
+                executable = p.chromium.executable_path  # Playwright's own, if `playwright install` put one there
+            except Exception:  # noqa: BLE001 - no browser of its own: skip below
+                executable = None
+            from pathlib import Path
+
+            if not executable or not Path(executable).exists():
+                pytest.skip("no Chromium found (looked at $INITSCOPE_CHROMIUM, chromium, chromium-browser, "
+                            "google-chrome on the PATH, Playwright's own); `apt-get install -y chromium` installs one")
+        b = p.chromium.launch(executable_path=executable)
+        yield b
+        b.close()
 
 
-def test_every_figure_loads_in_chromium(report, tmp_path):
-    page = report.index.read_text(encoding="utf-8")
-    assert "<script" not in page
-    checked = tmp_path / "index-check.html"
-    checked.write_text(page.replace("</body>", CHECK + "</body>"), encoding="utf-8")
-    seen = open_in_browser(checked, tmp_path)
-    assert seen["title"].startswith("initscope")
-    assert len(seen["images"]) == len(report.figures) > 0
-    for im in seen["images"]:
-        assert im["complete"], im["alt"]
-        assert im["naturalWidth"] > 0 and im["naturalHeight"] > 0, im
-        assert im["width"] > 0 and im["height"] > 0, im
-    # the PNGs as written: their pixel sizes are what the browser decoded
+def screenshots(opened, folder, name):
+    """The whole page, and each interactive figure on its own, as PNGs in ``folder``."""
+    page = opened.page
+    page.mouse.move(0, 0)  # no hover box in the pictures
+    page.screenshot(path=folder / f"{name}.png", full_page=True)
+    for fig_id in page.eval_on_selector_all("figure.interactive", "els => els.map(e => e.id)"):
+        page.locator(f"#{fig_id}").screenshot(path=folder / f"{name}-{fig_id}.png")
+    return sorted(p.name for p in folder.glob(f"{name}*.png"))
+
+
+def assert_clean(opened, path):
+    assert opened.errors == []
+    assert opened.requests == [path.resolve().as_uri()]  # nothing fetched: not a script, a font, an image
+    assert opened.page.evaluate("document.documentElement.dataset.figures") == "drawn"
+
+
+def test_compare_page_in_chromium(browser, tmp_path):
+    report = shared_report()  # tiny_cnn, xavier / kaiming-forward / asv-backward, shared with test_report
+    opened = open_page(browser, report.index)
+    page = opened.page
+    assert_clean(opened, report.index)
+
+    # every panel of every figure holds marks: the depth plot's two, the boxes' three, a histogram per method
+    marks = page.evaluate(PANEL_MARKS)
+    assert sorted(marks) == ["fig-boxes", "fig-depth", "fig-histograms_activation", "fig-histograms_output_grad"]
+    assert [len(marks[f]) for f in ("fig-depth", "fig-boxes", "fig-histograms_activation")] == [2, 3, 3]
+    assert all(n > 0 for per in marks.values() for n in per.values()), marks
+
+    # hover: a layer's name and its numbers
+    layers = [layer.name for layer in report.plans["xavier"].layers]
+    text = hover(opened, "fig-depth", "measured-forward", 1)
+    assert f"{layers[1]} · weight layer 1" in text and "measured" in text and "log2 ratio" in text
+    text = hover(opened, "fig-boxes", "box")
+    assert f"{layers[0]} · #" in text and "median" in text
+
+    # the histograms: another layer chosen from the list redraws every method's panel for it
+    fig = page.locator("#fig-histograms_activation")
+    options = fig.locator("select option").all_text_contents()
+    fig.locator("select").select_option(index=0)
+    page.wait_for_function("document.querySelector('#fig-histograms_activation .gtitle').textContent.endsWith("
+                           f"{options[0].split(': ', 1)[1]!r})")
+    assert all(n > 0 for n in page.evaluate(PANEL_MARKS)["fig-histograms_activation"].values())
+    first = options[0].split(": ", 1)[1]
+    assert first in hover(opened, "fig-histograms_activation", "hist|kaiming-forward", 3)
+
+    # a table sorts by a click on its head: the check table's forward ratio, ascending
+    table = page.locator("#check details").first.locator("table")
+    table.locator("th", has_text="ratio").first.click()
+    ratios = [float(t) for t in table.locator("tbody tr td:nth-child(6)").all_text_contents()]
+    assert ratios == sorted(ratios) and len(ratios) == len(layers)
+
+    # the static figures (closed by default) decoded at the PNGs' own sizes
     from initscope.compare.html import png_size
 
-    sizes = [png_size(png.read_bytes()) for png, _ in report.figures.values()]
-    assert [(im["naturalWidth"], im["naturalHeight"]) for im in seen["images"]] == sizes
-    assert [u for u in seen["fetched"] if not u.startswith("data:")] == []
+    sizes = page.evaluate("Array.from(document.images).map(im => [im.complete, im.naturalWidth, im.naturalHeight])")
+    assert sizes == [[True, *png_size(png.read_bytes())] for png, _svg in report.figures.values()]
+
+    shots = screenshots(opened, tmp_path, "compare")
+    assert "compare.png" in shots and len(shots) == 1 + len(marks)
+    assert opened.errors == []
 
 
-def test_a_broken_image_is_caught(report, tmp_path):
-    # The check must be able to fail: a page whose figure is not a decodable PNG.
-    page = report.index.read_text(encoding="utf-8")
-    broken = re.sub(r'src="data:image/png;base64,[^"]{40}', 'src="data:image/png;base64,AAAA', page, count=1)
-    checked = tmp_path / "broken.html"
-    checked.write_text(broken.replace("</body>", CHECK + "</body>"), encoding="utf-8")
-    seen = open_in_browser(checked, tmp_path)
-    assert seen["images"][0]["naturalWidth"] == 0
-    assert all(im["naturalWidth"] > 0 for im in seen["images"][1:])
+def test_sweep_report_page_in_chromium(browser, tmp_path):
+    rep = sweep_report(tmp_path)
+    index = rep.out_dir / "report.html"
+    opened = open_page(browser, index)
+    page = opened.page
+    assert_clean(opened, index)
+
+    marks = page.evaluate(PANEL_MARKS)
+    assert len(marks) == 4  # the curves, the probe's depth plot and its two histograms
+    assert all(per and all(n > 0 for n in per.values()) for per in marks.values()), marks
+
+    # the curves: a point names its run, split and epoch, the accuracy in %
+    text = hover(opened, "fig-0", "accuracy|val|xavier", 1)
+    assert "xavier" in text and "validation" in text and "epoch 2" in text and "%" in text
+    # the probe's depth plot: a layer's name; its backward predictions scaled to the measured output gradient
+    text = hover(opened, "fig-1", "measured-backward", 2)
+    assert "features.4 · weight layer 2" in text
+    assert "× E[g²] measured at the output" in page.locator("#fig-1").text_content()
+
+    # the tables sort
+    table = page.locator("table.sortable").nth(1)
+    table.locator("thead th").nth(1).click()
+    assert table.locator("thead th").nth(1).get_attribute("aria-sort") == "ascending"
+
+    shots = screenshots(opened, tmp_path, "report")
+    assert "report.png" in shots and len(shots) == 5
+    assert opened.errors == []

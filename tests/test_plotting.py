@@ -228,7 +228,8 @@ def test_curves_are_the_history(tmp_path):
                 [(on, line)] = by_gid(fig, metric)[f"{split}|{label}"]
                 assert on is ax and line.get_linestyle() == style
                 assert list(line.get_xdata()) == list(run["epoch"])
-                assert np.allclose(line.get_ydata(), run[f"{split}_{metric}"])
+                # accuracy in %, as the report's tables give it
+                assert np.allclose(line.get_ydata(), run[f"{split}_{metric}"] * (100 if metric == "accuracy" else 1))
     assert (tmp_path / "curves.png").exists() and (tmp_path / "curves.svg").exists()
 
 
@@ -278,3 +279,172 @@ def test_depth_plot_draws_the_band_a_measurement_may_stay_in():
     assert {c.get_gid() for c in bands} == {"band-forward|kaiming-forward", "band-backward|kaiming-forward"}
     # Deep in the net the band is wider than the fixed factor of 2 the flags used to have.
     assert frame.loc[frame["quantity"] == "output", "flag_out_bits"].max() > 1.0
+
+
+# -- readable figures (issue 16, item 5) ---------------------------------------------------------------------
+
+QUANTILES = ["q01", "q05", "q25", "q50", "q75", "q95", "q99"]
+
+
+def vanishing_frame(n_layers=8):
+    """Two methods on one net: Kaiming's activations stay near 1, Xavier's halve per layer from 1e-5 down to
+    ~1e-7 (its weights are 1e-2 of Kaiming's): the vanishing signal of a deep plain net under Xavier."""
+    frame = make_frame(methods=("xavier", "kaiming-forward"), n_layers=n_layers)
+    for li in range(n_layers):
+        rows = (frame["method"] == "xavier") & (frame["index"] == li)
+        frame.loc[rows & (frame["quantity"] == "activation"), QUANTILES] *= 1e-5 * 0.5 ** li
+        frame.loc[rows & (frame["quantity"] == "weight"), QUANTILES] *= 1e-2
+    return frame
+
+
+def pixel_heights(ax, drawn):
+    """Each drawn box's height on screen, in pixels (the figure's dpi)."""
+    to_px = ax.transData.transform
+    return {key: abs(to_px((0, q75))[1] - to_px((0, q25))[1]) for key, (q25, _m, q75, *_rest) in drawn.items()}
+
+
+def rendered(fig):
+    """``fig`` drawn on an Agg canvas (figures are made without one); its renderer, for text extents."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def text_boxes(fig, texts):
+    renderer = fig.canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in texts if t.get_visible() and t.get_text()]
+
+
+def overlapping(boxes):
+    return [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+
+
+def test_boxes_of_a_vanishing_signal_are_boxes_on_a_log_axis():
+    # Xavier's 1e-7 activations beside Kaiming's ~1: on a linear axis they were flat lines at zero.
+    frame = vanishing_frame()
+    fig = plot_boxes(frame, quantities=("weight", "activation"))
+    for ax in fig.axes[:2]:
+        assert ax.get_yscale() == "symlog", ax.get_title()
+        assert "symmetric log scale" in ax.get_title(loc="left")
+        heights = pixel_heights(ax, drawn_boxes(ax, layer_names(8)))
+        assert len(heights) >= 2 * 7
+        assert min(heights.values()) >= 2.0, min(heights.items(), key=lambda kv: kv[1])
+    # a panel whose boxes are of one size stays linear
+    assert plot_boxes(make_frame(n_layers=4), quantities=("weight",)).axes[0].get_yscale() == "linear"
+
+
+def test_symlog_tick_labels_do_not_crowd_near_zero():
+    frame = vanishing_frame()
+    fig = plot_boxes(frame, quantities=("activation", "weight"), yscale="symlog")
+    rendered(fig)
+    for ax in fig.axes[:2]:
+        lo, hi = ax.get_ylim()
+        labels = [t for t, v in zip(ax.get_yticklabels(), ax.get_yticks()) if lo <= v <= hi]
+        assert not overlapping(text_boxes(fig, labels)), [t.get_text() for t in labels]
+        assert "0" in [t.get_text() for t in labels] and len(labels) >= 3
+        assert all(t.get_fontsize() >= 7 for t in labels)
+
+
+@pytest.mark.parametrize("n_layers", [60, 150])
+def test_box_layer_names_stay_readable_on_a_deep_net(n_layers):
+    # Long names on a deep net: every named tick 8 pt, none on another, none cut by the figure's edge; past what
+    # fits, one layer in k is named and the title says so
+    from initscope.plotting.common import MIN_FONT
+
+    frame = make_frame(methods=("xavier", "kaiming-forward", "asv-backward"), n_layers=n_layers, bins=4)
+    long = {n: f"features.{i}.block.conv_pw.{n}" for i, n in enumerate(layer_names(n_layers))}
+    frame["layer"] = frame["layer"].map(long)
+    fig = plot_boxes(frame)
+    rendered(fig)
+    page = fig.bbox
+    for ax in fig.axes[:3]:
+        labels = [t for t in ax.get_xticklabels() if t.get_text()]
+        assert len(labels) == n_layers if n_layers == 60 else 40 <= len(labels) < n_layers
+        assert min(t.get_fontsize() for t in labels) >= MIN_FONT
+        boxes = text_boxes(fig, labels)
+        assert not overlapping(boxes)
+        assert all(b.x0 >= page.x0 and b.x1 <= page.x1 and b.y0 >= page.y0 for b in boxes)
+        assert all(len(t.get_text()) <= 24 for t in labels)
+    assert ("one layer in" in fig._suptitle.get_text()) == (n_layers == 150)
+    # the labels of one panel end above the next panel's title
+    for upper, lower in zip(fig.axes[:2], fig.axes[1:3]):
+        lowest = min(b.y0 for b in text_boxes(fig, upper.get_xticklabels()))
+        assert lowest > lower._left_title.get_window_extent(fig.canvas.get_renderer()).y1
+
+
+def test_curves_accuracy_is_in_percent():
+    h = history()
+    fig = plot_training_curves(h)
+    assert "%" in fig.axes[0].get_title()
+    [(_, line)] = by_gid(fig, "accuracy")["val|xavier"]
+    assert np.allclose(line.get_ydata(), 100 * h[h["label"] == "xavier"]["val_accuracy"])
+
+
+def test_curves_epochs_are_whole_numbers():
+    fig = plot_training_curves(history())
+    acc, loss = fig.axes[:2]
+    rendered(fig)
+    for ax in (acc, loss):
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_a_one_epoch_run_is_points_the_legend_tells_apart():
+    # One epoch: no line to see, so each split is a marker of its own shape, and the legend shows the markers
+    one = history().groupby("label", sort=False).head(1)
+    fig = plot_training_curves(one)
+    markers = {}
+    for key, [(_, line)] in by_gid(fig, "accuracy").items():
+        split = key.split("|")[0]
+        assert line.get_marker() not in (None, "None", "", " ")
+        markers.setdefault(split, set()).add(line.get_marker())
+    assert len(markers["val"]) == len(markers["train"]) == 1 and markers["val"] != markers["train"]
+    legend = fig.legends[0]
+    entries = dict(zip([t.get_text() for t in legend.get_texts()], legend.legend_handles))
+    assert {entries["validation"].get_marker(), entries["training"].get_marker()} == markers["val"] | markers["train"]
+    rendered(fig)
+    acc = fig.axes[0]
+    lo, hi = acc.get_xlim()
+    assert lo < 1 - 0.4 and hi > 1 + 0.4  # the point away from the frame's edges
+    assert [t for t in acc.get_xticks() if lo <= t <= hi] == [1]
+
+
+def test_histogram_text_is_readable(frame):
+    from matplotlib.text import Text
+
+    from initscope.plotting.common import MIN_FONT
+
+    for quantity in ("activation", "output_grad"):
+        fig = plot_histograms(frame, quantity)
+        rendered(fig)
+        small = {t.get_text(): t.get_fontsize() for t in fig.findobj(Text)
+                 if t.get_visible() and t.get_text() and t.get_fontsize() < MIN_FONT}
+        assert not small
+
+
+def test_depth_predictions_scaled_to_the_measured_output_gradient():
+    # Issue 16, item 4: a training probe's loss (cross-entropy) sends back a gradient decades below the unit
+    # gradient the plans predict for; output_grad="measured" multiplies the predictions by E[g²] at the output.
+    frame = make_frame(methods=("xavier", "asv-backward"), n_layers=5)
+    head = {"xavier": 3e-5, "asv-backward": 2e-4}
+    for method, g2 in head.items():
+        rows = (frame["method"] == method) & (frame["layer"] == "fc") & (frame["quantity"] == "output_grad")
+        frame.loc[rows, "second_moment"] = g2
+    unit = plot_depth(frame)
+    scaled = plot_depth(frame, output_grad="measured")
+    for method, g2 in head.items():
+        pred = [row(frame, method, n, "output")["pred_in_grad_var"] for n in layer_names(5)]
+        [(_, line)] = by_gid(unit, "predicted-backward")[method]
+        assert np.allclose(line.get_ydata(), pred)
+        [(_, line)] = by_gid(scaled, "predicted-backward")[method]
+        assert np.allclose(line.get_ydata(), np.array(pred) * g2)
+        # the forward panel is not touched
+        [(_, fwd)] = by_gid(scaled, "predicted-forward")[method]
+        assert np.allclose(fwd.get_ydata(), [row(frame, method, n, "output")["pred_out_var"] for n in layer_names(5)])
+    title = scaled.axes[1].get_title()
+    assert "× E[g²] measured at the output" in title and "measured at the output" not in unit.axes[1].get_title()
+    with pytest.raises(ValueError, match="output_grad='cross-entropy'.*'measured'"):
+        plot_depth(frame, output_grad="cross-entropy")

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from pages import outside_scripts, specs
 from probe_frames import SHARED_METHODS, make_frame, shared_report, tiny_cnn
 from typer.testing import CliRunner
 
@@ -91,11 +92,21 @@ def test_same_seed_same_draws_for_every_method(report):
 # -- the page --------------------------------------------------------------------------------------
 
 def test_page_is_self_contained(report):
+    from initscope.plotting import web
+
     page = report.index.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>")
-    for forbidden in ("http://", "https://", "<link", "<script", "url(", "@import", "src=\"file:"):
-        assert forbidden not in page, forbidden
-    srcs = imgs(page)
+    markup = outside_scripts(page)
+    for forbidden in ("http://", "https://", "<link", "url(", "@import", "src=\"file:"):
+        assert forbidden not in markup, forbidden
+    # Scripts are inline: plotly.js (the installed package's own copy), the page's script, the figures' JSON;
+    # none is fetched (the browser test checks that the page asks for nothing but itself).
+    attributes = re.findall(r"<script\b([^>]*)>", page)
+    assert attributes.count("") == 2 and all(a.startswith(' type="application/json" id="fig-') for a in attributes
+                                             if a), attributes
+    assert web.plotly_js().replace("</script", "<\\/script") in page
+    assert [s["layout"]["title"]["text"] != "" for s in specs(page)] == [True] * 4
+    srcs = imgs(markup)
     assert len(srcs) == len(report.figures)
     for src, (png, _svg) in zip(srcs, report.figures.values()):
         assert src.startswith("data:image/png;base64,")
@@ -308,7 +319,9 @@ def test_html_in_a_folder_path_is_text_on_the_compare_page(tmp_path):
     assert "<script>alert(1)</script>" in str(root)
     r = compare(tiny_cnn, "xavier", input_shape=(3, 8, 8), batch=4, data=f"folder:{root}", out_dir=tmp_path / "out")
     page = r.index.read_text(encoding="utf-8")
-    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    # the page's own scripts are its only script elements; the path is text in the markup and in the figures' JSON
+    assert "<script>alert(1)" not in page and "alert(1)</script>" not in page
+    assert "<script" not in outside_scripts(page) and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
 def test_compare_flags_by_the_plans_spread_and_averages_draws(tmp_path):

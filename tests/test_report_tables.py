@@ -2,11 +2,14 @@
 
 import itertools
 import math
+import re
 import statistics
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+
+from pages import outside_scripts, specs, strings
 
 from initscope.experiments import tables as rp
 from initscope.experiments.tables.results import _probe_frames
@@ -120,8 +123,11 @@ def test_test_metrics_table_matches_direct_computation(db):
     assert list(table.columns[:4]) == ["data", "optimizer", "model", "method"]
     for r in table.to_dict("records"):
         for m in rp.METRICS:
+            # accuracy, precision, recall and F1 in %, as the accuracy tables and the curves give them (issue 16,
+            # item 5); the loss as recorded
+            scale = 1.0 if m == "loss" else 100.0
             mean, std, _ = expected_cell(["data", "optimizer", "method"], [r["data"], r["optimizer"], r["method"]],
-                                         lambda d, me, o, lr, s, m=m: test_metric(d, me, o, lr, s, m))
+                                         lambda d, me, o, lr, s, m=m: scale * test_metric(d, me, o, lr, s, m))
             assert r[f"{m}_mean"] == pytest.approx(mean, abs=1e-12)
             assert r[f"{m}_std"] == pytest.approx(std, abs=1e-12)
 
@@ -145,10 +151,17 @@ def test_written_report(db, tmp_path):
     assert "1 of the sweeps' runs not started yet" in md
     assert "RuntimeError: out of memory" in md and "RuntimeError: out of memory" in page
     assert "method: asv-backward, xavier" in md
-    # curves: one figure per (data, optimizer, lr) group, embedded in the page
+    # curves: one figure per (data, optimizer, lr) group, embedded in the page: interactive, and its PNG as the
+    # static copy
     assert len(rep.figures) == 8 and all(p.is_file() for _, p in rep.figures)
-    assert page.count("data:image/png;base64,") == 8
+    markup = outside_scripts(page)
+    assert markup.count('src="data:image/png;base64,') == 8 and len(specs(page)) == 8
     assert "src=\"figures/" not in page  # self-contained
+    # the Glorot/He table in %, its header saying so, as the accuracy table's cells are
+    metrics = rep.table("table_model_method_test")
+    assert metrics.headers[:4] == ["Acc. (%)", "Pre. (%)", "Rec. (%)", "F1 (%)"] and metrics.headers[4] == "Loss"
+    acc = metrics.data["accuracy_mean"]
+    assert acc.between(30, 100).all() and f"{acc.iloc[0]:.2f}" in md
 
 
 def test_diverged_runs_count_with_what_they_reached(tmp_path):
@@ -196,16 +209,27 @@ def test_where_restricts_the_tables(db, tmp_path):
     assert not (tmp_path / "w3").exists()
 
 
-def test_probe_frames_become_figures(tmp_path):
+HEAD_GRAD = {"xavier": 2e-5, "asv-backward": 3e-4}  # E[g²] at the logits of a cross-entropy loss: far below 1
+
+
+def test_probe_frames_become_figures(tmp_path, monkeypatch):
     from probe_frames import make_frame
 
+    import initscope.plotting
+
+    drawn = []  # the depth figures the report draws, to read back
+    real = initscope.plotting.plot_depth
+    monkeypatch.setattr(initscope.plotting, "plot_depth", lambda *a, **kw: drawn.append(real(*a, **kw)) or drawn[-1])
     db = tmp_path / "p.db"
+    frames = {}
     with Store(db) as s:
         for method in ("xavier", "asv-backward"):
             key = ("A", method, "adam", 1e-3, 0)
             run_dir = tmp_path / "runs" / rid(*key)
             run_dir.mkdir(parents=True)
             init = make_frame(methods=(method,)).drop(columns=["method"]).assign(step=0)
+            init.loc[(init["layer"] == "fc") & (init["quantity"] == "output_grad"), "second_moment"] = HEAD_GRAD[method]
+            frames[method] = init
             later = init.assign(step=50, layer="later." + init["layer"])  # a second probe, after training
             pd.concat([init, later]).to_parquet(run_dir / "probe.parquet")
             s.claim(rid(*key), cfg(*key))
@@ -220,7 +244,23 @@ def test_probe_frames_become_figures(tmp_path):
     probes = [p for _, p in rep.figures if p.name.startswith("probe_")]
     assert sorted(p.name.split("_")[1] for p in probes) == ["activation", "depth", "gradient"]
     assert all(p.is_file() for p in probes)
-    assert (tmp_path / "out" / "report.html").read_text().count("data:image/png;base64,") == 4
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert outside_scripts(page).count('src="data:image/png;base64,') == 4
+    assert len(specs(page)) == 4  # the curves and the three probe figures, interactive too
+    # Issue 16, item 4: the probes were taken with the training loss, so the backward predictions (made for a unit
+    # gradient at the output) are drawn times E[g²] measured at the output, in the PNG and on the page, and the
+    # panel says so.
+    (fig,) = drawn
+    (depth,) = [sp for sp in specs(page) if any(t.get("meta") == "predicted-backward" for t in sp["data"])]
+    for method, g2 in HEAD_GRAD.items():
+        f = frames[method]
+        pred = f.loc[(f["quantity"] == "output") & f["kind"].isin(["conv2d", "linear"]), "pred_in_grad_var"].to_numpy()
+        (line,) = [a for ax in fig.axes for a in ax.get_lines() if a.get_gid() == f"predicted-backward|{method}"]
+        assert line.get_ydata() == pytest.approx(pred * g2)
+        (trace,) = [t for t in depth["data"] if t.get("meta") == "predicted-backward" and t["legendgroup"] == method]
+        assert trace["y"] == pytest.approx(list(pred * g2))
+    assert "× E[g²] measured at the output" in fig.axes[1].get_title()
+    assert any("× E[g²] measured at the output" in a["text"] for a in depth["layout"]["annotations"])
 
 
 def test_only_failed_runs(tmp_path):
@@ -230,8 +270,59 @@ def test_only_failed_runs(tmp_path):
         s.fail("a", "Traceback (most recent call last):\nValueError: bad")
     rep = rp.write_report(db, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
-    assert md.count("No finished or diverged runs yet.") == 2 and "1 run in the database: 0 finished" in md
+    page = (tmp_path / "out" / "report.html").read_text()
+    # said once, not under the heading of every table that has no value (issue 16, item 5)
+    assert md.count("No finished or diverged runs yet.") == 1 and "1 run in the database: 0 finished" in md
+    assert page.count("No finished or diverged runs yet.") == 1 and "<h2>Table" not in page and "## Table" not in md
     assert "`a`: ValueError: bad" in md and not rep.figures
+    assert "plotly.js v" not in page  # no figure: no plotly.js either
+
+
+def test_a_table_of_dashes_is_no_section(tmp_path):
+    # Issue 16, item 5: runs that recorded no test metrics gave the Glorot/He table (and the accuracy table) as
+    # sections of "–" cells. A table with no value is left off the pages; its CSV is still written.
+    db = tmp_path / "n.db"
+    with Store(db) as s:
+        for i, method in enumerate(("xavier", "kaiming-forward")):
+            s.claim(f"r{i}", cfg("A", method, "sgd", 1e-2, 0))
+            s.finish(SimpleNamespace(run_id=f"r{i}", status="finished", history=[
+                {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5}],
+                best_epoch=1, test={}, diverged_epoch=None, error=None, checkpoint=None))
+    rep = rp.write_report(db, tmp_path / "out", figures=False)
+    md = (tmp_path / "out" / "report.md").read_text()
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Table 1 (Glorot/He paper)" not in md and "Table 1 (Glorot/He paper)" not in page
+    assert "Test accuracy (%)" not in md and "| – |" not in md and "<td>–</td>" not in page
+    assert [t.has_values for t in rep.tables] == [False, False]
+    assert "No table has a value: the runs recorded no test metrics" in md
+    assert (tmp_path / "out" / "table_model_method_test.csv").is_file()
+
+
+def test_a_glorot_he_page_has_its_own_table_only(tmp_path):
+    # Issue 16, item 5: on a grid of models × methods (the Glorot/He paper's), the poster-form pivot repeated the
+    # Glorot/He table's accuracy column cell for cell. The pages show the Glorot/He table; the pivot's CSV stays.
+    db = tmp_path / "gh.db"
+    with Store(db) as s:
+        grid = itertools.product(("mobilenet_v2", "resnet18"), ("xavier", "kaiming-forward"))
+        for i, (model, method) in enumerate(grid):
+            s.claim(f"r{i}", {**cfg("A", method, "sgd", 1e-2, 0), "model": model})
+            s.finish(SimpleNamespace(run_id=f"r{i}", status="finished", history=[
+                {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5}],
+                best_epoch=1, test={m: 0.4 + 0.1 * i for m in rp.METRICS}, diverged_epoch=None, error=None,
+                checkpoint=None))
+    rep = rp.write_report(db, tmp_path / "out", figures=False)
+    md = (tmp_path / "out" / "report.md").read_text()
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert [t.key for t in rep.tables] == ["table_model_method", "table_model_method_test"]
+    for text in (md, page):
+        assert "Table 1 (Glorot/He paper)" in text and "Test accuracy (%) by model" not in text
+    assert "| resnet18, kaiming-forward (n=1) | ≈ 70.00 |" in md
+    assert (tmp_path / "out" / "table_model_method.csv").is_file()
+    # one model (the poster's grids): the pivot is the poster's table, shown beside the Glorot/He one
+    one = rp.write_report(db, tmp_path / "one", figures=False, where={"model": ["resnet18"]})
+    md = (tmp_path / "one" / "report.md").read_text()
+    assert [t.key for t in one.tables] == ["table1_dataset_method", "table_model_method_test"]
+    assert "## Test accuracy (%) by " in md and "## Table 1 (Glorot/He paper)" in md
 
 
 # -- user-supplied text in every output format (issue 14, item 9) -----------------------------------------
@@ -265,9 +356,15 @@ def test_html_and_markdown_in_titles_names_and_paths_are_text_in_every_format(tm
     assert r.exit_code == 0, r.output
     md = (tmp_path / "rep" / "report.md").read_text()
     page = (tmp_path / "rep" / "report.html").read_text()
-    assert "<script>" not in md and "<script>" not in page
+    # The page's own scripts (plotly.js, its drawing script, the figures' JSON) are the only script elements;
+    # the user's text is escaped in the markup and inside the figures' JSON alike.
+    assert "<script>" not in md and XSS not in page and "alert(1)</script>" not in page
+    markup = outside_scripts(page)
+    assert "<script" not in markup
     assert "[a](javascript" not in md and "\\[a\\](javascript:x)" in md  # no link: its brackets escaped
-    assert "href=" not in page
+    assert all(href.startswith("figures/") for href in re.findall(r'href="([^"]*)"', markup))
+    texts = [t for spec in specs(page) for t in strings(spec) if "alert(1)" in t]
+    assert texts and all("<script>" not in t and "&lt;script&gt;" in t for t in texts)
     assert f"# Results {md_text(XSS)}" in md  # the title, escaped, still readable
     assert md_code(f"{XSS} `tick`") in md  # the sweep name as literal code
     assert md_text(data) in md  # the folder path, in the summary and the tables
@@ -456,3 +553,16 @@ def test_accuracy_against_depth(tmp_path):
     assert [t.get_text() for t in axes[0].get_xticklabels()] == ["20", "56"] and axes[0].get_xscale() == "log"
     assert len(axes[1].get_legend().get_texts()) == 2
     assert rep.figures
+
+
+def test_accuracy_against_depth_on_the_page(tmp_path):
+    from initscope.plotting import web
+
+    table = pd.DataFrame([{"method": m, "model": f"resnet{d}", "depth": d, "epoch": e, "mean": 50.0 + d / 10,
+                           "std": 1.0, "n": 3, "low": 48.0 + d / 10, "high": 52.0 + d / 10}
+                          for m in ("fixup", "kaiming-forward") for d in (20, 56, 110) for e in (1, 5)])
+    spec = web.depth_accuracy_figure(table)
+    assert len(spec["data"]) == 4 and spec["layout"]["xaxis"]["type"] == "log"
+    trace = spec["data"][0]
+    assert trace["x"] == [20, 56, 110] and trace["error_y"]["array"] == pytest.approx([2.0, 2.0, 2.0])
+    assert "weight layers" in trace["hovertemplate"] and trace["customdata"][0][0] == "resnet20"

@@ -1,7 +1,9 @@
 """The comparison report as one self-contained HTML page.
 
-Everything the page shows is inside the file: figures as base64 PNG ``data:`` URLs, the style sheet
-inline, no script, no font or link to fetch. It opens from a USB stick on a machine with no network.
+Everything the page shows is inside the file: the interactive figures (:mod:`initscope.plotting.web`:
+plotly.js and the page's own short script inline, the numbers as JSON), the static PNG figures as base64
+``data:`` URLs (under "Static figures"), the style sheet; no font, script or link to fetch. It opens
+from a USB stick on a machine with no network. Tables sort by any column (a click on its head).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import pandas as pd
+
+from initscope.plotting import web
 
 
 _STYLE = """
@@ -29,7 +33,8 @@ figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; border
 figcaption { color: #555; font-size: .92em; max-width: 80em; }
 details { margin: .4em 0; } summary { cursor: pointer; font-weight: 600; }
 .note { color: #555; max-width: 80em; } .scroll { overflow-x: auto; }
-"""
+details.static figure img { max-width: 100%; }
+""" + web.STYLE
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,18 @@ def png_size(png: bytes) -> tuple[int, int]:
 def page_figure(title: str, caption: str, png: bytes) -> PageFigure:
     width, height = png_size(png)
     return PageFigure(title, caption, png, width, height)
+
+
+@dataclass(frozen=True)
+class InteractiveFigure:
+    """One interactive figure of the page: its name (the element's id), title, caption, the Plotly spec
+    (:mod:`initscope.plotting.web`) and links to its static copies ((text, relative path) pairs)."""
+
+    name: str
+    title: str
+    caption: str
+    spec: dict
+    links: tuple[tuple[str, str], ...] = ()
 
 
 def _e(value) -> str:
@@ -97,7 +114,7 @@ def check_table(frame: pd.DataFrame, method: str) -> str:
     first = weight_layers.sort_values("index", kind="stable").drop_duplicates("layer")
     head = ("#", "layer", "kind", "pred E[u²]", "meas E[u²]", "ratio", "pred E[g²]", "meas E[g²]", "ratio",
             "non-finite", "flag")
-    out = ['<div class="scroll"><table class="check"><thead><tr>']
+    out = ['<div class="scroll"><table class="check sortable"><thead><tr>']
     out += [f'<th class="name">{h}</th>' if h in ("layer", "kind") else f"<th>{h}</th>" for h in head]
     out.append("</tr></thead><tbody>")
     for r in first.to_dict("records"):
@@ -133,7 +150,7 @@ def summary_rows(frame: pd.DataFrame, methods: Sequence[str]) -> list[dict]:
 
 
 def plan_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    out = ['<div class="scroll"><table class="plan"><thead><tr>']
+    out = ['<div class="scroll"><table class="plan sortable"><thead><tr>']
     out += [f'<th class="name">{_e(c)}</th>' if i < 2 else f"<th>{_e(c)}</th>" for i, c in enumerate(columns)]
     out.append("</tr></thead><tbody>")
     for r in rows:
@@ -149,6 +166,7 @@ def render_page(
     plans: Mapping[str, tuple[Sequence[str], Sequence[Sequence[str]], Sequence[str]]],
     figures: Sequence[PageFigure],
     notes: Sequence[str] = (),
+    interactive: Sequence[InteractiveFigure] = (),
 ) -> str:
     """The whole page as a string.
 
@@ -156,8 +174,10 @@ def render_page(
         meta: the "what was run" header, label -> value, shown in order.
         frame: the concatenated probe table (with a ``method`` column).
         plans: method -> (column titles, rows of strings, notes) of its plan table.
-        figures: embedded in order, as base64 PNG.
+        figures: the static figures, embedded in order as base64 PNG under "Static figures".
         notes: paragraphs under the header (how the loss was made, what a flag means).
+        interactive: the interactive figures, in order, under "Figures" (with plotly.js inline; without
+            any, the page carries only its short script for sorting tables).
     """
     methods = list(dict.fromkeys(frame["method"].astype(str)))
     title = f"initscope · {meta.get('model', '')} · {len(methods)} initializations compared"
@@ -174,7 +194,7 @@ def render_page(
     parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
     parts.append("</section>")
 
-    parts.append('<section id="summary"><h2>Summary</h2><table><thead><tr><th class="name">method</th>'
+    parts.append('<section id="summary"><h2>Summary</h2><table class="sortable"><thead><tr><th class="name">method</th>'
                  "<th>weight layers</th><th>flagged</th><th>worst |log2 ratio| forward</th>"
                  "<th>worst |log2 ratio| backward</th></tr></thead><tbody>")
     for s in summary_rows(frame, methods):
@@ -184,13 +204,14 @@ def render_page(
     parts.append("</tbody></table></section>")
 
     parts.append('<section id="figures"><h2>Figures</h2>')
-    for i, fig in enumerate(figures):
-        data = base64.b64encode(fig.png).decode("ascii")
-        parts.append(
-            f'<figure id="figure-{i}"><h3>{_e(fig.title)}</h3>'
-            f'<img src="data:image/png;base64,{data}" alt="{_e(fig.title)}" width="{fig.width}" height="{fig.height}">'
-            f"<figcaption>{_e(fig.caption)}</figcaption></figure>"
-        )
+    if interactive:
+        parts.append('<p class="note">Drag to zoom (the panels of one figure zoom together), double-click to '
+                     "zoom out, hover for a layer's name and numbers, click a method in the legend to hide or show "
+                     "it; the camera icon saves a PNG.</p>" + web.NOSCRIPT)
+    for fig in interactive:
+        parts.append(web.figure_html(fig.spec, f"fig-{fig.name}", title=fig.title, caption=fig.caption,
+                                     links=fig.links))
+    parts.append(static_figures(figures, open_=not interactive))
     parts.append("</section>")
 
     parts.append('<section id="check"><h2>Measured against predicted, per weight layer</h2>'
@@ -208,5 +229,26 @@ def render_page(
         parts.append(f"<details><summary>{_e(method)}</summary>{plan_table(columns, rows)}")
         parts += [f'<p class="note">note: {_e(n)}</p>' for n in plan_notes]
         parts.append("</details>")
-    parts.append("</section></body></html>")
+    parts.append("</section>")
+    parts.append(web.page_scripts() if interactive else web.sort_script_only())
+    parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def static_figures(figures: Sequence[PageFigure], *, open_: bool = False) -> str:
+    """The static figures (the PNGs written beside the page for papers), embedded as base64, in a
+    collapsible block: the page's fallback, and what prints."""
+    if not figures:
+        return ""
+    parts = [f'<details class="static"{" open" if open_ else ""}><summary>Static figures (the PNGs beside this '
+             "page; SVG copies there too)</summary>"]
+    for i, fig in enumerate(figures):
+        data = base64.b64encode(fig.png).decode("ascii")
+        parts.append(
+            f'<figure id="figure-{i}">' + (f"<h3>{_e(fig.title)}</h3>" if fig.title else "") +
+            f'<img src="data:image/png;base64,{data}" alt="{_e(fig.title or fig.caption)}" '
+            f'width="{fig.width}" height="{fig.height}">'
+            f"<figcaption>{_e(fig.caption)}</figcaption></figure>"
+        )
+    parts.append("</details>")
+    return "".join(parts)

@@ -293,7 +293,10 @@ def _move_in(staging: Path, out_dir: Path, *, last: str) -> dict[str, Path]:
 _CAPTIONS = {
     "boxes": ("Box plots across layers (Fig. 3 of the Glorot/He paper)",
               "Per layer, from the probe's quantiles: box 25–75 %, black line the median, whiskers 1–99 %; "
-              "methods side by side at each layer, in the order given."),
+              "methods side by side at each layer, in the order given. A panel whose narrowest box would be under "
+              "2 % of its height on a linear axis is on a symmetric log scale (linear within the ± threshold its "
+              "title gives, a power of ten under every box, logarithmic beyond), so a vanishing layer's tiny values "
+              "stay boxes."),
     "histograms_activation": ("Histograms of activation outputs (Fig. 6)",
                               "Methods in rows, layers in columns (evenly spaced when the net is deep); counts on a log "
                               "scale; each panel has its own range."),
@@ -303,6 +306,19 @@ _CAPTIONS = {
               "Left: E[u²] at each weight layer's output; right: E[(∂L/∂x)²] at its input. Measured solid, "
               "the plan's prediction dashed, log scale; a gap between a method's two lines is the theory's error."),
 }
+# The interactive figures, in the page's order (the one that answers "does the plan hold?" first), with what
+# differs from the static copy's caption.
+_INTERACTIVE = {
+    "depth": "Left: E[u²] at each weight layer's output; right: E[(∂L/∂x)²] at its input (the loss Σ output · ξ "
+             "sends a unit gradient back, as the predictions assume). Measured solid with a point per weight layer, "
+             "predicted dashed, shaded: the band within which a layer is not flagged. Hover a point for the layer, "
+             "both values and their log2 ratio.",
+    "boxes": _CAPTIONS["boxes"][1] + " Hover a box for the layer and its quantiles in the data's units.",
+    "histograms_activation": "One layer at a time (choose it, or step with ◀ ▶; the last layer first), one panel per "
+                             "method, each on its own range; counts on a log scale. Hover a bar for its bin and count.",
+    "histograms_output_grad": "dL/d(output) with the loss Σ output · ξ, one layer at a time (the first layer first: "
+                              "where the backward pass ends), one panel per method; counts on a log scale.",
+}
 
 
 def _draw(frame: pd.DataFrame, out_dir: Path, model: str, shape: tuple[int, ...],
@@ -311,18 +327,42 @@ def _draw(frame: pd.DataFrame, out_dir: Path, model: str, shape: tuple[int, ...]
 
     where = f"{model}, input {'×'.join(map(str, shape))}"
     made = {}
-    # Weight gradients differ by orders of magnitude between methods (ASV's dwarf Xavier's): a
-    # linear panel would show only the largest.
-    fig = plot_boxes(frame, title=where, yscale={"weight_grad": "symlog"})
+    # "auto": a symmetric log axis wherever a panel spans orders of magnitude (weight gradients between
+    # methods; a vanishing net's activations), linear elsewhere.
+    fig = plot_boxes(frame, title=where, yscale="auto")
     made["boxes"] = save_figure(fig, out_dir / "boxes")
     for quantity in ("activation", "output_grad"):
         name = f"histograms_{quantity}"
-        if (frame["quantity"] == quantity).any() and frame.loc[frame["quantity"] == quantity, "hist_counts"].map(len).any():
+        if _has_histograms(frame, quantity):
             fig = plot_histograms(frame, quantity, max_layers=max_hist_layers)
             made[name] = save_figure(fig, out_dir / name)
     made["depth"] = save_figure(plot_depth(frame, title=f"{where}: measured (solid), predicted (dashed)"),
                                 out_dir / "depth")
     return made
+
+
+def _has_histograms(frame: pd.DataFrame, quantity: str) -> bool:
+    rows = frame["quantity"] == quantity
+    return bool(rows.any() and frame.loc[rows, "hist_counts"].map(len).any())
+
+
+def _interactive(frame: pd.DataFrame, figures: dict[str, tuple[Path, Path]], where: str) -> list:
+    """The page's interactive figures (:mod:`initscope.plotting.web`), each linked to its PNG and SVG."""
+    from initscope.compare.html import InteractiveFigure
+    from initscope.plotting import web
+
+    specs = {"depth": lambda: web.depth_figure(frame, title=f"{where}: measured (solid), predicted (dashed)"),
+             "boxes": lambda: web.boxes_figure(frame, title=where),
+             "histograms_activation": lambda: web.histogram_figure(frame, "activation"),
+             "histograms_output_grad": lambda: web.histogram_figure(frame, "output_grad")}
+    out = []
+    for name, make in specs.items():
+        if name not in figures:
+            continue
+        png, svg = figures[name]
+        out.append(InteractiveFigure(name, _CAPTIONS[name][0], _INTERACTIVE[name], make(),
+                                     (("PNG", png.name), ("SVG", svg.name))))
+    return out
 
 
 def _write_page(meta: dict, frame: pd.DataFrame, plans: dict[str, InitPlan],
@@ -339,6 +379,9 @@ def _write_page(meta: dict, frame: pd.DataFrame, plans: dict[str, InitPlan],
         "by √draws, and never less than 1 bit: the band on the depth plot), or when any of its tensors holds "
         "non-finite values.",
     ]
+    where = f"{meta.get('model', '')}, input {meta.get('input shape', '').replace(' ', '')}"
+    interactive = _interactive(frame, figures, where)
     index = out_dir / "index.html"
-    index.write_text(render_page(meta, frame, plan_tables, page_figs, notes), encoding="utf-8")
+    index.write_text(render_page(meta, frame, plan_tables, page_figs, notes, interactive=interactive),
+                     encoding="utf-8")
     return index

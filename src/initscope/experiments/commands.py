@@ -90,19 +90,22 @@ def _train(**flags: Any) -> None:
         raise fail(exc) from None
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for all
         return
-    table = Table("epoch", "lr", "train loss", "train acc", "val loss", "val acc", "s",
+    # accuracy in %, as every table and figure of the report gives it (the run records fractions)
+    table = Table("epoch", "lr", "train loss", "train acc (%)", "val loss", "val acc (%)", "s",
                   title=f"{config.model} · {config.method} · {config.optimizer} lr {config.lr:g} · {config.data}")
     for h in result.history:
         mark = " *" if h["epoch"] == result.best_epoch else ""
-        table.add_row(f"{h['epoch']}{mark}", f"{h['lr']:.3g}", f"{h['train_loss']:.4f}", f"{h['train_accuracy']:.4f}",
-                      f"{h['val_loss']:.4f}", f"{h['val_accuracy']:.4f}", f"{h['seconds']:.1f}")
+        table.add_row(f"{h['epoch']}{mark}", f"{h['lr']:.3g}", f"{h['train_loss']:.4f}",
+                      f"{100 * h['train_accuracy']:.2f}", f"{h['val_loss']:.4f}", f"{100 * h['val_accuracy']:.2f}",
+                      f"{h['seconds']:.1f}")
     console.print(table)
     if result.status == "diverged":
         console.print(f"diverged: non-finite loss in epoch {result.diverged_epoch}")
     if result.test:
         t = result.test
-        console.print(f"test (best validation epoch {result.best_epoch}): accuracy {t['accuracy']:.4f}  precision "
-                      f"{t['precision']:.4f}  recall {t['recall']:.4f}  F1 {t['f1']:.4f}  loss {t['loss']:.4f}")
+        console.print(f"test (best validation epoch {result.best_epoch}): accuracy {100 * t['accuracy']:.2f}%  "
+                      f"precision {100 * t['precision']:.2f}%  recall {100 * t['recall']:.2f}%  F1 {100 * t['f1']:.2f}%  "
+                      f"loss {t['loss']:.4f}")
     for note in result.notes:
         console.print(f"note: {note}")
     console.print(f"run {result.run_id}: {result.status}; saved under {out / result.run_id}")

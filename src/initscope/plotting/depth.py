@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 
 def _log2(values: Sequence[float]) -> list[float]:
@@ -89,16 +93,46 @@ def depth_series(frame, method: str) -> dict[str, list]:
         # draw-to-draw spread, see initscope.probe.flag_limit); NaN in frames without it.
         "band_out": [col(n, "output", "flag_out_bits") for n in layers],
         "band_grad": [col(n, "output", "flag_grad_bits") for n in layers],
+        # E[g²] measured at the last weight layer's output: the network's output when it ends in its head
+        "head_grad": col(layers[-1], "output_grad", "second_moment") if layers else nan,
     }
 
 
-def plot_depth(frame, *, path: str | Path | None = None, title: str | None = None):
+OUTPUT_GRAD = ("unit", "measured")
+
+
+def scaled_predictions(series: dict[str, list], output_grad: str) -> tuple[list[float], float]:
+    """The backward predictions as drawn, and the factor they were multiplied by.
+
+    The plans predict ``E[(∂L/∂x)²]`` for a unit gradient at the network's output (``E[g²] = 1``, as
+    ``compare``'s loss Σ output · ξ makes it). A training loss is another matter: cross-entropy's gradient
+    at the logits is ``(softmax - onehot) / batch``, 3-5 decades below 1. The backward pass is linear in
+    that gradient, so ``output_grad="measured"`` multiplies every prediction by ``E[g²]`` measured at the
+    output (the last weight layer's ``output_grad``): what the plan predicts for the gradient this loss
+    sent back. ``"unit"`` leaves them as planned.
+    """
+    if output_grad not in OUTPUT_GRAD:
+        raise ValueError(f"output_grad={output_grad!r} is not one of {OUTPUT_GRAD}")
+    if output_grad == "unit":
+        return list(series["pred_grad"]), 1.0
+    g = series["head_grad"]
+    if not (g == g and g > 0):
+        return [math.nan] * len(series["pred_grad"]), math.nan
+    return [p * g for p in series["pred_grad"]], g
+
+
+def plot_depth(frame: "pd.DataFrame", *, path: str | Path | None = None, title: str | None = None,
+               output_grad: str = "unit") -> "Figure":
     """Variance against depth from the probe's table: measured solid, predicted dashed, log scale.
 
     Left panel (forward): ``E[u²]`` of each weight layer's output, measured, beside ``pred_out_var``.
     Right panel (backward): ``E[(∂L/∂x)²]`` at each weight layer's input, measured, beside
-    ``pred_in_grad_var``. One colour per method. Lines carry the gids ``<measured|predicted>-<forward|
-    backward>|<method>``. Non-positive values are left out (a log axis has no place for them).
+    ``pred_in_grad_var`` (``output_grad="unit"``: as planned, for a unit gradient at the output, what
+    ``compare``'s loss gives) or beside ``pred_in_grad_var`` times ``E[g²]`` measured at the output
+    (``output_grad="measured"``: for a probe taken with a training loss such as cross-entropy, whose output
+    gradient is decades below 1; see :func:`scaled_predictions`); the panel's title and the legend say
+    which. One colour per method. Lines carry the gids ``<measured|predicted>-<forward|backward>|<method>``.
+    Non-positive values are left out (a log axis has no place for them).
     """
     from initscope.plotting.common import (
         check_columns,
@@ -109,6 +143,8 @@ def plot_depth(frame, *, path: str | Path | None = None, title: str | None = Non
         with_method,
     )
 
+    if output_grad not in OUTPUT_GRAD:
+        raise ValueError(f"output_grad={output_grad!r} is not one of {OUTPUT_GRAD}")
     check_columns(frame, ["layer", "index", "kind", "quantity", "second_moment", "pred_out_var", "pred_in_grad_var"],
                   "plot_depth")
     frame = with_method(frame)
@@ -123,8 +159,9 @@ def plot_depth(frame, *, path: str | Path | None = None, title: str | None = Non
         s = depth_series(frame, method)
         x = list(range(len(s["layers"])))
         c = colors[method]
+        pred_grad, _factor = scaled_predictions(s, output_grad)
         for ax, meas, pred, band, side in ((fwd, s["meas_out"], s["pred_out"], s["band_out"], "forward"),
-                                           (bwd, s["meas_grad"], s["pred_grad"], s["band_grad"], "backward")):
+                                           (bwd, s["meas_grad"], pred_grad, s["band_grad"], "backward")):
             ax.plot(x, _positive(meas), "-", color=c, lw=1.6, label=method or "measured",
                     gid=f"measured-{side}|{method}")
             if any(v == v for v in pred):
@@ -136,7 +173,9 @@ def plot_depth(frame, *, path: str | Path | None = None, title: str | None = Non
                     ax.fill_between(x, lo, hi, color=c, alpha=0.12, lw=0, gid=f"band-{side}|{method}")
                 drew_prediction = True
     fwd.set_title("forward: E[u²] at each weight layer's output", fontsize=10)
-    bwd.set_title("backward: E[(∂L/∂x)²] at each weight layer's input", fontsize=10)
+    bwd.set_title("backward: E[(∂L/∂x)²] at each weight layer's input" + (
+        "\npredicted × E[g²] measured at the output (the plan assumes 1)" if output_grad == "measured" else ""),
+        fontsize=10)
     for ax in (fwd, bwd):
         ax.set_yscale("log")
         ax.set_xlabel("weight layer (order of the forward pass)")
@@ -145,6 +184,7 @@ def plot_depth(frame, *, path: str | Path | None = None, title: str | None = Non
     fwd.set_ylabel("second moment")
     handles, labels = fwd.get_legend_handles_labels()
     handles += [Line2D([], [], color="k", ls="-"), Line2D([], [], color="k", ls="--")]
+    # (the backward panel's title says when its predictions are scaled to the measured output gradient)
     labels += ["measured", "predicted (band: not flagged)" if drew_prediction else "predicted (no plan)"]
     fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(title or "second moments against depth: measured (solid), predicted (dashed)", fontsize=11)

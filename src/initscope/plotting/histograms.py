@@ -13,6 +13,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocato
 
 from initscope.plotting.common import (
     LABELS,
+    MIN_FONT,
     check_columns,
     check_quantity,
     evenly,
@@ -21,6 +22,7 @@ from initscope.plotting.common import (
     methods_of,
     new_figure,
     save_figure,
+    short_name,
     with_method,
 )
 
@@ -59,6 +61,8 @@ def plot_histograms(
         title: the figure's title.
 
     Each histogram is one step patch with the gid ``hist|<method>|<layer>``; its values are the counts.
+    No text is smaller than 7 pt (:data:`~initscope.plotting.common.MIN_FONT`); a layer's name over its
+    column is cut in the middle past 22 characters.
     """
     check_quantity(quantity)
     check_columns(frame, ["layer", "index", "quantity", "hist_lo", "hist_hi", "hist_counts"], "plot_histograms")
@@ -73,11 +77,11 @@ def plot_histograms(
     shown = evenly(layers, max_layers)
     colors = method_colors(methods)
 
-    width, height = 1.9 * len(shown) + 1.0, 1.5 * len(methods) + 1.0
+    width, height = 1.9 * len(shown) + 1.1, 1.6 * len(methods) + 1.0
     fig = new_figure(width, height)
     # Fixed margins in inches: tight_layout measures every tick label of every panel, seconds on a big grid.
-    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.35 / height, top=1 - 0.75 / height,
-                        wspace=0.35, hspace=0.35)
+    fig.subplots_adjust(left=0.85 / width, right=1 - 0.2 / width, bottom=0.4 / height, top=1 - 0.75 / height,
+                        wspace=0.4, hspace=0.45)
     # One count axis per row (a method), labelled on the first panel only: tick labels are most of the
     # drawing time of a grid this size.
     axes = fig.subplots(len(methods), len(shown), squeeze=False, sharey="row")
@@ -95,13 +99,14 @@ def plot_histograms(
             patch.set_gid(f"hist|{method}|{layer}")
             top = max(top, int(counts.max()))
             ax.xaxis.set_major_locator(MaxNLocator(3))
-            ax.tick_params(labelsize=6)
-            ax.xaxis.get_offset_text().set_fontsize(6)
+            ax.tick_params(labelsize=MIN_FONT)
+            ax.xaxis.get_offset_text().set_fontsize(MIN_FONT)
             if mi == 0:
-                ax.set_title(layer, fontsize=7)
+                ax.set_title(short_name(layer, 22), fontsize=8)
         first = axes[mi, 0]
+        first.yaxis.get_offset_text().set_fontsize(MIN_FONT)
         if method:
-            first.set_ylabel(method, fontsize=8)
+            first.set_ylabel(method, fontsize=9)
         if top > 0:
             if log:
                 first.set_yscale("log")

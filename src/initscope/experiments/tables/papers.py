@@ -15,8 +15,8 @@ The tables:
   the seed and the tuned keys: ``data``, ``model``, ``optimizer``, ...), a column per method. Keyed
   ``table1_dataset_method`` when only the dataset makes the rows, ``table3_optimizer_method`` when only
   the optimizer does;
-- **Table 1 of the Glorot/He paper**: test accuracy, precision, recall, F1 and loss by (setting,) model
-  × method, with the best-validation checkpoint;
+- **Table 1 of the Glorot/He paper**: test accuracy, precision, recall, F1 (all four in %) and loss by
+  (setting,) model × method, with the best-validation checkpoint;
 - **test accuracy after epoch k** (runs with ``test_at``): the weights of that epoch, not the best ones;
 - **the selection** (sweeps with ``[select]``): each group's candidate values with their score, the choice.
 
@@ -47,7 +47,10 @@ import pandas as pd
 from initscope.experiments.tables.frames import varying_keys
 
 METRICS = ("accuracy", "precision", "recall", "f1", "loss")
-METRIC_LABELS = {"accuracy": "Acc.", "precision": "Pre.", "recall": "Rec.", "f1": "F1", "loss": "Loss"}
+METRIC_LABELS = {"accuracy": "Acc. (%)", "precision": "Pre. (%)", "recall": "Rec. (%)", "f1": "F1 (%)", "loss": "Loss"}
+# The report's one convention: accuracy (and precision, recall, F1) in percent, in every table and figure;
+# the store keeps fractions, as the runs record them.
+PERCENT_METRICS = ("accuracy", "precision", "recall", "f1")
 AXIS_LABELS = {"data": "dataset", "model": "model", "method": "method", "optimizer": "optimizer", "lr": "lr",
                "seed": "seed"}
 COUNTED = ("finished", "diverged")
@@ -295,7 +298,8 @@ def test_metrics_table(runs: pd.DataFrame, rows: Sequence[str] = ("model", "meth
                        selections: Sequence[Mapping[str, Any]] | None = None) -> pd.DataFrame:
     """Test accuracy, precision, recall, F1 and loss by ``rows`` (and, in front, any other setting key that
     varies), long-wide: one line per row with ``<metric>_mean``, ``_std``, ``_ci_low``, ``_ci_high``, ``_mark``,
-    ``_best`` for each metric, plus ``n``, ``n_diverged``, ``setting``. Each metric's column is compared within
+    ``_best`` for each metric, plus ``n``, ``n_diverged``, ``setting``. Accuracy, precision, recall and F1 are in
+    %, as every table's accuracy is; the loss as the runs recorded it. Each metric's column is compared within
     rows that differ only in the method: the highest mean wins, the lowest for loss."""
     tuned = tuned_keys(selections)
     counted = _table_runs(runs, selections)
@@ -310,7 +314,8 @@ def test_metrics_table(runs: pd.DataFrame, rows: Sequence[str] = ("model", "meth
         key = key if isinstance(key, tuple) else (key,)
         line: dict[str, Any] = dict(zip(rows, key))
         for m in METRICS:
-            st = Stat.of(g[f"test_{m}"])
+            scale = 100.0 if m in PERCENT_METRICS else 1.0
+            st = Stat.of(pd.to_numeric(g[f"test_{m}"], errors="coerce") * scale)
             line.update(_stat_columns(f"{m}_", st))
             line[f"_{m}"] = st
         line["n"] = int(pd.to_numeric(g["test_accuracy"], errors="coerce").notna().sum())
@@ -423,8 +428,8 @@ def _metrics_grid(table: pd.DataFrame, rows: Sequence[str]) -> Grid:
     for r in table.to_dict("records"):
         labels.append(", ".join(_value_text(r[k]) for k in rows) + (f" [{r['setting']}]" if r["setting"] else "")
                       + f" (n={r['n']})")
-        cells = [_marked(_cell(r[f"{m}_mean"], r[f"{m}_std"], 4, None, r[f"{m}_ci_low"], r[f"{m}_ci_high"]),
-                         r[f"{m}_mark"]) for m in METRICS]
+        cells = [_marked(_cell(r[f"{m}_mean"], r[f"{m}_std"], 2 if m in PERCENT_METRICS else 4, None,
+                               r[f"{m}_ci_low"], r[f"{m}_ci_high"]), r[f"{m}_mark"]) for m in METRICS]
         if r["n_diverged"]:
             cells[-1] = (cells[-1][0] + f" ({r['n_diverged']} div.)", cells[-1][1])
         grid.append(cells)
@@ -487,14 +492,15 @@ def markdown_table(corner: str, headers: list[str], grid: list[list[tuple[str, b
 
 
 def html_table(corner: str, headers: list[str], grid: list[list[tuple[str, bool]]], labels: list[str]) -> str:
-    """An HTML table; bold cells in ``<b>``."""
+    """An HTML table (class ``sortable``: the report's script sorts it by a click on a column's head); bold cells
+    in ``<b>``."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in [corner] + headers)
     body = []
     for label, cells in zip(labels, grid):
         tds = "".join(f"<td><b>{html.escape(t)}</b></td>" if bold and t else f"<td>{html.escape(t)}</td>"
                       for t, bold in cells)
         body.append(f"<tr><th>{html.escape(label)}</th>{tds}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
 # -- the tables as values ---------------------------------------------------------------------------------------
@@ -512,6 +518,12 @@ class Table:
     headers: list[str]
     grid: list[list[tuple[str, bool]]]
     labels: list[str]
+
+    @property
+    def has_values(self) -> bool:
+        """Whether any cell holds a number: a table of dashes (no finished run, or runs that recorded no test
+        metrics) is left off the report's pages rather than shown as a section of ``–``."""
+        return any(text.replace(TIE, "").strip() not in ("", "–") for row in self.grid for text, _bold in row)
 
     def markdown(self) -> str:
         return markdown_table(self.corner, self.headers, self.grid, self.labels)
@@ -571,7 +583,7 @@ def build_tables(runs: pd.DataFrame, epochs: pd.DataFrame | None = None,
             c not in ("n", "n_diverged", "setting")]
     headers, grid, labels = _metrics_grid(t, rows)
     tables.append(Table("table_model_method_test", "Table 1 (Glorot/He paper): test metrics by model × method",
-                        "Checkpoint of best validation accuracy; macro precision, recall, F1; "
+                        "Checkpoint of best validation accuracy; accuracy and macro precision, recall, F1 in %; "
                         f"{_seeds_note(t)}. {_marks_note('method per column, within a model (lowest loss)')}"
                         + _selection_note(selections, t), t, ", ".join(rows), headers, grid, labels))
     for epoch in test_at_epochs(epochs if epochs is not None else pd.DataFrame()):

@@ -1,9 +1,12 @@
 """``initscope report``: a results store rendered as the papers' tables and the training curves, on one
-self-contained HTML page, in Markdown, and as CSV (the numbers: :mod:`.papers`; the frames: :mod:`.frames`)."""
+self-contained HTML page, in Markdown, and as CSV (the numbers: :mod:`.papers`; the frames: :mod:`.frames`).
+
+The HTML page is interactive where it has figures (:mod:`initscope.plotting.web`: plotly.js inline, zoom,
+hover, the histograms of every layer) and its tables sort by any column; the PNG and SVG figures are
+written under ``figures/`` for papers and embedded in the page as its static copies."""
 
 from __future__ import annotations
 
-import base64
 import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +34,8 @@ class Report:
     figures: list[tuple[str, Path]] = field(default_factory=list)  # (caption, png)
     files: list[Path] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    # the page's interactive figures: (title, caption, Plotly spec, the PNG of the same figure)
+    interactive: list[tuple[str, str, dict, Path]] = field(default_factory=list)
 
     def table(self, key: str) -> Table:
         for t in self.tables:
@@ -89,7 +94,12 @@ def _probe_frames(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         f = f.drop(columns=["method"], errors="ignore").assign(method=r["cfg_method"])
         key = f"{r['cfg_data']} · {r['cfg_model']}"
         frames.setdefault(key, []).append(f)
-    return [(k, pd.concat(v, ignore_index=True)) for k, v in frames.items()]
+    # methods in the papers' order, as the curves have them: a method keeps its colour across the page's figures
+    out = []
+    for k, v in frames.items():
+        order = in_order([str(f["method"].iloc[0]) for f in v], "method")
+        out.append((k, pd.concat(sorted(v, key=lambda f: order.index(str(f["method"].iloc[0]))), ignore_index=True)))
+    return out
 
 
 def _slug(text: str) -> str:
@@ -304,7 +314,8 @@ def _summary_html(s: dict[str, Any]) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;
 text-align:right}th{background:#f4f4f4}tbody th{text-align:left}caption{caption-side:bottom;font-size:12px;
-color:#555;text-align:left;padding-top:4px}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}"""
+color:#555;text-align:left;padding-top:4px}img{max-width:100%;height:auto}code{background:#f4f4f4;padding:0 3px}
+.note{color:#555}figcaption{color:#555;font-size:13px}details.static summary{cursor:pointer;font-weight:600}"""
 
 
 
@@ -312,7 +323,8 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
                  figures: bool = True, where: Mapping[str, Sequence[Any]] | None = None) -> Report:
     """Render the tables (Markdown, HTML, CSV) and the curves of a results database into ``out_dir``.
 
-    Writes ``report.md``, ``report.html`` (self-contained: figures embedded as base64 PNG), one CSV per
+    Writes ``report.md``, ``report.html`` (self-contained: interactive figures with plotly.js inline, the PNGs
+    embedded as their static copies, tables that sort by any column; only tables with a value), one CSV per
     table (long form, with ``std``, ``n`` and the chosen ``setting``), ``runs.csv`` (every run) and the
     figures as PNG and SVG under ``figures/``. ``where`` keeps only the runs whose config matches
     (``{"optimizer": ["adam"]}``), for a table restricted as a paper's was.
@@ -349,15 +361,20 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
     report.files.append(runs_csv)
 
     if figures:
+        from initscope.plotting import web
         from initscope.plotting.curves import plot_training_curves
 
         fig_dir = out_dir / "figures"
         for name, frame, n in _curve_frames(runs, epochs):
             png = fig_dir / f"curves_{_slug(name)}.png"
-            plot_training_curves(frame, path=png, title=f"{name} (mean over {n} seed{'s' if n != 1 else ''})")
-            report.figures.append((f"Training curves: {name}; training dashed, validation solid.", png))
-        report.figures.extend(_write_depth_figure(runs, epochs, load_selections(db), fig_dir))
-        report.figures.extend(_write_probe_figures(runs, fig_dir))
+            curve_title = f"{name} (mean over {n} seed{'s' if n != 1 else ''})"
+            plot_training_curves(frame, path=png, title=curve_title)
+            caption = f"Training curves: {name}; training dashed, validation solid; accuracy in %."
+            report.figures.append((caption, png))
+            report.interactive.append((f"Training curves: {name}", caption, web.curves_figure(frame, title=curve_title),
+                                       png))
+        report.figures.extend(_write_depth_figure(runs, epochs, load_selections(db), fig_dir, report.interactive))
+        report.figures.extend(_write_probe_figures(runs, fig_dir, report.interactive))
         report.files.extend(p for _, p in report.figures)
 
     heading = title or f"initscope results: {db.name}"
@@ -367,8 +384,10 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
     return report
 
 
-def _write_depth_figure(runs: pd.DataFrame, epochs: pd.DataFrame, selections, fig_dir: Path) -> list[tuple[str, Path]]:
+def _write_depth_figure(runs: pd.DataFrame, epochs: pd.DataFrame, selections, fig_dir: Path,
+                        interactive: list) -> list[tuple[str, Path]]:
     from initscope.experiments.tables.papers import depth_table
+    from initscope.plotting import web
     from initscope.plotting.depth_accuracy import plot_accuracy_vs_depth
 
     table = depth_table(runs, epochs, selections=selections)
@@ -376,47 +395,83 @@ def _write_depth_figure(runs: pd.DataFrame, epochs: pd.DataFrame, selections, fi
         return []
     png = fig_dir / "accuracy_vs_depth.png"
     plot_accuracy_vs_depth(table, path=png)
-    return [("Test accuracy (%) against depth (weight layers), mean over seeds with the 95 % t interval of the "
-             "mean as error bars.", png)]
+    caption = ("Test accuracy (%) against depth (weight layers), mean over seeds with the 95 % t interval of the "
+               "mean as error bars.")
+    interactive.append(("Test accuracy against depth", caption, web.depth_accuracy_figure(table), png))
+    return [(caption, png)]
 
 
-def _write_probe_figures(runs: pd.DataFrame, fig_dir: Path) -> list[tuple[str, Path]]:
+# The probes of a sweep are taken with the training loss (cross-entropy), whose gradient at the logits is
+# (softmax - onehot) / batch: decades below the unit output gradient the plans predict for. The depth figure
+# therefore draws the backward predictions times E[g²] measured at the output (plot_depth's
+# output_grad="measured"), so that measured and predicted are the same quantity.
+_PROBE_PLOTS = (
+    ("depth", "variance against depth at initialization: measured (solid), predicted (dashed; backward: × E[g²] "
+              "measured at the output, since the predictions are for a unit output gradient and the loss here is "
+              "cross-entropy)", {"output_grad": "measured"}),
+    ("activation", "activation histograms at initialization", {"quantity": "activation"}),
+    ("gradient", "gradient histograms at initialization (cross-entropy loss)", {"quantity": "output_grad"}),
+)
+
+
+def _write_probe_figures(runs: pd.DataFrame, fig_dir: Path,
+                         interactive: list[tuple[str, str, dict, Path]] | None = None) -> list[tuple[str, Path]]:
     probes = _probe_frames(runs)
     if not probes:
         return []
-    from initscope import plotting
+    from initscope.plotting import plot_depth, plot_histograms, web
 
     made = []
-    plots = [("depth", "variance against depth, measured (solid) and predicted (dashed)",
-              getattr(plotting, "plot_depth", None), {}),
-             ("activation", "activation histograms at initialization",
-              getattr(plotting, "plot_histograms", None), {"quantity": "activation"}),
-             ("gradient", "gradient histograms at initialization",
-              getattr(plotting, "plot_histograms", None), {"quantity": "output_grad"})]
     for name, frame in probes:
-        for kind, caption, fn, kw in plots:
-            if fn is None:
-                continue
+        for kind, caption, kw in _PROBE_PLOTS:
             png = fig_dir / f"probe_{kind}_{_slug(name)}.png"
             try:
-                fn(frame, path=png, title=f"{name}: {caption}", **kw)
-            except ValueError as exc:  # e.g. the probe ran without histograms
-                made.append((f"(no {kind} figure for {name}: {exc})", None))
+                if kind == "depth":
+                    plot_depth(frame, path=png, title=f"{name}: {caption.split(':')[0]}", **kw)
+                    spec = web.depth_figure(frame, title=name, **kw)
+                else:
+                    plot_histograms(frame, path=png, title=f"{name}: {caption}", **kw)
+                    spec = web.histogram_figure(frame, title=f"{name}: {caption}", **kw)
+            except ValueError:  # e.g. the probe ran without histograms: no such figure
                 continue
             made.append((f"Probe, {name}: {caption}.", png))
-    return [(c, p) for c, p in made if p is not None]
+            if interactive is not None:
+                interactive.append((f"Probe, {name}: {caption.split(':')[0].split(' (')[0]}",
+                                    f"Probe, {name}: {caption}.", spec, png))
+    return made
 
 
 _NO_RUNS = "No finished or diverged runs yet."
 
 
+def _sections(tables: Sequence[Table]) -> list[Table]:
+    """The tables the pages show (every CSV is written regardless): those with a value, and of the two that hold
+    the test accuracy of the same cells, the one in the form of the paper the grid follows. Where the models vary
+    (the Glorot/He paper's grid: architectures × initializations) the accuracy pivot, the ASV poster's form,
+    repeats the Glorot/He table's accuracy column cell for cell, and is left off; where one model is trained (the
+    poster's grids), the pivot is the poster's table and the Glorot/He table adds precision, recall and F1."""
+    shown = [t for t in tables if t.has_values]  # a table of dashes is no section
+    glorot_he = any(t.key == "table_model_method_test" for t in shown)
+    # the pivot's key ends in "_method" (table1_dataset_method, table_model_method, ...); its rows are the keys
+    # that vary, so a "model" column means the models do
+    return [t for t in shown if not (glorot_he and t.key.endswith("_method") and "model" in t.data.columns)]
+
+
+def _no_tables(report: Report) -> str:
+    """What the pages say in place of the tables when none has a value."""
+    counts = report.summary.get("counts", {})
+    if counts.get("finished", 0) + counts.get("diverged", 0):
+        return "No table has a value: the runs recorded no test metrics (see runs.csv)."
+    return _NO_RUNS
+
+
 def _render_markdown(report: Report, heading: str) -> str:
     # the heading (--title, or the database's file name), titles and captions hold values: escaped too
     parts = [f"# {md_text(heading)}", "", "## What was run", "", _summary_markdown(report.summary), ""]
-    for t in report.tables:
-        if t.data.empty:
-            parts += [f"## {md_text(t.title)}", "", _NO_RUNS, ""]
-            continue
+    shown = _sections(report.tables)
+    if not shown:
+        parts += [_no_tables(report), ""]
+    for t in shown:
         csv = md_code(f"{t.key}.csv")
         parts += [f"## {md_text(t.title)}", "", t.markdown(), "", f"*{md_text(t.caption)}* CSV: {csv}.", ""]
     if report.figures:
@@ -428,19 +483,31 @@ def _render_markdown(report: Report, heading: str) -> str:
 
 
 def _render_html(report: Report, heading: str) -> str:
+    from initscope.compare.html import page_figure, static_figures
+    from initscope.plotting import web
+
     body = [f"<h1>{html.escape(heading)}</h1>", "<h2>What was run</h2>", _summary_html(report.summary)]
-    for t in report.tables:
-        if t.data.empty:
-            body += [f"<h2>{html.escape(t.title)}</h2>", f"<p>{_NO_RUNS}</p>"]
-            continue
-        table = t.html().replace("<table>", f"<table><caption>{html.escape(t.caption)}</caption>", 1)
+    shown = _sections(report.tables)
+    if not shown:
+        body.append(f"<p>{html.escape(_no_tables(report))}</p>")
+    if any(t.grid for t in shown):
+        body.append('<p class="note">Click a column\'s head to sort the table by it.</p>')
+    for t in shown:
+        table = t.html().replace('<table class="sortable">',
+                                 f'<table class="sortable"><caption>{html.escape(t.caption)}</caption>', 1)
         body += [f"<h2>{html.escape(t.title)}</h2>", table]
     if report.figures:
         body.append("<h2>Figures</h2>")
-        for caption, png in report.figures:
-            data = base64.b64encode(png.read_bytes()).decode("ascii")
-            body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        if report.interactive:
+            body.append('<p class="note">Drag to zoom, double-click to zoom out, hover for the numbers, click a '
+                        "name in the legend to hide or show it.</p>" + web.NOSCRIPT)
+        for i, (title, caption, spec, png) in enumerate(report.interactive):
+            rel = png.relative_to(report.out_dir).as_posix()
+            body.append(web.figure_html(spec, f"fig-{i}", title=title, caption=caption,
+                                        links=(("PNG", rel), ("SVG", rel[:-4] + ".svg"))))
+        body.append(static_figures([page_figure("", caption, png.read_bytes()) for caption, png in report.figures],
+                                   open_=not report.interactive))
+    scripts = web.page_scripts() if report.interactive else web.sort_script_only()
     return ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(heading)}</title><style>{_CSS}</style></head><body>"
-            + "\n".join(body) + "</body></html>")
+            f"<title>{html.escape(heading)}</title><style>{_CSS}{web.STYLE}</style></head><body>"
+            + "\n".join(body) + scripts + "</body></html>")
