@@ -10,7 +10,9 @@ report() {  # db, folder, title, filters...
     [ -f "$db" ] || return 0
     rm -rf "$dir"
     initscope report "$db" --out "$dir" --title "$title" "$@" || { echo "skipped $dir (no runs yet)"; rm -rf "$dir"; return 0; }
-    rm -f "$dir"/figures/*.svg  # PNGs only in the repository (the SVGs are the same figures)
+    # The repository keeps report.md, the CSVs and the PNGs; the interactive report.html (5 MB, plotly.js
+    # inline) and the SVGs are remade by this script and not committed (docs/results/.gitignore).
+    rm -f "$dir"/figures/*.svg
 }
 report poster poster_table1 "The ASV poster's Table 1 at 50 epochs: plain34 (width 8), Food-101's first 10 classes at 48x48, Adam" \
     --where model=plain34
