@@ -237,16 +237,30 @@ def test_probe_frames_become_figures(tmp_path, monkeypatch):
             s.finish(SimpleNamespace(run_id=rid(*key), status="finished", history=[
                 {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5}],
                 best_epoch=1, test={}, diverged_epoch=None, error=None, checkpoint=None))
-    ((name, frame),) = _probe_frames(rp.load_runs(db))
-    assert name == "A · plain34" and set(frame["method"]) == {"xavier", "asv-backward"}
+    # the first probe is the initialization, the last the end of training (the Glorot/He paper's two states)
+    ((name, stage, frame), (name_end, stage_end, end)) = _probe_frames(rp.load_runs(db))
+    assert name == name_end == "A · plain34" and set(frame["method"]) == {"xavier", "asv-backward"}
+    assert (stage, stage_end) == ("initialization", "end of training")
     assert set(frame["step"]) == {0} and not frame["layer"].str.startswith("later.").any()
+    assert set(end["step"]) == {50} and end["layer"].str.startswith("later.").all()
     rep = rp.write_report(db, tmp_path / "out")
     probes = [p for _, p in rep.figures if p.name.startswith("probe_")]
-    assert sorted(p.name.split("_")[1] for p in probes) == ["activation", "depth", "gradient"]
+    assert sorted(p.name.split("_")[1] + ("-end" if p.stem.endswith("_end") else "") for p in probes) == [
+        "activation", "activation-end", "boxes", "boxes-end", "depth", "gradient", "gradient-end"]
     assert all(p.is_file() for p in probes)
+    # a database from another machine: the run folders are gone, the probe tables were copied elsewhere
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for method in ("xavier", "asv-backward"):
+        run_dir = tmp_path / "runs" / rid("A", method, "adam", 1e-3, 0)
+        (run_dir / "probe.parquet").rename(moved / f"{rid('A', method, 'adam', 1e-3, 0)}.parquet")
+    assert _probe_frames(rp.load_runs(db)) == []
+    assert [stage for _, stage, _ in _probe_frames(rp.load_runs(db), moved)] == ["initialization", "end of training"]
+    captions = [c for c, p in rep.figures if p.name.startswith("probe_boxes")]
+    assert any("at initialization" in c for c in captions) and any("at end of training" in c for c in captions)
     page = (tmp_path / "out" / "report.html").read_text()
-    assert outside_scripts(page).count('src="data:image/png;base64,') == 4
-    assert len(specs(page)) == 4  # the curves and the three probe figures, interactive too
+    assert outside_scripts(page).count('src="data:image/png;base64,') == 8
+    assert len(specs(page)) == 8  # the curves and the seven probe figures, interactive too
     # Issue 16, item 4: the probes were taken with the training loss, so the backward predictions (made for a unit
     # gradient at the output) are drawn times E[g²] measured at the output, in the PNG and on the page, and the
     # panel says so.

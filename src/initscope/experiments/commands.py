@@ -293,6 +293,8 @@ def report_cmd(
     out: Path = typer.Option(Path("report"), "--out", help="folder for report.md, report.html, CSVs, figures"),
     title: Optional[str] = typer.Option(None, "--title"),
     where: Optional[list[str]] = typer.Option(None, "--where", help="keep runs with KEY=V1,V2 (repeatable), e.g. optimizer=adam"),
+    probes: Optional[Path] = typer.Option(None, "--probes", help="a folder of <run_id>.parquet probe tables, for runs "
+                                          "whose folders are not where the database says (a database from another machine)"),
 ) -> None:
     """Render the papers' tables (Markdown, HTML, CSV) and the training curves from a results database."""
     selected: dict[str, list[str]] = {}
@@ -301,16 +303,17 @@ def report_cmd(
         if not eq or not key.strip() or not values.strip():
             raise fail(f"--where {item!r}: write it as KEY=VALUE[,VALUE...], e.g. optimizer=adam")
         selected[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
-    _write(db, out, title, selected)
+    _write(db, out, title, selected, probes)
 
 
-def _write(db: Path, out: Path, title: Optional[str], where: Optional[dict[str, list[str]]] = None) -> None:
+def _write(db: Path, out: Path, title: Optional[str], where: Optional[dict[str, list[str]]] = None,
+           probes: Optional[Path] = None) -> None:
     from initscope.errors import InitscopeError
     from initscope.experiments.tables import write_report
     from initscope.fileio import disk_error
 
     try:
-        rep = write_report(db, out, title=title, where=where)
+        rep = write_report(db, out, title=title, where=where, probes=probes)
     except (InitscopeError, FileNotFoundError, ValueError) as exc:
         raise fail(exc) from None
     except OSError as exc:  # a file of the report that could not be written: which one, and why

@@ -73,32 +73,38 @@ def _curve_frames(runs: pd.DataFrame, epochs: pd.DataFrame) -> list[tuple[str, p
     return out[:MAX_CURVE_FIGURES]
 
 
-def _probe_frames(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+def _probe_frames(runs: pd.DataFrame, elsewhere: str | Path | None = None) -> list[tuple[str, str, pd.DataFrame]]:
     """Probe tables saved beside runs (``<run_dir>/probe.parquet``), concatenated per group of runs that
-    differ only in method, first seed only, earliest probe only (the initialization)."""
+    differ only in method, first seed only: ``(group, stage, frame)`` with the earliest probe
+    (``"initialization"``) and, where a run was probed again, its last (``"end of training"``). A run whose
+    folder is not where the database says is looked for as ``<elsewhere>/<run_id>.parquet``."""
     counted = counted_runs(runs)
-    if "run_dir" not in counted:
+    if "run_dir" not in counted and elsewhere is None:
         return []
-    frames: dict[str, list[pd.DataFrame]] = {}
+    frames: dict[tuple[str, str], list[pd.DataFrame]] = {}
     first_seed = counted["cfg_seed"].min() if "cfg_seed" in counted else None
     for r in counted.to_dict("records"):
-        if r.get("run_dir") is None or (first_seed is not None and r["cfg_seed"] != first_seed):
+        if first_seed is not None and r["cfg_seed"] != first_seed:
             continue
-        path = Path(r["run_dir"]) / "probe.parquet"
-        if not path.is_file():
+        candidates = ([Path(r["run_dir"]) / "probe.parquet"] if r.get("run_dir") else []) + (
+            [Path(elsewhere) / f"{r['run_id']}.parquet"] if elsewhere is not None else [])
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
             continue
-        f = pd.read_parquet(path)
-        for col in ("epoch", "step"):  # several probes in one file: keep the first (at initialization)
-            if col in f.columns:
-                f = f[f[col] == f[col].min()]
-        f = f.drop(columns=["method"], errors="ignore").assign(method=r["cfg_method"])
+        f = pd.read_parquet(path).drop(columns=["method"], errors="ignore").assign(method=r["cfg_method"])
+        col = next((c for c in ("step", "epoch") if c in f.columns), None)
+        stages = [("initialization", f)] if col is None else [("initialization", f[f[col] == f[col].min()])]
+        if col is not None and f[col].max() > f[col].min():
+            stages.append(("end of training", f[f[col] == f[col].max()]))
         key = f"{r['cfg_data']} · {r['cfg_model']}"
-        frames.setdefault(key, []).append(f)
+        for stage, part in stages:
+            frames.setdefault((key, stage), []).append(part)
     # methods in the papers' order, as the curves have them: a method keeps its colour across the page's figures
     out = []
-    for k, v in frames.items():
+    for (k, stage), v in frames.items():
         order = in_order([str(f["method"].iloc[0]) for f in v], "method")
-        out.append((k, pd.concat(sorted(v, key=lambda f: order.index(str(f["method"].iloc[0]))), ignore_index=True)))
+        out.append((k, stage, pd.concat(sorted(v, key=lambda f: order.index(str(f["method"].iloc[0]))),
+                                        ignore_index=True)))
     return out
 
 
@@ -320,7 +326,8 @@ color:#555;text-align:left;padding-top:4px}img{max-width:100%;height:auto}code{b
 
 
 def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = None,
-                 figures: bool = True, where: Mapping[str, Sequence[Any]] | None = None) -> Report:
+                 figures: bool = True, where: Mapping[str, Sequence[Any]] | None = None,
+                 probes: str | Path | None = None) -> Report:
     """Render the tables (Markdown, HTML, CSV) and the curves of a results database into ``out_dir``.
 
     Writes ``report.md``, ``report.html`` (self-contained: interactive figures with plotly.js inline, the PNGs
@@ -328,6 +335,9 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
     table (long form, with ``std``, ``n`` and the chosen ``setting``), ``runs.csv`` (every run) and the
     figures as PNG and SVG under ``figures/``. ``where`` keeps only the runs whose config matches
     (``{"optimizer": ["adam"]}``), for a table restricted as a paper's was.
+    ``probes`` is a folder of ``<run_id>.parquet`` probe tables, read where a
+    run's own folder is not at the path the database holds (a database copied from another machine;
+    ``docs/results/campaign/snapshot.sh`` copies them).
     """
     db, out_dir = Path(db), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -374,7 +384,7 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
             report.interactive.append((f"Training curves: {name}", caption, web.curves_figure(frame, title=curve_title),
                                        png))
         report.figures.extend(_write_depth_figure(runs, epochs, load_selections(db), fig_dir, report.interactive))
-        report.figures.extend(_write_probe_figures(runs, fig_dir, report.interactive))
+        report.figures.extend(_write_probe_figures(runs, fig_dir, report.interactive, probes))
         report.files.extend(p for _, p in report.figures)
 
     heading = title or f"initscope results: {db.name}"
@@ -405,30 +415,42 @@ def _write_depth_figure(runs: pd.DataFrame, epochs: pd.DataFrame, selections, fi
 # (softmax - onehot) / batch: decades below the unit output gradient the plans predict for. The depth figure
 # therefore draws the backward predictions times E[g²] measured at the output (plot_depth's
 # output_grad="measured"), so that measured and predicted are the same quantity.
+# (kind, caption, options, stages): the depth figure's predictions are for the initialization only.
 _PROBE_PLOTS = (
     ("depth", "variance against depth at initialization: measured (solid), predicted (dashed; backward: × E[g²] "
               "measured at the output, since the predictions are for a unit output gradient and the loss here is "
-              "cross-entropy)", {"output_grad": "measured"}),
-    ("activation", "activation histograms at initialization", {"quantity": "activation"}),
-    ("gradient", "gradient histograms at initialization (cross-entropy loss)", {"quantity": "output_grad"}),
+              "cross-entropy)", {"output_grad": "measured"}, ("initialization",)),
+    ("boxes", "weights, activations and weight gradients per layer at {stage} (box q25-q75, whiskers q1-q99)",
+     {"quantities": ("weight", "activation", "weight_grad")}, ("initialization", "end of training")),
+    ("activation", "activation histograms at {stage}", {"quantity": "activation"},
+     ("initialization", "end of training")),
+    ("gradient", "gradient histograms at {stage} (cross-entropy loss)", {"quantity": "output_grad"},
+     ("initialization", "end of training")),
 )
 
 
 def _write_probe_figures(runs: pd.DataFrame, fig_dir: Path,
-                         interactive: list[tuple[str, str, dict, Path]] | None = None) -> list[tuple[str, Path]]:
-    probes = _probe_frames(runs)
+                         interactive: list[tuple[str, str, dict, Path]] | None = None,
+                         elsewhere: str | Path | None = None) -> list[tuple[str, Path]]:
+    probes = _probe_frames(runs, elsewhere)
     if not probes:
         return []
-    from initscope.plotting import plot_depth, plot_histograms, web
+    from initscope.plotting import plot_boxes, plot_depth, plot_histograms, web
 
     made = []
-    for name, frame in probes:
-        for kind, caption, kw in _PROBE_PLOTS:
-            png = fig_dir / f"probe_{kind}_{_slug(name)}.png"
+    for name, stage, frame in probes:
+        for kind, caption, kw, stages in _PROBE_PLOTS:
+            if stage not in stages:
+                continue
+            caption = caption.format(stage=stage)
+            png = fig_dir / f"probe_{kind}_{_slug(name)}{'' if stage == 'initialization' else '_end'}.png"
             try:
                 if kind == "depth":
                     plot_depth(frame, path=png, title=f"{name}: {caption.split(':')[0]}", **kw)
                     spec = web.depth_figure(frame, title=name, **kw)
+                elif kind == "boxes":
+                    plot_boxes(frame, path=png, title=f"{name}: {caption}", **kw)
+                    spec = web.boxes_figure(frame, title=f"{name}: {caption}", **kw)
                 else:
                     plot_histograms(frame, path=png, title=f"{name}: {caption}", **kw)
                     spec = web.histogram_figure(frame, title=f"{name}: {caption}", **kw)
