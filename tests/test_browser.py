@@ -124,3 +124,26 @@ def test_sweep_report_page_in_chromium(browser, tmp_path):
     shots = screenshots(opened, tmp_path, "report")
     assert "report.png" in shots and len(shots) == 5
     assert opened.errors == []
+
+
+def test_conv_bn_relu_page_has_its_activations(browser, tmp_path):
+    # Issue 16, item 3: on a Conv -> BatchNorm -> ReLU network (most real CNNs, the second paper's Fig. 6) the
+    # activation box plot and histograms were empty. Every panel must hold marks in the browser.
+    from torch import nn
+
+    from initscope.compare import compare
+
+    def conv_bn_relu():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    result = compare(conv_bn_relu, "kaiming-forward,asv-backward", input_shape=(3, 16, 16), batch=8,
+                     out_dir=tmp_path / "bn")
+    opened = open_page(browser, result.index)
+    assert_clean(opened, result.index)
+    marks = opened.page.evaluate(PANEL_MARKS)
+    assert len(marks["fig-boxes"]) == 3 and all(n > 0 for n in marks["fig-boxes"].values()), marks
+    assert len(marks["fig-histograms_activation"]) == 2
+    assert all(n > 0 for n in marks["fig-histograms_activation"].values()), marks
+    screenshots(opened, tmp_path, "conv-bn-relu")
