@@ -260,8 +260,9 @@ def plan_for_modes(model: nn.Module, plan: InitPlan) -> InitPlan:
     except (InitscopeError, ValueError, TypeError, RuntimeError) as exc:
         warnings.warn(
             f"the plan's predictions are for the modes the model was planned in, and {len(changed)} module(s) whose "
-            f"work depends on the mode are now in {now} mode ({where}); they could not be made again for it "
-            f"({exc}). The ratios from there on compare different modes: probe in the mode planned, or plan again.",
+            f"work depends on the mode are now in {now} mode ({where}), and the plan could not be made again for "
+            f"that ({exc}). The ratios from there on compare different modes: probe in the mode planned, or plan "
+            "again.",
             stacklevel=3,
         )
         return plan
