@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -117,3 +118,27 @@ def test_shrink_is_the_same_map(shape, seed, data):
     for dim in range(len(shape)):
         if m.shape[dim] > 1 and torch.equal(m, m.narrow(dim, 0, 1).expand_as(m)):
             assert s.shape[dim] == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 2000))
+def test_gaussians_keep_sign_masses_and_relu_moments_exactly(seed, n):
+    # A mixture of N(t_i, s_i²) (an eval-mode BatchNorm's channels, each shifted by its running
+    # mean): what a ReLU after it reads is exact, through the halves and through compression.
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(n, generator=g, dtype=DTYPE) * 2
+    s = torch.rand(n, generator=g, dtype=DTYPE) * 3 + 0.01
+    w = torch.rand(n, generator=g, dtype=DTYPE) + 0.1
+    d = Dist.gaussians(t, s, w)
+    a = t / s
+    cdf = 0.5 * torch.erfc(-a / math.sqrt(2))
+    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    p = w / w.sum()
+    positive = float((p * cdf).sum())
+    relu1 = float((p * (t * cdf + s * pdf)).sum())
+    relu2 = float((p * ((t * t + s * s) * cdf + t * s * pdf)).sum())
+    assert float(d.w[d.x > 0].sum()) == pytest.approx(positive, rel=1e-9, abs=1e-12)
+    assert d.expect(lambda x: x.clamp(min=0)) == pytest.approx(relu1, rel=1e-9, abs=1e-12)
+    assert d.expect(lambda x: x.clamp(min=0) ** 2) == pytest.approx(relu2, rel=1e-9, abs=1e-12)
+    assert d.m2 == pytest.approx(float((p * (t * t + s * s)).sum()), rel=1e-9)
+    assert d.x.numel() <= 2 * 512 + 3

@@ -33,6 +33,10 @@ def plan(
     network's output. Every method is propagated by the same engine, so a Kaiming plan shows where
     Kaiming's signal vanishes as an ASV plan shows where ASV keeps it.
 
+    The stds are chosen for training whatever mode the model is in (BatchNorm on batch statistics,
+    dropout active); the predictions are for the modes it is in: in eval mode a BatchNorm divides by
+    its running statistics and renormalizes nothing, and the plan's notes say so.
+
     Methods are registered objects (:data:`initscope.METHODS`, ``initscope methods`` on the command
     line): ``xavier``, ``kaiming-forward``, ``kaiming-backward``, ``asv-forward``, ``asv-backward``
     (Henmi et al., arXiv 2008.06885) and their exact variants, ``lecun``, ``orthogonal``, ``default``,

@@ -126,6 +126,12 @@ class InitPlan:
 
     Make one with :func:`initscope.plan`; :meth:`apply` writes it into a model of the same architecture
     (the one it was made from, or any copy).
+
+    The stds are chosen for training whatever mode the model is in (BatchNorm on batch statistics,
+    dropout active); the predictions are for the modes it was in when planned. ``modes`` names the
+    modules whose mode the predictions depend on (a BatchNorm with running statistics, a dropout) and
+    whether each was training: :func:`initscope.probe` of the model in other modes makes the
+    predictions again for them (:func:`initscope.planner.in_modes`).
     """
 
     method: str
@@ -135,8 +141,19 @@ class InitPlan:
     norm_scales: dict[str, float] = field(default_factory=dict)
     residual: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    modes: dict[str, bool] = field(default_factory=dict)
     # The batch a data-dependent method (lsuv) sets its stds on when applied; not serialized.
     example: Any = field(default=None, repr=False, compare=False)
+    # What the plan was made from (initscope.planner.Recipe), to make it again for other modes; not
+    # serialized, and it holds no reference to the model.
+    recipe: Any = field(default=None, repr=False, compare=False)
+
+    def modes_differ(self, model: nn.Module) -> list[str]:
+        """The modules of ``model`` whose mode the predictions depend on and which are now in another
+        mode than when planned (``""`` is the model itself)."""
+        named = dict(unwrap_model(model).named_modules())
+        return [name for name, training in self.modes.items()
+                if name in named and named[name].training != training]
 
     def __iter__(self) -> Iterator[LayerPlan]:
         return iter(self.layers)
@@ -173,6 +190,7 @@ class InitPlan:
             "norm_scales": dict(self.norm_scales),
             "residual": dict(self.residual),
             "notes": list(self.notes),
+            "modes": dict(self.modes),
         }
 
     def rows(self, columns: list[str] | None = None) -> list[list[str]]:

@@ -162,7 +162,7 @@ def _check_registry() -> None:
 def _copy(p: InitPlan) -> InitPlan:
     # LayerPlans are frozen; the containers are the caller's to change.
     return InitPlan(p.method, copy.deepcopy(p.options), p.input_shape, list(p.layers), dict(p.norm_scales),
-                    copy.deepcopy(p.residual), list(p.notes))
+                    copy.deepcopy(p.residual), list(p.notes), modes=dict(p.modes))
 
 
 def lookup(key: tuple | None) -> InitPlan | None:

@@ -11,6 +11,15 @@ The steps, for any method:
 4. The full propagation with those stds: per-position maps, correlations, border counts, overlapping
    windows. Its second moments at each layer are the plan's predictions. The residual policy acts in
    this pass.
+5. Where some op that depends on its mode runs in eval mode (a BatchNorm dividing by its running
+   statistics, a dropout that is off), step 4 again with the same stds and residual factors, each op
+   in its module's mode: its second moments are then the predictions, and a note says so.
+
+Steps 2-4 run every op as in training mode (BatchNorm on batch statistics, dropout active): an
+initialization is for training, so a model planned in eval mode gets the stds it would get in train
+mode, while its predictions (5) are for what it does in the modes it is in. :func:`in_modes` makes a
+plan again for the model's modes as they are now: what a probe of the model in other modes than it was
+planned in sets beside its measurements.
 """
 
 from __future__ import annotations
@@ -27,13 +36,14 @@ from initscope import plan_cache
 from initscope.errors import InitscopeError
 from initscope.graph.propagate import Pass, Resolved, WeightHook
 from initscope.graph.trace import trace
-from initscope.methods import Method, get_method
+from initscope.methods import METHODS, Method, get_method
 from initscope.methods.base import Layer
 from initscope.methods.job import Job, LayerInfo, formula_stds
 from initscope.methods.residual import ResidualAdd, find_residual_adds
 from initscope.options import Options
 from initscope.plan import InitPlan, LayerPlan, unwrap_model
 from initscope.rules.base import WeightRule
+from initscope.rules.norm import NormRule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.fluctuation import typical
 from initscope.stats.signal import Shared, Signal, Spatial
@@ -229,7 +239,7 @@ def _paper_model(resolved: Resolved, inputs: list[Signal], opts: Options, shape:
     """The paper's model (every weight layer's output reset to i.i.d. N(0, 1)), forward and backward."""
     try:
         return Pass(resolved, inputs, _Unit(), local=True, plane=True, on_unknown=opts.on_unknown,
-                    knobs=knobs).forward().backward()
+                    knobs=knobs, for_training=True).forward().backward()
     except InitscopeError:
         raise
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
@@ -269,20 +279,95 @@ def build_plan(
     model = unwrap_model(model)
     _check_model(model)
     full_inputs, local_inputs, shape = make_inputs(input_shape, example_input, opts.max_cov_positions)
+    recipe = Recipe(m, opts, full_inputs, local_inputs, shape, example_input is None)
+    result = _make(model, recipe, cache, on_propagate)
+    if m.needs_data:
+        result.example = example_input
+    return result
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a plan is made from besides the model: the method, the options and the input statistics.
+
+    A plan keeps it (not serialized) so that :func:`in_modes` can make it again for the model in
+    other modes than it was planned in; it holds no reference to the model.
+    """
+
+    method: Method
+    options: Options
+    full_inputs: list[Signal]
+    local_inputs: list[Signal]
+    shape: Any
+    gaussian_inputs: bool  # i.i.d. N(0, 1) of ``shape``, not a batch's statistics: the plan cache may key it
+
+
+def _make(model: nn.Module, recipe: Recipe, cache: bool = True,
+          on_propagate: Callable[[], None] | None = None) -> InitPlan:
+    m, opts = recipe.method, recipe.options
     resolved = Resolved.of(trace(model))
-    cacheable = cache and example_input is None and not m.reads_weights
-    key = plan_cache.plan_key(resolved, m, opts.to_dict(), shape) if cacheable else None
+    cacheable = cache and recipe.gaussian_inputs and not m.reads_weights
+    key = plan_cache.plan_key(resolved, m, opts.to_dict(), recipe.shape) if cacheable else None
     remembered = plan_cache.lookup(key)
     if remembered is not None:
+        remembered.recipe = recipe
         return remembered
     if on_propagate is not None:
         on_propagate()
     with one_intra_op_thread():
-        result = _propagate(model, m, resolved, full_inputs, local_inputs, shape, opts)
-    if m.needs_data:
-        result.example = example_input
+        result = _propagate(model, m, resolved, recipe.full_inputs, recipe.local_inputs, recipe.shape, opts)
     plan_cache.store(key, result)
+    result.recipe = recipe
     return result
+
+
+def in_modes(model: nn.Module, plan: InitPlan) -> InitPlan:
+    """``plan`` made again for ``model`` with its modules in the modes they are in now.
+
+    The stds are chosen for training whatever the modes, so they come out as the plan's while the
+    model is the one planned; the predictions are for the modes now (a BatchNorm in eval mode divides by
+    its running statistics). Raises :class:`~initscope.errors.InitscopeError` when the plan does not
+    say what it was made from (its method is not registered, or it was made from a batch and not
+    kept in this process).
+    """
+    model = unwrap_model(model)
+    recipe = plan.recipe
+    if recipe is None:
+        if plan.method not in METHODS or not isinstance(plan.input_shape, (tuple, list)):
+            raise InitscopeError(
+                f"the plan ({plan.method}) cannot be made again for the model's modes: its method is not registered "
+                "or it was made from an example batch in another process; plan the model again in the modes it "
+                "is probed in (initscope.plan(model.eval(), ...))"
+            )
+        opts = Options.make(**plan.options)
+        full, local, shape = make_inputs(plan.input_shape, None, opts.max_cov_positions)
+        recipe = Recipe(METHODS[plan.method], opts, full, local, shape, True)
+    again = _make(model, recipe)
+    again.example = plan.example
+    return again
+
+
+def mode_dependent(resolved: Resolved) -> dict[fx.Node, str]:
+    """The nodes whose op depends on the train/eval mode, each with the module it takes its mode from."""
+    found = {}
+    for node in resolved.traced.nodes:
+        rule = resolved.rules.get(node)
+        if rule is not None and rule.follows_mode(node, resolved.modules.get(node)):
+            found[node] = str(node.meta.get("initscope_mode_of", ""))
+    return found
+
+
+def _modes_note(resolved: Resolved, evaluated: list[fx.Node]) -> str:
+    """The plan's note for a model planned with some mode-dependent ops in eval mode."""
+    norms = sum(isinstance(resolved.rules.get(n), NormRule) for n in evaluated)
+    others = len(evaluated) - norms
+    parts = []
+    if norms:
+        parts.append(f"{norms} normalization(s) divide by their running statistics")
+    if others:
+        parts.append(f"{others} dropout op(s) pass their input unchanged")
+    return ("planned for training (stds chosen with BatchNorm on batch statistics and dropout active, as "
+            "training runs them); the predictions follow the model's eval mode: " + " and ".join(parts))
 
 
 def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any, local_inputs: Any,
@@ -325,6 +410,18 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
         raise _not_run(exc, shape) from exc
     stds, clamped, final, residual = chosen.stds, chosen.clamped, chosen.final, chosen.residual
     notes = list(chosen.notes) + [f"residual policy not applied at {s}" for s in residual.skipped]
+    # The stds are for training; the predictions for the modes the model is in.
+    dependent = mode_dependent(resolved)
+    evaluated = [n for n in dependent if not n.meta.get("initscope_training", False)]
+    if evaluated:
+        try:
+            final = job.in_model_modes(chosen)
+        except InitscopeError:
+            raise
+        except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+            raise _not_run(exc, shape) from exc
+        notes.append(_modes_note(resolved, evaluated))
+    modes = {owner: bool(node.meta.get("initscope_training", False)) for node, owner in dependent.items()}
     if kept_zero:
         notes.append(f"kept at zero what the model zeroed itself: {len(kept_zero)} normalization weight(s) at the "
                      f"end of residual branches ({', '.join(sorted(str(n.target) for n in kept_zero)[:4])}"
@@ -392,4 +489,5 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
         residual={"policy": policy, "adds": len(adds), "growth": opts.residual_growth,
                   "scaled": len(residual.alphas)},
         notes=notes,
+        modes=modes,
     )

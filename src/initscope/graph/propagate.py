@@ -56,6 +56,20 @@ class FixedStds(WeightHook):
         return self.stds[node] ** 2
 
 
+class Replay(WeightHook):
+    """The weight variances and bias second moments another pass over the same graph used, node by
+    node: that pass's predictions again under other conditions (the modules' own modes)."""
+
+    def __init__(self, done: "Pass") -> None:
+        self.forward_used, self.backward_used = done.forward_used, done.backward_used
+
+    def forward(self, node, ctx, unit):
+        return self.forward_used[node]
+
+    def backward(self, node, ctx, unit, arrived):
+        return self.backward_used.get(node, self.forward_used[node][0])
+
+
 class ResidualHook:
     """May rescale the branches of a residual add before they are summed, and their gradients after."""
 
@@ -152,8 +166,11 @@ class Pass:
         on_unknown: str = "error",
         residual: ResidualHook | None = None,
         knobs: frozenset[fx.Node] = frozenset(),
+        for_training: bool = False,
     ) -> None:
         self.r = resolved
+        # Every op as in training mode (the passes that choose stds), or each in its module's mode.
+        self.for_training = for_training
         self.knobs = knobs
         self.inputs = inputs
         self.weights = weights
@@ -165,6 +182,9 @@ class Pass:
         self.grads: dict[fx.Node, Any] = {}
         self.owner: dict[int, tuple[fx.Node, int | None]] = {}
         self.outputs: Any = None
+        # What the weight hook gave each weight layer, forward (variance, bias) and backward.
+        self.forward_used: dict[fx.Node, tuple[float, float]] = {}
+        self.backward_used: dict[fx.Node, float] = {}
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self) -> "Pass":
@@ -212,7 +232,7 @@ class Pass:
 
     def _context(self, node: fx.Node, args: tuple, kwargs: dict) -> Context:
         ctx = Context(node, self.r.modules.get(node), args, kwargs, self.local, self.plane, self.max_cov,
-                      knob=node in self.knobs, memo=self.r.memos.setdefault(node, {}))
+                      knob=node in self.knobs, for_training=self.for_training, memo=self.r.memos.setdefault(node, {}))
         self.contexts[node] = ctx
         return ctx
 
@@ -227,6 +247,7 @@ class Pass:
         if isinstance(rule, WeightRule):
             unit = _fresh(rule.forward_unit(ctx, *args, **kwargs), inputs, rule.channels(ctx))
             var, bias_m2 = self.weights.forward(node, ctx, unit)
+            self.forward_used[node] = (var, bias_m2)
             out = unit if self.local else finish_weight_forward(unit, rule.effective_var(ctx, var), bias_m2)
         else:
             out = rule.forward(ctx, *args, **kwargs)
@@ -270,7 +291,9 @@ class Pass:
                 x = rule.input_signal(ctx)
                 arrived = self._arrived(x)
                 unit = unit.with_(scatter=g.scatter)
-                var = rule.effective_var(ctx, self.weights.backward(node, ctx, unit, arrived))
+                var = self.weights.backward(node, ctx, unit, arrived)
+                self.backward_used[node] = var
+                var = rule.effective_var(ctx, var)  # what the op uses (a weight-standardized conv: not var)
                 contributions = {x: unit if self.local else unit.scaled(var)}
             else:
                 contributions = rule.backward(ctx, g)

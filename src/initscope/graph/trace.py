@@ -5,7 +5,10 @@ block built from known layers needs no rule. The model is traced in eval mode (s
 branches on ``self.training``, such as auxiliary heads, take one fixed path) and its modes are
 restored afterwards. What the eval-mode trace loses is the mode itself: a functional dropout traces
 with ``training=False`` baked in. Every node is therefore stamped with the mode of the module it runs
-in (``node.meta["initscope_training"]``), which is what the dropout rules read.
+in (``node.meta["initscope_training"]``), and with that module's qualified name
+(``node.meta["initscope_mode_of"]``): the dropout and normalization rules read the mode, and a plan
+records the modes its predictions were made for by name, so that a probe of the model in other modes
+can tell.
 """
 
 from __future__ import annotations
@@ -155,7 +158,9 @@ def _finish(model: nn.Module, graph: fx.Graph) -> Traced:
         if node.op == "get_attr":
             node.meta["initscope_param"] = _fetch(model, node.target)
         elif node.op in ("call_module", "call_function", "call_method"):
-            node.meta["initscope_training"] = _training(modes, node, model.training)
+            owner = _mode_owner(modes, node)
+            node.meta["initscope_mode_of"] = owner
+            node.meta["initscope_training"] = modes.get(owner, model.training)
             features = _linear_in_features(model, node)
             if features is not None:
                 node.meta["initscope_linear_in"] = features
@@ -179,15 +184,16 @@ def _linear_in_features(model: nn.Module, node: fx.Node) -> int | None:
     return None
 
 
-def _training(modes: dict[str, bool], node: fx.Node, default: bool) -> bool:
-    """The mode of the module a node runs in (the module itself for ``call_module``), as the model has it."""
+def _mode_owner(modes: dict[str, bool], node: fx.Node) -> str:
+    """The qualified name of the module whose mode a node runs in: the module itself for
+    ``call_module``, else the innermost module of its call stack ("" for the model itself)."""
     if node.op == "call_module":
-        return modes.get(str(node.target), default)
+        return str(node.target)
     stack = node.meta.get("nn_module_stack") or {}
     for path, _ in reversed(list(stack.values())):
         if path in modes:
-            return modes[path]
-    return default
+            return path
+    return ""
 
 
 def _fetch(model: nn.Module, target: str) -> torch.Tensor:

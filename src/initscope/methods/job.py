@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch.fx as fx
 from torch import nn
 
-from initscope.graph.propagate import FixedStds, Pass, Resolved, WeightHook
+from initscope.graph.propagate import FixedStds, Pass, Replay, Resolved, WeightHook
 from initscope.methods.base import Layer, Method, check_finite
 from initscope.methods.residual import ResidualAdd, ResidualPolicy
 from initscope.stats.signal import Signal
@@ -119,8 +119,21 @@ class Job:
                               backward_starts=backward_starts, kept_zero=self.kept_zero)
 
     def run(self, hook: WeightHook, residual: ResidualPolicy) -> Pass:
-        """A full propagation, forward then backward, with the weight variances ``hook`` decides."""
+        """A full propagation, forward then backward, with the weight variances ``hook`` decides.
+
+        Every op runs as in training mode (BatchNorm on batch statistics, dropout active), whatever
+        the modules' modes: the stds are chosen for training, which is what an initialization is for.
+        """
         return Pass(self.resolved, self.inputs, hook, max_cov=self.options.max_cov_positions,
+                    on_unknown=self.options.on_unknown, residual=residual, knobs=self.knobs,
+                    for_training=True).forward().backward()
+
+    def in_model_modes(self, chosen: Chosen) -> Pass:
+        """``chosen``'s final propagation again, each op in its module's own mode: the same weight
+        variances (its hook, replayed), the same residual factors (replayed, not decided again from
+        what eval mode would carry), so that only what the modes change moves the predictions."""
+        residual = chosen.residual.replay()
+        return Pass(self.resolved, self.inputs, Replay(chosen.final), max_cov=self.options.max_cov_positions,
                     on_unknown=self.options.on_unknown, residual=residual, knobs=self.knobs).forward().backward()
 
     def run_fixed(self) -> Chosen:

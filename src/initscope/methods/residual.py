@@ -137,6 +137,7 @@ class ResidualPolicy(ResidualHook):
     def __init__(self, adds: list[ResidualAdd], policy: str, growth: float, decide: bool = True,
                  alphas: dict[fx.Node, float] | None = None, backward_starts: bool = False,
                  kept_zero: frozenset[fx.Node] = frozenset()) -> None:
+        self.adds, self.growth = adds, growth
         self.by_node = {ra.node: ra for ra in adds}
         self.policy = policy
         # Knobs the model zeroed itself (a zero_init_last BatchNorm): they stay at zero.
@@ -149,6 +150,11 @@ class ResidualPolicy(ResidualHook):
         self.backward_starts = backward_starts
         self.scaled: dict[int, tuple[Signal, float]] = {}
         self.skipped: list[str] = []
+
+    def replay(self) -> "ResidualPolicy":
+        """The same policy with the factors it decided, for another pass over the same graph."""
+        return ResidualPolicy(self.adds, self.policy, self.growth, decide=False, alphas=self.alphas,
+                              backward_starts=self.backward_starts, kept_zero=self.kept_zero)
 
     def handles(self, branch: Branch) -> bool:
         if branch.knob is None:

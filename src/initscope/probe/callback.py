@@ -29,7 +29,7 @@ from torch import nn
 
 from initscope.plan import InitPlan, plan_of
 from initscope.probe.hooks import QUANTITIES, Recorder, Selection, check_quantities, select
-from initscope.probe.probe import COLUMNS, Probe, build, probe, save_frame
+from initscope.probe.probe import COLUMNS, Probe, build, plan_for_modes, probe, save_frame
 from initscope.probe.sinks import Sink, as_sinks
 from initscope.probe.summary import DEFAULT_BINS, DEFAULT_SAMPLE
 
@@ -100,6 +100,8 @@ class ProbeCallback:
         selection = select(model, self.layers)
         recorder = Recorder(model, Selection(selection.modules), quantities=self.quantities, **self.options)
         plan = self.plan if self.plan is not None else plan_of(model)
+        if plan is not None:
+            plan = plan_for_modes(model, plan)  # predictions for the modes the step runs in
         recorder.install()
         self._attached = (step, recorder, plan)
         return True

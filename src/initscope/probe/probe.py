@@ -249,6 +249,43 @@ def check_plan(model: nn.Module, plan: InitPlan) -> None:
         )
 
 
+def plan_for_modes(model: nn.Module, plan: InitPlan) -> InitPlan:
+    """``plan``, or, when some module its predictions depend on (a BatchNorm with running statistics,
+    a dropout) is now in another mode than when planned, the plan made again for the modes now: same
+    stds, predictions for what the model will do (a BatchNorm in eval mode divides by its running
+    statistics and renormalizes nothing). A plan that cannot be made again is kept, with a warning."""
+    changed = plan.modes_differ(model)
+    if not changed:
+        return plan
+    from initscope.planner import in_modes
+
+    now = "eval" if not dict(unwrap_model(model).named_modules())[changed[0]].training else "train"
+    where = f"{', '.join(repr(n) for n in changed[:3])}{', ...' if len(changed) > 3 else ''}"
+    try:
+        again = in_modes(model, plan)
+    except (InitscopeError, ValueError, TypeError, RuntimeError) as exc:
+        warnings.warn(
+            f"the plan's predictions are for the modes the model was planned in, and {len(changed)} module(s) whose "
+            f"work depends on the mode are now in {now} mode ({where}), and the plan could not be made again for "
+            f"that ({exc}). The ratios from there on compare different modes: probe in the mode planned, or plan "
+            "again.",
+            stacklevel=3,
+        )
+        return plan
+    planned = {layer.name: layer.std for layer in plan.layers}
+    moved = [layer.name for layer in again.layers
+             if not math.isclose(layer.std, planned.get(layer.name, math.nan), rel_tol=1e-9, abs_tol=0.0)]
+    if moved:
+        warnings.warn(
+            f"the predictions for the model's modes now ({len(changed)} module(s) in {now} mode: {where}) come from "
+            f"planning it again, and that plan's stds differ from the given plan's at {len(moved)} layer(s) "
+            f"({', '.join(moved[:3])}{', ...' if len(moved) > 3 else ''}): the model's normalization parameters "
+            "changed since it was planned, so the predictions are for the model as it is now",
+            stacklevel=3,
+        )
+    return again
+
+
 def _expected(module: nn.Module | None) -> str:
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         d = len(module.kernel_size)
@@ -304,7 +341,8 @@ def probe(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None =
     by default); with ``loss_fn`` alone, ``loss_fn(output)``. Gradients are taken with
     ``torch.autograd.grad``, so no parameter's ``.grad`` changes; module hooks are removed, and buffers
     (BatchNorm's running statistics) restored, even when the model raises. The mode (train/eval) is the
-    model's own.
+    model's own, and so are the predictions: a plan made in another mode is made again for this one
+    (:func:`plan_for_modes`; a BatchNorm in eval mode divides by its running statistics).
 
     Args:
         model: any ``nn.Module`` taking one tensor.
@@ -345,6 +383,7 @@ def probe(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None =
                 f"{tuple(inputs.shape[1:])}: the ratios compare different inputs",
                 stacklevel=2,
             )
+        plan = plan_for_modes(model, plan)
     selection = select(model, layers)
     recorder = Recorder(model, selection, quantities=quantities, bins=bins, quantiles=quantiles,
                         histograms=histograms, sample=sample, seed=seed)

@@ -34,6 +34,9 @@ class Context:
         max_cov: spatial maps of at most this many positions carry a full covariance.
         knob: the planner's residual policy scales this node (a normalization at the end of a
             residual branch): it is planned as applying the plan will leave it.
+        for_training: run every op as in training mode, whatever its module's mode (the passes that
+            choose a plan's stds: an initialization is for training). Otherwise each op runs in the
+            mode of its module (:attr:`training`), which is what a probe of the model measures.
 
     What a rule computes in its forward for its own backward (a pooling's window spec, an
     activation's derivative map), or for another rule to read (the residual policy reads which
@@ -51,8 +54,15 @@ class Context:
     max_cov: int = 64
     out: Any = None
     knob: bool = False
+    for_training: bool = False
     scratch: dict = field(default_factory=dict, repr=False)
     memo: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def training(self) -> bool:
+        """Whether the op runs as in training mode here: always in a pass ``for_training``, else as
+        its module is (the tracer stamps each node with it: ``node.meta["initscope_training"]``)."""
+        return self.for_training or bool(self.node.meta.get("initscope_training", False))
 
     def keep_cov(self, positions: int) -> bool:
         return not self.plane and 1 < positions <= self.max_cov
@@ -98,6 +108,12 @@ class Rule:
 
     def backward(self, ctx: Context, grad: Grad) -> dict[Signal, Grad]:
         raise NotImplementedError
+
+    def follows_mode(self, node: "torch.fx.Node", module: nn.Module | None) -> bool:
+        """Whether what the op does at ``node`` depends on the train/eval mode (dropout, a BatchNorm
+        with running statistics). A plan records the modes of such ops' modules, and a probe of the
+        model in other modes has its predictions made again for them."""
+        return False
 
     def homogeneous(self, ctx: Context) -> bool:
         """Whether the op is positively homogeneous in its one tensor input at this node (``f(αx) =

@@ -86,12 +86,20 @@ class DropoutRule(Rule):
     * stochastic depth's ``batch`` mode: one draw for everything, nothing shrinks.
 
     The marginal is the mixture of ``x / k`` (mass k) and an atom at zero (mass p). A gradient has the
-    same covariance structure. Eval mode (the module's mode when planned) is the identity.
+    same covariance structure. Eval mode is the identity: the passes that choose a plan's stds run
+    every dropout as in training (``Context.training``), the predictions follow the module's mode.
     """
+
+    def follows_mode(self, node, module) -> bool:
+        # A dropout of p = 0 (timm's default drop_rate) is the identity in both modes.
+        if module is not None:
+            return float(module.p) > 0.0
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else None)
+        return not (isinstance(p, (int, float)) and not isinstance(p, bool) and p == 0)
 
     def _drop(self, ctx: Context) -> tuple[float, str]:
         """The drop probability (0 when the op is the identity) and what one draw covers."""
-        if not ctx.node.meta.get("initscope_training", False):
+        if not ctx.training:
             return 0.0, "element"
         if ctx.module is not None:
             return float(ctx.module.p), _DROPOUT_MODULES[type(ctx.module)]

@@ -46,6 +46,34 @@ def normal_grid(half_width: float = 10.0, n: int = 8000) -> tuple[Tensor, Tensor
     return z, w / w.sum()
 
 
+def _gaussian_halves(mu: np.ndarray, std: "float | np.ndarray", w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points and masses standing for ``N(mu_i, std²)`` with masses ``w_i`` (``std`` one number, or
+    one per Gaussian; positive): each Gaussian split at zero into its two halves, each half two points
+    with the half's exact mass, mean and variance (the truncated-normal closed forms)."""
+    # In numpy: ~20 ops on ~500 points, where torch's per-op cost would be most of the time.
+    a = mu / std
+    p = 0.5 * special.erfc(-a / _SQRT2)  # P(> 0) per point
+    # Inverse Mills ratios φ(a)/Φ(a) and φ(a)/(1 - Φ(a)) through erfcx: no overflow in the tails.
+    up = _SQRT_2_OVER_PI / special.erfcx(-a / _SQRT2)
+    down = _SQRT_2_OVER_PI / special.erfcx(a / _SQRT2)
+    m_up, m_down = a + up, a - down
+    s_up = np.sqrt(np.maximum(1 - up * (up + a), 0.0))
+    s_down = np.sqrt(np.maximum(1 - down * (down - a), 0.0))
+    # A half of a log-concave density has sd <= |mean|, so mean -/+ sd stays on its side; the
+    # clamp only guards rounding where a half has no mass worth the name.
+    tiny = np.finfo(np.float64).tiny
+    scale = std if np.ndim(std) == 0 else np.tile(std, 4)
+    x = np.concatenate((np.minimum(m_down - s_down, -tiny), np.minimum(m_down + s_down, -tiny),
+                        np.maximum(m_up - s_up, tiny), np.maximum(m_up + s_up, tiny))) * scale
+    half = 0.5 * w
+    low = (1 - p) * half
+    high = p * half
+    w = np.concatenate((low, low, high, high))
+    # Four runs (one per kind of point), each in X's order: the stable sort merges them.
+    keep = w > 0
+    return x[keep], w[keep]
+
+
 @dataclass(frozen=True)
 class Dist:
     """A discrete distribution: points ``x`` (sorted) with probabilities ``w``."""
@@ -120,27 +148,19 @@ class Dist:
         """
         if std == 0:
             return self
-        # In numpy: ~20 ops on ~500 points, where torch's per-op cost would be most of the time.
-        a = self.x.numpy() / std
-        p = 0.5 * special.erfc(-a / _SQRT2)  # P(> 0) per point
-        # Inverse Mills ratios φ(a)/Φ(a) and φ(a)/(1 - Φ(a)) through erfcx: no overflow in the tails.
-        up = _SQRT_2_OVER_PI / special.erfcx(-a / _SQRT2)
-        down = _SQRT_2_OVER_PI / special.erfcx(a / _SQRT2)
-        m_up, m_down = a + up, a - down
-        s_up = np.sqrt(np.maximum(1 - up * (up + a), 0.0))
-        s_down = np.sqrt(np.maximum(1 - down * (down - a), 0.0))
-        # A half of a log-concave density has sd <= |mean|, so mean -/+ sd stays on its side; the
-        # clamp only guards rounding where a half has no mass worth the name.
-        tiny = np.finfo(np.float64).tiny
-        x = np.concatenate((np.minimum(m_down - s_down, -tiny), np.minimum(m_down + s_down, -tiny),
-                            np.maximum(m_up - s_up, tiny), np.maximum(m_up + s_up, tiny))) * std
-        half = 0.5 * self.w.numpy()
-        low = (1 - p) * half
-        high = p * half
-        w = np.concatenate((low, low, high, high))
-        # Four runs (one per kind of point), each in X's order: the stable sort merges them.
-        keep = w > 0
-        return Dist._of_arrays(x[keep], w[keep], bins)
+        x, w = _gaussian_halves(self.x.numpy(), std, self.w.numpy())
+        return Dist._of_arrays(x, w, bins)
+
+    @staticmethod
+    def gaussians(means: Tensor, stds: Tensor, weights: Tensor, bins: int = BINS) -> "Dist":
+        """The mixture of ``N(means_i, stds_i²)`` with masses ``weights``, each Gaussian split as
+        :meth:`add_gaussian` splits one: its sign masses and its ReLU's first and second moments exact."""
+        mu = means.detach().cpu().to(DTYPE).reshape(-1).numpy()
+        sd = stds.detach().cpu().to(DTYPE).reshape(-1).abs().numpy()
+        wt = weights.detach().cpu().to(DTYPE).reshape(-1).numpy()
+        point = sd == 0  # a Gaussian of no width is its mean
+        x, w = _gaussian_halves(mu[~point], sd[~point], wt[~point])
+        return Dist._of_arrays(np.concatenate((x, mu[point])), np.concatenate((w, wt[point])), bins)
 
     def add(self, other: "Dist", bins: int = BINS) -> "Dist":
         """Distribution of ``X + Y`` for independent X (self) and Y (other)."""
