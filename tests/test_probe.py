@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18
 
@@ -506,3 +507,32 @@ def test_flags_are_set_by_the_plans_own_spread(method):
     flagged = initscope.probe(model, x).flagged
     assert broken in flagged
     assert all(name in flagged for name in [l.name for l in p.layers[20:]][:3])
+
+
+def test_a_training_loss_is_compared_at_its_own_scale(one_thread):
+    # The plans predict gradients for a unit gradient at the output; cross-entropy's is (softmax - onehot) / N,
+    # decades smaller. The backward pass is linear in it, so the probe scales the predictions by E[g²]
+    # measured at the output (grad_scale) before it compares: no layer of a well-planned net is flagged for
+    # its gradient, in probe() and in a training step's own pass (ProbeCallback.attach/collect).
+    from initscope.probe import ProbeCallback
+
+    torch.manual_seed(0)
+    model = initscope.models.create("plain34", width=8, num_classes=10)
+    plan = initscope.init_(model, "kaiming-forward", input_shape=(3, 32, 32), generator=torch.Generator().manual_seed(0))
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    p = initscope.probe(model, x, y, plan=plan)
+    weighted = [layer for layer in p.layers if math.isfinite(layer.pred_in_grad_var)]
+    scale = weighted[0].grad_scale
+    assert 1e-6 < scale < 1e-2 and all(layer.grad_scale == scale for layer in weighted)
+    assert not [layer.name for layer in weighted if abs(math.log2(layer.in_grad_ratio)) > layer.flag_grad_bits]
+    unit = initscope.probe(model, x, plan=plan)  # the probe's own unit-noise loss: no scale
+    assert {layer.grad_scale for layer in unit.layers} == {1.0}
+
+    callback = ProbeCallback(every=1, plan=plan)
+    callback.attach(model, 0)
+    F.cross_entropy(model(x), y).backward()
+    step = callback.collect(0)
+    model.zero_grad(set_to_none=True)
+    assert step.layers[-1].grad_scale == pytest.approx(scale, rel=1e-6)
+    assert not [layer.name for layer in step.layers
+                if math.isfinite(layer.pred_in_grad_var) and abs(math.log2(layer.in_grad_ratio)) > layer.flag_grad_bits]

@@ -27,7 +27,7 @@ STAT_COLUMNS: tuple[str, ...] = (
 )
 PRED_COLUMNS: tuple[str, ...] = (
     "pred_out_var", "pred_in_grad_var", "pred_out_spread", "pred_grad_spread", "meas_out_var", "meas_in_grad_var",
-    "out_ratio", "in_grad_ratio", "draws", "flag_out_bits", "flag_grad_bits", "flagged",
+    "out_ratio", "in_grad_ratio", "grad_scale", "draws", "flag_out_bits", "flag_grad_bits", "flagged",
 )
 COLUMNS: tuple[str, ...] = ("layer", "index", "kind", "quantity", *STAT_COLUMNS, *PRED_COLUMNS)
 # A measurement is flagged when it lies outside what the plan predicts for it: more than FLAG_Z of the
@@ -70,6 +70,10 @@ class LayerStats:
     pred_out_spread: float = _NAN  # the plan's sd of log2 of one draw's pred_out_var
     pred_grad_spread: float = _NAN
     draws: int = 1  # draws the measurements average (geometric mean)
+    # E[g²] at the network's output under the loss that was probed: the plans predict for a unit output
+    # gradient (1 for probe()'s own loss), and the backward pass is linear in it, so a training loss's
+    # gradients are compared with pred_in_grad_var × grad_scale (pred_in_grad_var stays the plan's).
+    grad_scale: float = 1.0
 
     @property
     def meas_out_var(self) -> float:
@@ -89,7 +93,8 @@ class LayerStats:
 
     @property
     def in_grad_ratio(self) -> float:
-        return _ratio(self.meas_in_grad_var, self.pred_in_grad_var)
+        """Measured over predicted input gradient, the prediction scaled to the probed loss (``grad_scale``)."""
+        return _ratio(self.meas_in_grad_var, self.pred_in_grad_var * self.grad_scale)
 
     @property
     def nonfinite(self) -> int:
@@ -110,8 +115,10 @@ class LayerStats:
         not a number where there is a prediction, or a non-finite entry."""
         if self.nonfinite > 0:
             return True
-        for pred, ratio, limit in ((self.pred_out_var, self.out_ratio, self.flag_out_bits),
-                                   (self.pred_in_grad_var, self.in_grad_ratio, self.flag_grad_bits)):
+        checks = [(self.pred_out_var, self.out_ratio, self.flag_out_bits)]
+        if math.isfinite(self.grad_scale):  # a loss whose output gradient was not seen cannot be compared
+            checks.append((self.pred_in_grad_var, self.in_grad_ratio, self.flag_grad_bits))
+        for pred, ratio, limit in checks:
             if math.isfinite(pred) and pred > 0 and not (ratio > 0 and abs(math.log2(ratio)) <= limit):
                 return True
         return False
@@ -126,6 +133,7 @@ class LayerStats:
             "meas_in_grad_var": float(self.meas_in_grad_var),
             "out_ratio": float(self.out_ratio),
             "in_grad_ratio": float(self.in_grad_ratio),
+            "grad_scale": float(self.grad_scale),
             "draws": int(self.draws),
             "flag_out_bits": float(self.flag_out_bits),
             "flag_grad_bits": float(self.flag_grad_bits),
@@ -225,6 +233,8 @@ def load_frame(path: str | Path) -> pd.DataFrame:
             frame["hist_counts"] = [json.loads(text) for text in frame["hist_counts"]]
     else:
         raise ValueError(f"cannot load {str(path)!r}: the suffix must be .parquet or .csv, not {suffix or 'none'!r}")
+    if "in_grad_ratio" in frame and "grad_scale" not in frame:  # written before the column was: a unit loss's
+        frame.insert(list(frame.columns).index("in_grad_ratio") + 1, "grad_scale", 1.0)
     return frame
 
 
@@ -387,13 +397,18 @@ def probe(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None =
     selection = select(model, layers)
     recorder = Recorder(model, selection, quantities=quantities, bins=bins, quantiles=quantiles,
                         histograms=histograms, sample=sample, seed=seed)
-    run_pass(model, inputs, targets, loss_fn, recorder, plan, seed)
-    return build(recorder, plan)
+    scale = run_pass(model, inputs, targets, loss_fn, recorder, plan, seed)
+    return build(recorder, plan, scale)
 
 
 def run_pass(model: nn.Module, inputs: torch.Tensor, targets, loss_fn, recorder: Recorder, plan: InitPlan | None,
-             seed: int) -> None:
-    """One forward and backward pass with ``recorder``'s hooks; the model is left as it was, whatever happens."""
+             seed: int) -> float:
+    """One forward and backward pass with ``recorder``'s hooks; the model is left as it was, whatever happens.
+
+    Returns ``E[g²]`` at the output under the loss: 1 for the unit-noise loss (what the plans assume, by
+    construction), the measured value for a training loss (NaN where the output takes no gradient)."""
+    unit_loss = targets is None and loss_fn is None
+    scale = 1.0 if unit_loss else _NAN
     x = inputs.detach().clone()
     if x.is_floating_point():
         x.requires_grad_(True)
@@ -413,21 +428,33 @@ def run_pass(model: nn.Module, inputs: torch.Tensor, targets, loss_fn, recorder:
                              f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}: {exc}") from exc
         weights = recorder.take_weights()
         wrt = ([x] if x.requires_grad else []) + list(weights.values())
+        at_out = not unit_loss and isinstance(out, torch.Tensor) and out.requires_grad
+        if at_out:
+            wrt.append(out)
         if wrt and loss.requires_grad:
             try:
                 grads = torch.autograd.grad(loss, wrt, allow_unused=True)
             except Exception as exc:
                 raise ProbeError(f"probe: the backward pass raised {type(exc).__name__}: {exc}") from exc
-            recorder.take_weight_grads(dict(zip(weights, grads[len(wrt) - len(weights):])))
+            if at_out:
+                g_out, grads = grads[-1], grads[:-1]
+                if g_out is not None:
+                    scale = float(g_out.detach().double().pow(2).mean())
+            recorder.take_weight_grads(dict(zip(weights, grads[len(grads) - len(weights):])))
     finally:
         recorder.remove()
         with torch.no_grad():
             for buf, saved in buffers:
                 buf.copy_(saved)
+    return scale
 
 
-def build(recorder: Recorder, plan: InitPlan | None) -> Probe:
-    """The :class:`Probe` of what ``recorder`` collected, with ``plan``'s predictions set beside it."""
+def build(recorder: Recorder, plan: InitPlan | None, grad_scale: float | None = None) -> Probe:
+    """The :class:`Probe` of what ``recorder`` collected, with ``plan``'s predictions set beside it.
+
+    ``grad_scale`` is ``E[g²]`` at the network's output under the loss (see :class:`LayerStats`); None (a
+    training step's own loss, which the recorder does not see) takes it as measured at the output of the
+    last weight layer in the forward pass, the network's output in a classifier."""
     preds = {layer.name: layer for layer in plan.layers} if plan is not None else {}
     layers = []
     for rec in recorder.called():
@@ -437,6 +464,11 @@ def build(recorder: Recorder, plan: InitPlan | None) -> Probe:
                                  float(lp.pred_in_grad_var) if lp is not None else _NAN,
                                  float(lp.out_spread) if lp is not None else _NAN,
                                  float(lp.grad_spread) if lp is not None else _NAN))
+    if grad_scale is None:
+        last = [layer for layer in layers if math.isfinite(layer.pred_in_grad_var) and "output_grad" in layer.stats]
+        grad_scale = last[-1].stats["output_grad"].second_moment if last else _NAN
+    for layer in layers:
+        layer.grad_scale = grad_scale
     missing = recorder.uncalled()
     if missing:
         warnings.warn(f"not called in the forward pass, so not probed: {', '.join(missing)}", stacklevel=3)
