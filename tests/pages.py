@@ -51,7 +51,7 @@ def strings(value):
 def sweep_report(tmp_path: Path, *, epochs: int = 4, title: str = "a sweep"):
     """``initscope report`` on a store of two finished runs (xavier, asv-backward) with ``epochs`` epochs of
     history, test metrics and a probe at initialization each: the sweep report page, with curves and the
-    three probe figures."""
+    four probe figures (depth, boxes, two histograms)."""
     from probe_frames import make_frame
 
     from initscope.experiments.store import Store

@@ -105,7 +105,7 @@ def test_sweep_report_page_in_chromium(browser, tmp_path):
     assert_clean(opened, index)
 
     marks = page.evaluate(PANEL_MARKS)
-    assert len(marks) == 4  # the curves, the probe's depth plot and its two histograms
+    assert len(marks) == 5  # the curves, the probe's depth plot, its box plots and its two histograms
     assert all(per and all(n > 0 for n in per.values()) for per in marks.values()), marks
 
     # the curves: a point names its run, split and epoch, the accuracy in %
@@ -122,7 +122,7 @@ def test_sweep_report_page_in_chromium(browser, tmp_path):
     assert table.locator("thead th").nth(1).get_attribute("aria-sort") == "ascending"
 
     shots = screenshots(opened, tmp_path, "report")
-    assert "report.png" in shots and len(shots) == 5
+    assert "report.png" in shots and len(shots) == 6
     assert opened.errors == []
 
 
