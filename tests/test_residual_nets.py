@@ -40,3 +40,25 @@ def test_an_identity_before_the_branch_reads_the_gradient_of_the_block_input():
     for a, b in zip(with_identity.layers, without.layers):
         assert a.pred_in_grad_var == b.pred_in_grad_var, a.name
         assert a.pred_out_var == b.pred_out_var, a.name
+
+
+def test_residual_policy_passes_a_zero_bias_at_the_branch_end():
+    # Fixup's scalar bias (a parameter, 0 at init) sits between a branch's last conv and the add; the policy
+    # was "not applied" there, so on the CIFAR ResNets with fixup_scalars residual="scale" and "zero" planned
+    # exactly what "none" did (the depth sweep's asv-backward (residual=scale) and (residual=zero) runs were
+    # the same runs). A bias that is zero changes nothing the knob scales: the policy reaches the conv.
+    from initscope.models.cifar import resnet20
+
+    model = resnet20(norm="none", fixup_scalars=True)
+    plans = {pol: initscope.plan(model, "asv-backward", input_shape=(3, 32, 32), residual=pol, cache=False)
+             for pol in ("none", "scale", "zero")}
+    ends = [layer.name for layer in plans["none"].layers if layer.name.endswith("conv2")]
+    assert len(ends) == 9
+    assert not [n for p in plans.values() for n in p.notes if "residual policy not applied" in n]
+    assert all(plans["zero"][e].std == 0.0 for e in ends)
+    assert all(0 < plans["scale"][e].std < plans["none"][e].std for e in ends)
+    # a bias that is not zero is a real offset: the branch is not positively homogeneous, the policy says so
+    with torch.no_grad():
+        model.layer1[0].bias2b.value.fill_(0.5)
+    notes = initscope.plan(model, "asv-backward", input_shape=(3, 32, 32), residual="scale", cache=False).notes
+    assert any("residual policy not applied" in n for n in notes)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.fx as fx
@@ -237,9 +237,18 @@ def _norm_knobs(resolved: Resolved, adds: list[ResidualAdd]) -> tuple[frozenset[
 def _paper_model(resolved: Resolved, inputs: list[Signal], opts: Options, shape: Any,
                  knobs: frozenset[fx.Node] = frozenset()) -> Pass:
     """The paper's model (every weight layer's output reset to i.i.d. N(0, 1)), forward and backward."""
+    return _propagating(lambda: Pass(resolved, inputs, _Unit(), local=True, plane=True, on_unknown=opts.on_unknown,
+                                     knobs=knobs, for_training=True).forward().backward(), shape)
+
+
+T = TypeVar("T")
+
+
+def _propagating(run: Callable[[], T], shape) -> T:
+    """``run()``, a propagation over the traced model: an error of a rule's arithmetic (the model does not
+    run on ``shape``) becomes :func:`_not_run`'s, initscope's own errors pass as they are."""
     try:
-        return Pass(resolved, inputs, _Unit(), local=True, plane=True, on_unknown=opts.on_unknown,
-                    knobs=knobs, for_training=True).forward().backward()
+        return run()
     except InitscopeError:
         raise
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
@@ -402,24 +411,14 @@ def _propagate(model: nn.Module, m: Method, resolved: Resolved, full_inputs: Any
 
     # The full propagation, in which a method may choose its stds.
     job = Job(resolved, full_inputs, opts, infos, adds, policy, stds, clamped, bias_m2, knobs, kept_zero)
-    try:
-        chosen = m.full_pass(job)
-    except InitscopeError:
-        raise
-    except (ValueError, RuntimeError, IndexError, TypeError) as exc:
-        raise _not_run(exc, shape) from exc
+    chosen = _propagating(lambda: m.full_pass(job), shape)
     stds, clamped, final, residual = chosen.stds, chosen.clamped, chosen.final, chosen.residual
     notes = list(chosen.notes) + [f"residual policy not applied at {s}" for s in residual.skipped]
     # The stds are for training; the predictions for the modes the model is in.
     dependent = mode_dependent(resolved)
     evaluated = [n for n in dependent if not n.meta.get("initscope_training", False)]
     if evaluated:
-        try:
-            final = job.in_model_modes(chosen)
-        except InitscopeError:
-            raise
-        except (ValueError, RuntimeError, IndexError, TypeError) as exc:
-            raise _not_run(exc, shape) from exc
+        final = _propagating(lambda: job.in_model_modes(chosen), shape)
         notes.append(_modes_note(resolved, evaluated))
     modes = {owner: bool(node.meta.get("initscope_training", False)) for node, owner in dependent.items()}
     if kept_zero:

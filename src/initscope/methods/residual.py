@@ -94,6 +94,14 @@ def find_residual_adds(resolved: Resolved, probe: Pass) -> list[ResidualAdd]:
     return found
 
 
+def _adds_zero(ctx) -> bool:
+    """Whether every operand of an add but the tensor is a constant that is zero (a bias still at its init)."""
+    others = [a for a in ctx.args if not (isinstance(a, Signal) and a.const is None)]
+    return bool(others) and all(
+        (isinstance(a, Number) and a == 0) or (isinstance(a, Signal) and a.const is not None and not a.const.any())
+        for a in others)
+
+
 def _knob(start: fx.Node, fork: fx.Node, resolved: Resolved, probe: Pass) -> tuple[fx.Node | None, str | None, str]:
     """Walk back from a branch's end through homogeneous ops to what scales it."""
     node = start
@@ -116,6 +124,8 @@ def _knob(start: fx.Node, fork: fx.Node, resolved: Resolved, probe: Pass) -> tup
                 return None, None, f"the branch scales itself ({node.name} multiplies it by a parameter: a layer scale)"
             if len(sources) != 1 or not all(isinstance(c, (Number, Signal)) for c in consts):
                 return None, None, f"{node.name} multiplies the branch by a tensor computed in the forward pass"
+        elif isinstance(rule, AddRule) and len(sources) == 1 and _adds_zero(ctx):
+            pass  # a bias that is zero at init (Fixup's scalar biases): the branch passes through unchanged
         elif not rule.homogeneous(ctx):
             if isinstance(rule, ElementwiseRule):
                 return None, None, f"{node.name} is not positively homogeneous"

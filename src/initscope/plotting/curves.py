@@ -26,6 +26,18 @@ def accuracy_percent(values: "Sequence[float] | pd.Series") -> pd.Series:
     return y.where(y.abs() != float("inf"))
 
 
+def history_frame(history, who: str) -> tuple[pd.DataFrame, list[str], dict[str, tuple]]:
+    """A run's history (a frame or rows) checked for :data:`HISTORY_COLUMNS` (``who`` names the caller in
+    the error), with a text ``label`` column (empty where none), its labels in order and their colours."""
+    frame = history if isinstance(history, pd.DataFrame) else pd.DataFrame(list(history))
+    check_columns(frame, HISTORY_COLUMNS, who)
+    if "label" not in frame.columns:
+        frame = frame.assign(label="")
+    frame = frame.assign(label=frame["label"].astype(str))
+    labels = list(dict.fromkeys(frame["label"]))
+    return frame, labels, method_colors(labels)
+
+
 def plot_training_curves(history, *, path: str | Path | None = None, title: str | None = None) -> Figure:
     """Accuracy in % (left) and loss (right) against epoch: validation solid with dots, training dashed with
     squares.
@@ -42,13 +54,7 @@ def plot_training_curves(history, *, path: str | Path | None = None, title: str 
     are left as gaps. Epochs are whole numbers on the axis; a run shorter than 15 epochs has a marker at
     every epoch, its split told by the marker as well as by the line (the legend shows both).
     """
-    frame = history if isinstance(history, pd.DataFrame) else pd.DataFrame(list(history))
-    check_columns(frame, HISTORY_COLUMNS, "plot_training_curves")
-    if "label" not in frame.columns:
-        frame = frame.assign(label="")
-    frame = frame.assign(label=frame["label"].astype(str))
-    labels = list(dict.fromkeys(frame["label"]))
-    colors = method_colors(labels)
+    frame, labels, colors = history_frame(history, "plot_training_curves")
 
     fig = new_figure(11.0, 4.2)
     fig.subplots_adjust(left=0.07, right=0.83, bottom=0.13, top=0.85, wspace=0.22)  # fixed: no tight_layout pass

@@ -121,6 +121,20 @@ def scaled_predictions(series: dict[str, list], output_grad: str) -> tuple[list[
     return [p * g for p in series["pred_grad"]], g
 
 
+def depth_frame(frame: "pd.DataFrame", output_grad: str, who: str) -> tuple["pd.DataFrame", list[str], dict]:
+    """The probe table checked for what a depth figure reads (``who`` names the caller in the error), with a
+    ``method`` column, its methods in order and their colours."""
+    from initscope.plotting.common import check_columns, method_colors, methods_of, with_method
+
+    if output_grad not in OUTPUT_GRAD:
+        raise ValueError(f"output_grad={output_grad!r} is not one of {OUTPUT_GRAD}")
+    check_columns(frame, ["layer", "index", "kind", "quantity", "second_moment", "pred_out_var", "pred_in_grad_var"],
+                  who)
+    frame = with_method(frame)
+    methods = methods_of(frame)
+    return frame, methods, method_colors(methods)
+
+
 def plot_depth(frame: "pd.DataFrame", *, path: str | Path | None = None, title: str | None = None,
                output_grad: str = "unit") -> "Figure":
     """Variance against depth from the probe's table: measured solid, predicted dashed, log scale.
@@ -134,22 +148,9 @@ def plot_depth(frame: "pd.DataFrame", *, path: str | Path | None = None, title: 
     which. One colour per method. Lines carry the gids ``<measured|predicted>-<forward|backward>|<method>``.
     Non-positive values are left out (a log axis has no place for them).
     """
-    from initscope.plotting.common import (
-        check_columns,
-        method_colors,
-        methods_of,
-        new_figure,
-        save_figure,
-        with_method,
-    )
+    from initscope.plotting.common import new_figure, save_figure
 
-    if output_grad not in OUTPUT_GRAD:
-        raise ValueError(f"output_grad={output_grad!r} is not one of {OUTPUT_GRAD}")
-    check_columns(frame, ["layer", "index", "kind", "quantity", "second_moment", "pred_out_var", "pred_in_grad_var"],
-                  "plot_depth")
-    frame = with_method(frame)
-    methods = methods_of(frame)
-    colors = method_colors(methods)
+    frame, methods, colors = depth_frame(frame, output_grad, "plot_depth")
     fig = new_figure(12.0, 4.6)
     # Fixed margins: tight_layout measures every tick label, the slowest part of drawing this figure.
     fig.subplots_adjust(left=0.07, right=0.85, bottom=0.12, top=0.84, wspace=0.2)

@@ -216,15 +216,9 @@ def depth_figure(frame: "pd.DataFrame", *, output_grad: str = "unit", title: str
     the prediction (dashed) and the band within which a layer is not flagged (shaded). A measured point's
     hover box names the layer and gives measured, predicted, their ratio in bits, the band and the flag.
     """
-    from initscope.plotting.depth import OUTPUT_GRAD, depth_series, scaled_predictions
+    from initscope.plotting.depth import depth_frame, depth_series, scaled_predictions
 
-    if output_grad not in OUTPUT_GRAD:
-        raise ValueError(f"output_grad={output_grad!r} is not one of {OUTPUT_GRAD}")
-    check_columns(frame, ["layer", "index", "kind", "quantity", "second_moment", "pred_out_var", "pred_in_grad_var"],
-                  "depth_figure")
-    frame = with_method(frame)
-    methods = methods_of(frame)
-    colors = method_colors(methods)
+    frame, methods, colors = depth_frame(frame, output_grad, "depth_figure")
     kinds = dict(zip(frame["layer"], frame["kind"]))
     data = []
     for method in methods:
@@ -359,15 +353,9 @@ def curves_figure(history: "pd.DataFrame | Sequence[Mapping]", *, title: str | N
     the epoch and the value."""
     import pandas as pd
 
-    from initscope.plotting.curves import HISTORY_COLUMNS, SPLITS, accuracy_percent
+    from initscope.plotting.curves import SPLITS, accuracy_percent, history_frame
 
-    frame = history if isinstance(history, pd.DataFrame) else pd.DataFrame(list(history))
-    check_columns(frame, HISTORY_COLUMNS, "curves_figure")
-    if "label" not in frame.columns:
-        frame = frame.assign(label="")
-    frame = frame.assign(label=frame["label"].astype(str))
-    labels = list(dict.fromkeys(frame["label"]))
-    colors = method_colors(labels)
+    frame, labels, colors = history_frame(history, "curves_figure")
     data = []
     longest = 1
     for label in labels:
