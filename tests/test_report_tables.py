@@ -580,3 +580,21 @@ def test_accuracy_against_depth_on_the_page(tmp_path):
     trace = spec["data"][0]
     assert trace["x"] == [20, 56, 110] and trace["error_y"]["array"] == pytest.approx([2.0, 2.0, 2.0])
     assert "weight layers" in trace["hovertemplate"] and trace["customdata"][0][0] == "resnet20"
+
+
+def test_curves_keep_runs_without_a_plan_option_and_name_its_variants(tmp_path):
+    # A sweep where only some runs set residual (the depth campaign): grouping by it dropped every run that
+    # left it unset (pandas drops NaN keys), and the variants were figures of their own instead of lines.
+    from initscope.experiments.tables.results import _curve_frames
+
+    path = tmp_path / "v.db"
+    with Store(path) as s:
+        s.add_sweep("v", "v", {"grid": {}, "run": {}}, ["a", "b", "c"])
+        for rid_, method, residual in (("a", "fixup", None), ("b", "asv-backward", "zero"), ("c", "asv-backward", "scale")):
+            config = {**cfg("A", method, "adam", 1e-3, 0), **({"residual": residual} if residual else {})}
+            s.claim(rid_, config)
+            s.finish(SimpleNamespace(run_id=rid_, status="finished", history=[
+                {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5}],
+                best_epoch=1, test={m: 0.5 for m in rp.METRICS}, diverged_epoch=None, error=None, checkpoint=None))
+    ((name, frame, n),) = _curve_frames(rp.load_runs(path), rp.load_epochs(path))
+    assert set(frame["label"]) == {"fixup", "asv-backward (residual=zero)", "asv-backward (residual=scale)"}

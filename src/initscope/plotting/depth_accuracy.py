@@ -36,6 +36,7 @@ def plot_accuracy_vs_depth(table: pd.DataFrame, path: str | Path | None = None, 
         ax.set_title("best-validation checkpoint" if epoch == "best" else f"after epoch {epoch}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylim(0, 100)  # a t interval of 3 seeds can reach past 0 or 100; accuracy cannot
     axes[-1].legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)

@@ -19,7 +19,7 @@ from initscope.errors import OutputError
 from initscope.experiments.tables.frames import (connect, load_epochs, load_runs, load_selections, load_sweeps,
                                                  select_runs, varying_keys)
 from initscope.experiments.tables.papers import (Table, apply_selections, build_tables, counted_runs, in_order, md_code,
-                                                 md_text)
+                                                 md_text, method_variants)
 from initscope.fileio import atomic_write_text, disk_error
 
 MAX_CURVE_FIGURES = 24
@@ -52,10 +52,13 @@ def _curve_frames(runs: pd.DataFrame, epochs: pd.DataFrame) -> list[tuple[str, p
         return []
     if "selection" in counted:  # a [select] group's runs at the values not chosen have no curves
         counted = counted[counted["selection"] != "candidate"]
+    counted = method_variants(counted)  # asv-backward (residual=zero) is a line of its own, as in the tables
     group_keys = [k for k in varying_keys(counted) if k not in ("method", "seed")]
     cols = ["train_loss", "train_accuracy", "val_loss", "val_accuracy"]
     out = []
-    groups = counted.groupby([f"cfg_{k}" for k in group_keys], sort=False) if group_keys else [((), counted)]
+    # dropna=False: a key that some runs leave unset (residual=None) still groups them
+    groups = (counted.groupby([f"cfg_{k}" for k in group_keys], sort=False, dropna=False) if group_keys
+              else [((), counted)])
     for key, g in groups:
         key = key if isinstance(key, tuple) else (key,)
         hist = epochs[epochs["run_id"].isin(g["run_id"])].merge(g[["run_id", "cfg_method"]], on="run_id")
