@@ -6,10 +6,10 @@ set -euo pipefail
 here=docs/results/campaign
 out=docs/results
 report() {  # db, folder, title, filters...
-    local db=$here/$1.db dir=$out/$2 title=$3; shift 3
+    local name=$1 db=$here/$1.db dir=$out/$2 title=$3; shift 3
     [ -f "$db" ] || return 0
     rm -rf "$dir"
-    initscope report "$db" --out "$dir" --title "$title" --probes "$here/probes/$1" "$@" || { echo "skipped $dir (no runs yet)"; rm -rf "$dir"; return 0; }
+    initscope report "$db" --out "$dir" --title "$title" --probes "$here/probes/$name" "$@" || { echo "skipped $dir (no runs yet)"; rm -rf "$dir"; return 0; }
     # The repository keeps report.md, the CSVs and the PNGs; the interactive report.html (5 MB, plotly.js
     # inline) and the SVGs are remade by this script and not committed (docs/results/.gitignore).
     rm -f "$dir"/figures/*.svg
