@@ -8,7 +8,6 @@ from a USB stick on a machine with no network. Tables sort by any column (a clic
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from typing import Mapping, Sequence
 import pandas as pd
 
 from initscope.plotting import web
+# The static figures' pieces are the pages' (the report's too): they live beside the interactive ones.
+from initscope.plotting.web import PageFigure, page_figure, png_size, static_figures  # noqa: F401
 
 
 _STYLE = """
@@ -35,29 +36,6 @@ details { margin: .4em 0; } summary { cursor: pointer; font-weight: 600; }
 .note { color: #555; max-width: 80em; } .scroll { overflow-x: auto; }
 details.static figure img { max-width: 100%; }
 """ + web.STYLE
-
-
-@dataclass(frozen=True)
-class PageFigure:
-    """One figure of the page: its title, a caption saying what is drawn, and the PNG bytes."""
-
-    title: str
-    caption: str
-    png: bytes
-    width: int
-    height: int
-
-
-def png_size(png: bytes) -> tuple[int, int]:
-    """Width and height from a PNG's IHDR chunk (bytes 16-24), so the page can reserve the space."""
-    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
-        raise ValueError("not a PNG file (bad signature)")
-    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-
-
-def page_figure(title: str, caption: str, png: bytes) -> PageFigure:
-    width, height = png_size(png)
-    return PageFigure(title, caption, png, width, height)
 
 
 @dataclass(frozen=True)
@@ -233,22 +211,3 @@ def render_page(
     parts.append(web.page_scripts() if interactive else web.sort_script_only())
     parts.append("</body></html>")
     return "\n".join(parts)
-
-
-def static_figures(figures: Sequence[PageFigure], *, open_: bool = False) -> str:
-    """The static figures (the PNGs written beside the page for papers), embedded as base64, in a
-    collapsible block: the page's fallback, and what prints."""
-    if not figures:
-        return ""
-    parts = [f'<details class="static"{" open" if open_ else ""}><summary>Static figures (the PNGs beside this '
-             "page; SVG copies there too)</summary>"]
-    for i, fig in enumerate(figures):
-        data = base64.b64encode(fig.png).decode("ascii")
-        parts.append(
-            f'<figure id="figure-{i}">' + (f"<h3>{_e(fig.title)}</h3>" if fig.title else "") +
-            f'<img src="data:image/png;base64,{data}" alt="{_e(fig.title or fig.caption)}" '
-            f'width="{fig.width}" height="{fig.height}">'
-            f"<figcaption>{_e(fig.caption)}</figcaption></figure>"
-        )
-    parts.append("</details>")
-    return "".join(parts)

@@ -24,10 +24,12 @@ the ``<script>`` elements every page with figures carries once, at its end.
 
 from __future__ import annotations
 
+import base64
 import functools
 import html
 import json
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from initscope.plotting.common import (
@@ -436,6 +438,50 @@ def depth_accuracy_figure(table: "pd.DataFrame", *, title: str | None = None) ->
 
 
 # -- the page's markup ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PageFigure:
+    """One figure of the page: its title, a caption saying what is drawn, and the PNG bytes."""
+
+    title: str
+    caption: str
+    png: bytes
+    width: int
+    height: int
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk (bytes 16-24), so the page can reserve the space."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
+        raise ValueError("not a PNG file (bad signature)")
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def page_figure(title: str, caption: str, png: bytes) -> PageFigure:
+    width, height = png_size(png)
+    return PageFigure(title, caption, png, width, height)
+
+
+def static_figures(figures: Sequence[PageFigure], *, open_: bool = False) -> str:
+    """The static figures (the PNGs written beside the page for papers), embedded as base64, in a
+    collapsible block: the page's fallback, and what prints."""
+    if not figures:
+        return ""
+    parts = [f'<details class="static"{" open" if open_ else ""}><summary>Static figures (the PNGs beside this '
+             "page; SVG copies there too)</summary>"]
+    for i, fig in enumerate(figures):
+        data = base64.b64encode(fig.png).decode("ascii")
+        parts.append(
+            f'<figure id="figure-{i}">' + (f"<h3>{html.escape(str(fig.title), quote=True)}</h3>" if fig.title else "") +
+            f'<img src="data:image/png;base64,{data}" alt="{html.escape(str(fig.title or fig.caption), quote=True)}" '
+            f'width="{fig.width}" height="{fig.height}">'
+            f"<figcaption>{html.escape(str(fig.caption), quote=True)}</figcaption></figure>"
+        )
+    parts.append("</details>")
+    return "".join(parts)
+
+
 
 
 def figure_html(spec: dict, fig_id: str, *, title: str = "", caption: str = "", links: Sequence[tuple[str, str]] = ()

@@ -508,8 +508,8 @@ def _render_markdown(report: Report, heading: str) -> str:
 
 
 def _render_html(report: Report, heading: str) -> str:
-    from initscope.compare.html import page_figure, static_figures
     from initscope.plotting import web
+    from initscope.plotting.web import page_figure, static_figures
 
     body = [f"<h1>{html.escape(heading)}</h1>", "<h2>What was run</h2>", _summary_html(report.summary)]
     shown = _sections(report.tables)
