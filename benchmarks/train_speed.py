@@ -15,7 +15,7 @@ thread: the batches augmented in the training process (initscope's default), the
 worker (``workers=1``), and torchvision's per-sample transforms (``RandomCrop(padding, reflect)`` and
 ``RandomHorizontalFlip``) in a ``DataLoader`` with 0, 1 and 2 workers.
 
-Run with ``.venv/bin/python benchmarks/train_speed.py [--data folder:food101-10-full --data-root ../shared/data
+Run with ``.venv/bin/python benchmarks/train_speed.py [--data folder:food101-10-full --data-root DATA
 --image-size 64 --augment crop-flip] [--loaders]``.
 """
 

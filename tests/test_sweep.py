@@ -127,6 +127,8 @@ def test_examples_name_no_path_outside_the_repository():
             paths += [run.data.partition(":")[2], run.data_root or ""]
         outside = [p for p in paths if p.startswith(("/", "~")) or ".." in Path(p).parts]
         assert not outside, (path.name, outside)
+        # nor do the commands in its comments: a user copies those
+        assert "../shared" not in path.read_text(), path.name
 
 
 def test_demo_toml_is_the_demo_sweep(tmp_path):
