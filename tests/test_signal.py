@@ -1,6 +1,7 @@
 """The Signal's named parts (initscope.stats.signal): the layout they read, and what ``with_`` keeps."""
 
 import dataclasses
+import math
 import re
 
 import pytest
@@ -128,3 +129,36 @@ def test_a_gradient_drops_its_spatial_statistics_with_its_layout():
     assert g.with_(layout=Layout(channel=-1, spatial=(1,))).spatial is UNCORRELATED
     s = (g + g.scaled(3.0))
     assert s.spatial.rho == pytest.approx(0.4) and s.scatter.logvar == pytest.approx(0.02)
+
+
+def test_a_sum_of_gradients_keeps_their_cross_terms():
+    # A ViT's stream gradient: the class token's alone (from the head) plus every token's, correlated
+    # (from the blocks). The sum's correlation, read as rho·√(m_p m_q) like every other, must give back
+    # the cross terms E|Σ_p g_p|² − Σ_p E[g_p²] of the sum of the two (measured by drawing them).
+    from initscope.stats.signal import Layout, Spatial
+
+    length, width, rows = 17, 32, 20000
+    head = torch.zeros(length, dtype=torch.float64)
+    head[0] = 400.0
+    blocks = torch.full((length,), 1.0, dtype=torch.float64)
+    rho_blocks = 0.3
+    shape = torch.Size((rows, length, width))
+    lay = Layout(-1, (1,))
+    a = Grad(shape, head.reshape(-1, 1), lay, Spatial(rho=0.0))
+    b = Grad(shape, blocks.reshape(-1, 1), lay, Spatial(rho=rho_blocks))
+    total = a + b
+
+    gen = torch.Generator().manual_seed(0)
+    draw_a = torch.zeros(rows, length, width, dtype=torch.float64)
+    draw_a[:, 0] = torch.randn(rows, width, generator=gen, dtype=torch.float64) * head[0].sqrt()
+    common = torch.randn(rows, 1, width, generator=gen, dtype=torch.float64)
+    own = torch.randn(rows, length, width, generator=gen, dtype=torch.float64)
+    draw_b = math.sqrt(rho_blocks) * common + math.sqrt(1 - rho_blocks) * own
+    g = draw_a + draw_b
+    m = g.pow(2).mean(dim=(0, 2))
+    pairs = float(g.sum(1).pow(2).mean()) - float(m.sum())
+    predicted = total.spatial.rho * (float(m.sqrt().sum()) ** 2 - float(m.sum()))
+    assert predicted == pytest.approx(pairs, rel=0.05)
+    # Weighted by second moment, as before, the blocks' correlation was divided by the head's share:
+    weighted = rho_blocks * float(blocks.mean()) / float((head + blocks).mean())
+    assert weighted < 0.25 * total.spatial.rho

@@ -147,6 +147,38 @@ def test_probe_frame_beside_the_results(tmp_path):
     assert r.status == "finished"
 
 
+def test_the_end_probe_runs_in_training_mode_and_leaves_the_running_statistics(tmp_path, monkeypatch):
+    # A BatchNorm net probed after its last step: in eval mode the probe would plan the trained model
+    # again, and set eval-mode predictions beside the training-mode ones of every earlier probe; in
+    # training mode the batch moves the running statistics that the test then reads, unless put back.
+    from initscope.experiments.training import loop
+    from initscope.probe import callback
+
+    seen = {"modes": []}
+    real_probe, real_end = callback.probe, loop._probe_at_end
+
+    def probe_spy(model, *args, **kwargs):
+        seen["modes"].append(model.training)
+        return real_probe(model, *args, **kwargs)
+
+    def end_spy(probe, step, model, x, y):
+        before = {n: b.clone() for n, b in model.named_buffers()}
+        seen["before"] = model.training
+        real_end(probe, step, model, x, y)
+        seen["after"] = model.training
+        seen["running"] = [n for n in before if n.endswith("running_var")]
+        seen["moved"] = [n for n, b in model.named_buffers() if not torch.equal(b, before[n])]
+
+    monkeypatch.setattr(callback, "probe", probe_spy)
+    monkeypatch.setattr(loop, "_probe_at_end", end_spy)
+    config = RunConfig(model="mobilenet_v1", width=4, epochs=1, probe_every=5, **TINY)  # 5 steps: 0, and the end
+    r = train(config, out_dir=tmp_path, progress=False)
+    assert r.status == "finished"
+    assert seen["modes"] and all(seen["modes"]), seen["modes"]  # every probe, the last one too, in training mode
+    assert seen["before"] is False and seen["after"] is False  # the mode put back as it was
+    assert seen["running"] and seen["moved"] == []
+
+
 def test_train_command(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--data", "synthetic", "--image-size", "16", "--limit", "64",

@@ -150,17 +150,27 @@ class Simulated:
     gv_rho: float = 0.0
 
 
+def _token_pairs(t: Tensor) -> float:
+    """``Σ_{i≠j} E[t_i t_j]`` per element of the width for ``(rows, L, width)``: what the cross terms of
+    ``E|Σ_i t_i|²`` add to the diagonal."""
+    return float((t.sum(1) ** 2).mean(dim=0).sum()) / t.shape[-1] - float((t**2).mean(dim=(0, 2)).sum())
+
+
+def _rho_of(pairs: float, m: Tensor) -> float:
+    """The token correlation as the pass reads one (``_equicorrelated``: tokens i and j co-vary by
+    ``rho·√(m_i m_j)``), chosen so that the cross terms add up to ``pairs``: ``rho·((Σ_i √m_i)² − Σ_i m_i)``.
+    With a class token's gradient 100× the others' this differs from the plain mean correlation
+    ``pairs / ((L − 1) Σ_i m_i)`` by the factor ``(L − 1) Σ m / ((Σ √m)² − Σ m)``, 4 on the ViT's blocks."""
+    m = m.double().clamp(min=0)
+    room = float(m.sqrt().sum()) ** 2 - float(m.sum())
+    return pairs / room if room > 0 else 0.0
+
+
 def _token_corr(t: Tensor) -> float:
-    """Mean correlation between two tokens of ``(rows, L, width)``."""
-    rows, length, width = t.shape
-    if length < 2:
+    """The token correlation (:func:`_rho_of`) of ``(rows, L, width)``."""
+    if t.shape[1] < 2:
         return 0.0
-    total = float((t**2).sum())
-    if total <= 0:
-        return 0.0
-    s = t.sum(1)
-    pairs = float((s**2).sum()) - total
-    return pairs / (length - 1) / total
+    return _rho_of(_token_pairs(t), (t**2).mean(dim=(0, 2)))
 
 
 def _key(t: Tensor | None) -> tuple | None:
@@ -202,19 +212,35 @@ def _simulate_cached(mq, mk, mv, rq, rk, rv, g, rg, d, dv, scale, mask_key, caus
             # The special queries' gradients are left to their own samples below.
             bulk = gt.clone()
             bulk[list(special)] = 0.0
+            # Drawn on their own, the special queries share nothing with the rest: the cross terms that
+            # rg gives all tokens (rg·room(g), _rho_of) are the bulk's alone, a larger correlation.
+            if special and rg > 0:
+                room = float(bulk.sqrt().sum()) ** 2 - float(bulk.sum())
+                rg = _clip(rg * (float(gt.sqrt().sum()) ** 2 - float(gt.sum())) / room) if room > 0 else 0.0
             go = _field(gen, rows, lq, dv, bulk, rg)
             gq, gk, gv = torch.autograd.grad(o, (q, k, v), go)
     if gt is None:
         gq = gk = gv = None
     maps = [None if t is None else (t.double() ** 2).mean(dim=(0, 2)) for t in (gq, gk, gv)]
+    pairs = [0.0, 0.0, 0.0] if gt is None or lk < 2 else [_token_pairs(t.double()) for t in (gq, gk, gv)]
     if special:
         norms = _token_norms(roots, width_in, lq)
         for i in special:
+            before = maps
             maps = _one_query(gen, i, mqt[i], rq, None if gt is None else gt[i], norms[:, i], k.detach(), v.detach(),
                               scale, None if bank is None else bank[:, i], out, maps)
+            if gt is not None:
+                # What query i sends the keys sums to zero over them (Σ_j ∂L/∂s_ij = 0), and what it sends
+                # the values sums to its own gradient (Σ_j a_ij = 1); it is independent of the other
+                # queries, so those are its only cross terms. Without this a gradient that arrives at the
+                # class token alone (the last block of a ViT) left k's and v's token correlation at 0.
+                gk_i, gv_i = float((maps[1] - before[1]).sum()), float((maps[2] - before[2]).sum())
+                pairs[1] -= gk_i
+                pairs[2] += float(gt[i]) - gv_i
     if gt is None:
         return Simulated(out, out_rho)
-    return Simulated(out, out_rho, *maps, *(_token_corr(t.double()) for t in (gq, gk, gv)))
+    rhos = [_rho_of(pr, m) if lk > 1 else 0.0 for pr, m in zip(pairs, maps)]
+    return Simulated(out, out_rho, *maps, *rhos)
 
 
 # Fresh samples of a special query per simulated row (see _one_query).

@@ -578,11 +578,31 @@ class Grad(_Positions):
         dead = self.dead if other.dead is None else (other.dead if self.dead is None else self.dead + other.dead)
         # The off-diagonal second moments add as the diagonal ones do (cross terms between the two
         # are left out of both, as in m2).
-        total = sum(weights)
-        rho = (self.spatial.rho * weights[0] + other.spatial.rho * weights[1]) / total if total > 0 else 0.0
+        rho = _summed_rho([self, other])
         spatial = Spatial(cov, rho, _add_hidden(self.spatial.hidden, other.spatial.hidden, weights))
         return Grad(self.shape, self.m2 + other.m2, self.layout, spatial, pre=pre, dead=dead,
                     scatter=Scatter(logvar) if logvar else NO_SCATTER)
+
+
+def _room(m: Tensor) -> float:
+    """``Σ_{p≠q} √(m_p m_q)``: what a correlation ``rho`` multiplies in the cross terms of a map ``m``."""
+    m = m.double().clamp(min=0).reshape(-1)
+    return float(m.sqrt().sum()) ** 2 - float(m.sum())
+
+
+def _summed_rho(parts: list["Grad"]) -> float:
+    """The correlation of a sum of independent gradients, read as everywhere (``_equicorrelated``:
+    positions p and q co-vary by ``rho·√(m_p m_q)``), that keeps their cross terms: ``Σ rho_i ·
+    room(m_i) / room(Σ m_i)``. For alike maps this is the mean of the rho weighted by second moment;
+    for unlike ones it is not: a ViT's stream gradient is its class token's (from the head) plus every
+    token's (from the blocks), and weighting by second moment divided the second's correlation by the
+    class token's share, 20× too much (benchmarks/vit_attention_gaps.py)."""
+    maps = [p.channel_map() for p in parts]
+    room = _room(sum(maps))
+    if room <= 0:
+        total = sum(p.mean_m2 for p in parts)
+        return sum(p.spatial.rho * p.mean_m2 for p in parts) / total if total > 0 else 0.0
+    return sum(p.spatial.rho * _room(m) for p, m in zip(parts, maps)) / room
 
 
 _GRAD_PARTS = _parts_table(("spatial", Spatial, UNCORRELATED), ("scatter", Scatter, NO_SCATTER))

@@ -233,8 +233,21 @@ def _probe_at_end(probe, step: int, model: nn.Module, x: torch.Tensor, y: torch.
         return
     from initscope.probe.callback import probe as run_probe
 
-    probe.record(step, run_probe(model, x, y, loss_fn=F.cross_entropy, plan=probe.plan, layers=probe.layers,
-                                 quantities=probe.quantities, **probe.options))
+    # In training mode, as at initialization and at every probe during training: the figures then set
+    # like beside like, and the plan's predictions stay the ones made for that mode (in eval mode the
+    # probe would plan the trained model again, and warn that its stds moved: they were trained). The
+    # batch's statistics must not move the running ones that the test reads, so they are put back.
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    try:
+        probe.record(step, run_probe(model, x, y, loss_fn=F.cross_entropy, plan=probe.plan, layers=probe.layers,
+                                     quantities=probe.quantities, **probe.options))
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
 
 
 def _resumable_state(run_dir: Path, config: "RunConfig", notes: list[str], *,
