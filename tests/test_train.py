@@ -216,3 +216,38 @@ def test_a_method_that_needs_data_is_planned_on_the_first_train_batch(monkeypatc
 
     train_x = load_data("synthetic", seed=0, image_size=16, limit=200).train.tensors[0]
     assert torch.equal(batch, train_x[:32]) and r.status == "finished"
+
+
+def test_a_run_notes_weights_that_adams_first_steps_swamp(tmp_path):
+    # asv-backward with the scale policy puts a BatchNorm-free ResNet's branch ends at std ~0.01: Adam
+    # at 1e-3 moves each of their weights by ~1e-3 per step, over 10 % of its scale. Fixup's zero branch
+    # ends are meant to start at zero, and SGD's steps follow the gradient: neither is noted.
+    from initscope import models
+    from initscope.experiments.training.optim import first_step, small_weights_note
+
+    import initscope
+
+    model = models.create("resnet20", width=16, in_channels=1, num_classes=10, norm="none", fixup_scalars=True)
+    initscope.init_(model, "asv-backward", input_shape=(1, 32, 32), residual="scale",
+                    generator=torch.Generator().manual_seed(0))
+    note = small_weights_note(model, "adam", 1e-3)
+    assert note is not None and "layer3.0.conv2" in note and "0.001 per step" in note
+    assert small_weights_note(model, "adam", 1e-5) is None  # every std is above 10 x 1e-5
+    assert small_weights_note(model, "sgd-nesterov", 1e-3) is None and first_step("sgd", 0.1) is None
+    assert first_step("rmsprop", 1e-3) == pytest.approx(1e-2)  # g / sqrt((1 - 0.99) g^2)
+    # what Adam's first update actually is, for a weight far smaller than lr: about lr
+    w = torch.nn.Parameter(torch.full((4, 4), 1e-4))
+    opt = torch.optim.Adam([w], lr=1e-3)
+    w.grad = torch.randn(4, 4).sign() * 1e-5  # any size well above Adam's eps (1e-8)
+    before = w.detach().clone()
+    opt.step()
+    assert torch.allclose((w.detach() - before).abs(), torch.full((4, 4), 1e-3), rtol=0.02)
+
+    initscope.init_(model, "fixup", input_shape=(1, 32, 32), generator=torch.Generator().manual_seed(0))
+    fixup = small_weights_note(model, "adam", 1e-3) or ""
+    assert "layer3.0.conv2" not in fixup  # zero at init: meant to start there
+
+    config = RunConfig(model="resnet20", width=16, norm="none", fixup_scalars=True, method="asv-backward",
+                       residual="scale", optimizer="adam", lr=1e-3, epochs=1, **TINY)
+    r = train(config, out_dir=tmp_path, progress=False)
+    assert any("adam moves every weight" in n for n in r.notes)

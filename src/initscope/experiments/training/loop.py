@@ -48,7 +48,7 @@ from initscope.experiments.training.checkpoint import (BEST_FILE, STATE_FILE, Ch
                                                        save_weights, set_aside)
 from initscope.experiments.training.augment import Feeder, batch_seed, augment_batch, epoch_order
 from initscope.experiments.training.metrics import classification_metrics
-from initscope.experiments.training.optim import lr_at, make_optimizer
+from initscope.experiments.training.optim import lr_at, make_optimizer, small_weights_note
 from initscope.fileio import atomic_write_text
 from initscope.methods import METHODS
 from initscope.progress import progress_bar
@@ -382,6 +382,10 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
             else:
                 history, best_epoch, best_acc, start = st["history"], st["best_epoch"], st["best_acc"], st["epoch"]
                 spent = {"wall": float(st.get("wall_seconds", 0.0)), "cpu": float(st.get("cpu_seconds", 0.0))}
+        if start == 0:  # what the initialization and the optimizer make of each other, said once per run
+            note = small_weights_note(model, config.optimizer, config.lr)
+            if note is not None:
+                notes.append(note)
         distributed.broadcast_module(model, dist_env)
         net = distributed.wrap(model, dist_env, device)  # DDP for the training steps; `model` for the rest
 

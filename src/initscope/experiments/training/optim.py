@@ -46,6 +46,51 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
     return _OPTIMIZERS[name](params, lr, weight_decay)
 
 
+# How far each optimizer moves a weight on its first steps, in units of lr, whatever the weight's scale:
+# Adam's and AdamW's update is m̂/(√v̂ + ε) ≈ ±1, Adagrad's g/√(g²) = ±1, RMSprop's (α = 0.99, no
+# momentum) g/√((1 − α) g²) = ±10; for gradients well above ε. SGD's steps are the gradient's size and
+# Adadelta's, from an empty state, too (its ε dominates): not listed.
+_FIRST_STEP: dict[str, float] = {"adam": 1.0, "adamw": 1.0, "adagrad": 1.0, "rmsprop": 10.0}
+
+
+def first_step(name: str, lr: float) -> float | None:
+    """About how far optimizer ``name`` moves each weight per step at the start, whatever the weight's
+    scale; None where the step follows the gradient's size (``sgd``, ``sgd-nesterov``, ``adadelta``)."""
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    factor = _FIRST_STEP.get(name)
+    return None if factor is None else factor * lr
+
+
+def small_weights_note(model: torch.nn.Module, name: str, lr: float, ratio: float = 10.0) -> str | None:
+    """A note when optimizer ``name`` at ``lr`` will move some weight layers by more than ``1/ratio`` of
+    their scale per step at the start (their std below ``ratio`` × :func:`first_step`); None otherwise.
+
+    Zero-initialized weights (Fixup's branch ends, ``residual="zero"``) are meant to start at zero and
+    are not listed. This is how a 110-layer residual net without normalization stayed at chance on some
+    seeds under Adam 1e-3 (docs/results/README.md, "Depth"): asv-backward's small stream and branch ends
+    at std 0.005–0.01, moved by ~1e-3 per step in the same direction in every block."""
+    step = first_step(name, lr)
+    if step is None:
+        return None
+    small = []
+    for module_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) or weight.ndim < 2 or not weight.requires_grad:
+            continue
+        std = float(weight.detach().float().std())
+        if 0.0 < std < ratio * step:
+            small.append((module_name, std))
+    if not small:
+        return None
+    small.sort(key=lambda item: item[1])
+    shown = ", ".join(f"{n} ({s:.2g})" for n, s in small[:3]) + (", ..." if len(small) > 3 else "")
+    return (f"{name} moves every weight by about {step:.2g} per step at the start, whatever its scale; "
+            f"{len(small)} weight layer(s) start with a std below {ratio:g}x that ({shown}): their first steps "
+            f"change them by over {100 / ratio:.0f} % each. Deep nets without normalization can die in a few "
+            "steps this way (docs/results/README.md, \"Depth\"); a smaller lr keeps them")
+
+
 def lr_at(epoch: int, base_lr: float, schedule: str = "constant", *, epochs: int = 1,
           step_epochs: Sequence[int] = (), step_gamma: float = 0.1) -> float:
     """The learning rate of ``epoch`` (0-based) under ``schedule`` (see the module doc)."""
