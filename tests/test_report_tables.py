@@ -569,6 +569,30 @@ def test_accuracy_against_depth(tmp_path):
     assert rep.figures
 
 
+@pytest.mark.parametrize("models, batches", [(("mobilenet_v1", "resnet50"), (32, 32)),
+                                              (("resnet20", "resnet56"), (128, 32))])
+def test_no_depth_figure_across_families_or_protocols(tmp_path, models, batches):
+    # The Glorot/He study trains MobileNet v1 at batch 128 and ResNet-50 at batch 32: a line from one
+    # to the other against depth draws architecture and protocol as depth. Nor do two depths of one
+    # family trained two ways make a depth comparison.
+    path = tmp_path / "two.db"
+    keys = list(itertools.product(zip(models, batches), ("xavier", "kaiming-forward"), SEEDS))
+    with Store(path) as s:
+        s.add_sweep("g", "g", {"grid": {}, "run": {}}, [rid(m, meth, seed) for (m, _), meth, seed in keys])
+        for (model, batch), method, seed in keys:
+            config = {"data": "A", "model": model, "method": method, "optimizer": "sgd", "lr": 1e-2, "seed": seed,
+                      "epochs": 1, "batch_size": batch, "device": "auto"}
+            s.claim(rid(model, method, seed), config)
+            history = [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5,
+                        "lr": 1e-2, "seconds": 1.0}]
+            s.finish(SimpleNamespace(run_id=rid(model, method, seed), status="finished", history=history, best_epoch=1,
+                                     test={m: 0.5 for m in rp.METRICS}, diverged_epoch=None, error=None,
+                                     checkpoint=None))
+    assert rp.papers.depth_table(rp.load_runs(path), rp.load_epochs(path)).empty
+    rp.write_report(path, tmp_path / "r")
+    assert not (tmp_path / "r" / "figures" / "accuracy_vs_depth.png").exists()
+
+
 def test_accuracy_against_depth_on_the_page(tmp_path):
     from initscope.plotting import web
 

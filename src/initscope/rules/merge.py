@@ -28,8 +28,8 @@ from initscope.rules.base import Context, Rule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
 from initscope.stats.gaussian import normal_cdf
-from initscope.stats.signal import (Activated, Blocks, Grad, Shared, Signal, Spatial, cat_maps, channel_map, compact,
-                                    matched_cov, mean_of)
+from initscope.stats.signal import (Activated, Blocks, Grad, Shared, Signal, Spatial, cat_maps, channel_blocks,
+                                    channel_map, compact, matched_cov, mean_of)
 
 
 def broadcast_shape(*shapes: torch.Size) -> torch.Size:
@@ -101,6 +101,10 @@ def _sum_dist(a: Signal, b: Signal, alpha: float) -> Dist | None:
 
 
 def add_signals(a: Signal, b: Signal, alpha: float = 1.0, same: bool = False) -> Signal:
+    if not same:
+        by_blocks = _add_by_blocks(a, b, alpha)
+        if by_blocks is not None:
+            return by_blocks
     shape = broadcast_shape(a.shape, b.shape)
     ma, mb = compact(a.m2, shape), compact(b.m2, shape)
     if same:
@@ -124,6 +128,32 @@ def add_signals(a: Signal, b: Signal, alpha: float = 1.0, same: bool = False) ->
     xcorr = (a.shared.xcorr * mean_of(ma) + alpha**2 * b.shared.xcorr * mean_of(mb) + c) / total
     layout = a.layout if a.const is None else b.layout
     return Signal(shape, m2, layout, Spatial(cov, min(rho, 1.0)), Shared(min(xcorr, 1.0)), dist=_sum_dist(a, b, alpha))
+
+
+def _channel_slice(x: Signal, count: int) -> Signal:
+    """A channel-uniform Signal's statistics on ``count`` of its channels."""
+    shape = torch.Size((x.shape[0], count, *x.shape[2:]))
+    return x.with_(shape=shape, spatial=x.spatial, shared=x.shared, activated=None, blocks=None)
+
+
+def _add_by_blocks(a: Signal, b: Signal, alpha: float) -> Signal | None:
+    """``a + alpha b`` block by block, when one of them is a concatenation over channels (its blocks
+    kept) and the other is the same shape and the same in every channel (a conv's output): each block
+    is summed with its own statistics, so that an activation after the sum reads each block's law.
+    After a CIFAR ResNet's option-A shortcut the zero channels then hold the branch alone (a Gaussian,
+    half of it through the ReLU) and the others the shortcut plus the branch (mostly positive)."""
+    if a.const is not None or b.const is not None or tuple(a.shape) != tuple(b.shape) or len(a.shape) < 3:
+        return None
+    if (a.blocks is None) == (b.blocks is None):
+        return None
+    blocked, plain = (a, b) if a.blocks is not None else (b, a)
+    if plain.layout.spatial is not None or compact(plain.m2, plain.shape).shape[1] != 1:
+        return None
+    parts = []
+    for _, count, part in channel_blocks(blocked):
+        other = _channel_slice(plain, count)
+        parts.append(add_signals(part, other, alpha) if blocked is a else add_signals(other, part, alpha))
+    return concat_signals(parts, 1)
 
 
 def _grad_for(x: Signal, grad: Grad, factor: float) -> Grad:
@@ -175,13 +205,27 @@ def _shortcut_grad(s: Signal, other: Any, other_factor: float, grad: Grad, out: 
     """
     if grad.masked_by is None or grad.masked_by is not out:
         return None
-    if s.activated is None or s.activated.f.slope != 0.0:
-        return None
     if not isinstance(other, Signal) or other.const is not None or other.dist is not None:
         return None
     if not isinstance(out, Signal) or tuple(s.shape) != tuple(grad.shape):
         return None
-    qz, qo = s.activated.pre.mean_m2, max(other.mean_m2 * other_factor, 0.0)
+    arrived = compact(grad.total(), s.shape) * own
+    if s.blocks is not None:
+        return _blocked_shortcut_grad(s, other, other_factor, grad, out, arrived)
+    share = _mask_share(s, other.mean_m2 * other_factor, out)
+    if share is None:
+        return None
+    live = arrived * share
+    return Grad(s.shape, torch.zeros_like(live), s.layout, Spatial(rho=grad.mean_corr()), pre=live, dead=arrived - live,
+                scatter=grad.scatter)
+
+
+def _mask_share(s: Signal, q_other: float, out: Signal) -> float | None:
+    """``P(z > 0 | s + other > 0)`` for ``s = relu(z)`` and a zero-mean Gaussian ``other`` of second
+    moment ``q_other`` (see :func:`_shortcut_grad`); None where s is not a ReLU's output."""
+    if s.activated is None or s.activated.f.slope != 0.0:
+        return None
+    qz, qo = s.activated.pre.mean_m2, max(q_other, 0.0)
     if qz <= 0:
         return None
     z = s.activated.pre.dist
@@ -196,9 +240,40 @@ def _shortcut_grad(s: Signal, other: Any, other_factor: float, grad: Grad, out: 
     passed = 0.5 if out.dist is None else float(out.dist.w[out.dist.x > 0].sum())
     if passed <= 0:
         return None
-    arrived = compact(grad.total(), s.shape) * own
-    live = arrived * min(joint / passed, 1.0)
-    return Grad(s.shape, torch.zeros_like(live), s.layout, Spatial(rho=grad.mean_corr()), pre=live, dead=arrived - live,
+    return min(joint / passed, 1.0)
+
+
+def _blocked_shortcut_grad(s: Signal, other: Signal, other_factor: float, grad: Grad, out: Signal,
+                           arrived: Tensor) -> Grad | None:
+    """:func:`_shortcut_grad` block by block, for a shortcut that is a concatenation over channels (an
+    option-A shortcut: zero channels around a subsampled ReLU output) summed by :func:`_add_by_blocks`.
+    Each block of the sum went through its own ReLU mask; a block of the shortcut that is a ReLU's
+    output gets its share of what arrived there, and a zero block gets none of it (nothing reaches a
+    constant). Without this the shortcut's gradient went through its ReLU's mask a second time: 0.34 bits
+    low below a stage change of a BatchNorm-free ResNet."""
+    if out.blocks is None or len(out.blocks.parts) != len(s.blocks.parts):
+        return None
+    c = s.layout.channel_dim(len(s.shape))
+    if arrived.shape[c] == 1:  # a channel-uniform gradient: every block reads the same map
+        size = list(arrived.shape)
+        size[c] = int(s.shape[c])
+        arrived = arrived.expand(size)
+    lives, deads = [], []
+    shapes = []
+    for (start, count, part), (_, _, summed) in zip(channel_blocks(s), channel_blocks(out)):
+        seg = arrived.narrow(c, start, count)
+        shapes.append(part.shape)
+        if part.const is None and float(compact(part.m2, part.shape).abs().max()) == 0.0:
+            lives.append(torch.zeros_like(seg))
+            deads.append(seg)
+            continue
+        share = _mask_share(part, other.mean_m2 * other_factor, summed)
+        if share is None:
+            return None
+        lives.append(seg * share)
+        deads.append(seg * (1.0 - share))
+    live, dead = cat_maps(lives, shapes, c), cat_maps(deads, shapes, c)
+    return Grad(s.shape, torch.zeros_like(live), s.layout, Spatial(rho=grad.mean_corr()), pre=live, dead=dead,
                 scatter=grad.scatter)
 
 

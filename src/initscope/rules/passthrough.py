@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from initscope.rules.base import Context, Rule
+from initscope.rules.merge import concat_signals
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE, Dist
-from initscope.stats.signal import Grad, Hidden, Layout, Shared, Signal, Spatial, compact, shrink
+from initscope.stats.signal import Activated, Grad, Hidden, Layout, Shared, Signal, Spatial, compact, shrink
 
 class IdentityRule(Rule):
     def homogeneous(self, ctx: Context) -> bool:
@@ -222,7 +223,17 @@ class ShapeRule(Rule):
         if single and x.layout.spatial is None and _hidden_of(x) is not None:
             kept = self._keeps_positions(ctx, args, kwargs, x, _hidden_of(x).shape)
         ctx.put(KeptPositions(kept))
-        return _wrap(out, x, kept)
+        result = _wrap(out, x, kept)
+        if single and x.activated is not None and isinstance(result, Signal):
+            # An op that only moves, picks or copies elements commutes with an elementwise f:
+            # op(f(u)) = f(op(u)). A sum after it (an option-A shortcut's x[:, :, ::2, ::2]) reads the
+            # mask of f through it, as it does after f itself.
+            pre = x.activated.pre
+            moved = self.call(ctx, *_swap(args, lambda s: _materialize(pre) if s is x else _materialize(s)),
+                              **_swap(kwargs, lambda s: _materialize(pre) if s is x else _materialize(s)))
+            if isinstance(moved, torch.Tensor) and tuple(moved.shape) == tuple(result.shape):
+                result = result.with_(activated=Activated(x.activated.f, _wrap(moved, pre, kept)))
+        return result
 
     def _track_tokens(self, ctx: Context, args, kwargs, x: Signal, dim: int) -> list[Layout | None]:
         """Per output, the layout whose one position dim holds x's tokens (None: they were split up
@@ -262,8 +273,20 @@ class ShapeRule(Rule):
             outs = list(out) if isinstance(out, (tuple, list)) else [out]
             grads = list(grad) if isinstance(grad, (tuple, list)) else [grad]
             pairs = [(o, compact(g.total(), g.shape).expand(o.shape)) for o, g in zip(outs, grads) if g is not None]
+            parted = len(sigs) == 1 and len(pairs) == 1 and (grads[0].pre is not None or grads[0].dead is not None)
             got = torch.autograd.grad([o for o, _ in pairs], list(primals.values()), [g for _, g in pairs],
-                                      allow_unused=True)
+                                      allow_unused=True, retain_graph=parted)
+            parts = {}
+            if parted:
+                # What an activation in front already took through its mask (``pre``), and what sits
+                # where it is inactive (``dead``), move with their elements: each part by the same vjp.
+                o, g = pairs[0][0], grads[0]
+                for name in ("pre", "dead"):
+                    m = getattr(g, name)
+                    if m is not None:
+                        back = torch.autograd.grad(o, primals[sigs[0]], compact(m, g.shape).expand(o.shape),
+                                                   allow_unused=True, retain_graph=True)[0]
+                        parts[name] = None if back is None else shrink(back.detach())
         tracked = ctx.get(TrackedTokens)
         if tracked is not None:
             return self._token_backward(ctx, grad, sigs, got, tracked)
@@ -280,7 +303,10 @@ class ShapeRule(Rule):
                     cov, rho, hidden = hidden.cov, hidden.rho, None
             elif keep_cov and not isinstance(grad, (tuple, list)):
                 cov, rho = grad.spatial.cov, grad.spatial.rho
-            result[s] = Grad(s.shape, g, spatial=Spatial(cov, rho, hidden))
+            if parts:
+                other = sum(p for p in parts.values() if p is not None)
+                g = (g - other).clamp(min=0.0)
+            result[s] = Grad(s.shape, g, spatial=Spatial(cov, rho, hidden), pre=parts.get("pre"), dead=parts.get("dead"))
         return result
 
     def _token_backward(self, ctx: Context, grad, sigs: list, got: tuple, tracked: "TrackedTokens") -> dict:
@@ -461,8 +487,36 @@ class PadRule(ShapeRule):
     def forward(self, ctx: Context, x, pad, mode="constant", value=None):
         if mode != "constant":
             raise ValueError(f"F.pad with mode={mode!r} at {ctx.where!r} is not modelled; only constant padding is")
+        channels = _channel_padding(x, pad, value)
+        if channels is not None:
+            return _zero_channels(x, *channels)
         out = F.pad(_materialize(x), pad, "constant", float(value or 0.0) ** 2)
         return _moved(out, x, Spatial(rho=x.spatial.rho))
+
+
+def _channel_padding(x: Signal, pad, value) -> tuple[int, int] | None:
+    """``(before, after)`` when ``F.pad`` adds zero channels to an ``(N, C, *spatial)`` tensor and
+    nothing else (a CIFAR ResNet's option-A shortcut); None otherwise."""
+    nd = len(x.shape)
+    if x.const is not None or x.layout.spatial is not None or nd < 3 or float(value or 0.0) != 0.0:
+        return None
+    pad = [int(p) for p in pad]
+    if len(pad) != 2 * (nd - 1) or any(pad[:-2]) or min(pad[-2:]) < 0 or not any(pad[-2:]):
+        return None
+    return pad[-2], pad[-1]
+
+
+def _zero_channels(x: Signal, before: int, after: int) -> Signal:
+    """x with zero channels before and after it: a concatenation whose zero blocks keep their own
+    (empty) statistics, so that a sum and an activation after it treat the two kinds of channel apart.
+    Read as one tensor, the zeros and x's values were one marginal (x's law at half its scale): after
+    an option-A shortcut's add every channel's ReLU passed the share of the channels that carry the
+    shortcut, and the branch's gradient came out 0.26 bits high (docs/theory.md, section 4)."""
+    def zeros(n: int) -> Signal:
+        return Signal(torch.Size((x.shape[0], n, *x.shape[2:])), torch.zeros((1,) * len(x.shape), dtype=DTYPE))
+
+    parts = ([zeros(before)] if before else []) + [x] + ([zeros(after)] if after else [])
+    return concat_signals(parts, 1)
 
 
 @register_rule(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)

@@ -619,14 +619,35 @@ def weight_layers(config: Mapping[str, Any]) -> int:
     return sum(1 for m in model.modules() if is_weight_module(m))
 
 
+# What a depth figure may vary per line and per run; every other setting is the protocol, one for all.
+_PER_RUN = frozenset({"model", "method", "seed", "lr", "optimizer", "residual", "distribution"})
+
+
+def _family(model: str) -> str:
+    """A net's name without its numbers: ``resnet110`` → ``resnet``, ``mobilenet_v1`` → ``mobilenet_v``."""
+    return "".join(ch for ch in str(model) if not ch.isdigit())
+
+
+def _one_protocol(counted: pd.DataFrame) -> bool:
+    """Whether every run shares the same settings outside :data:`_PER_RUN`."""
+    seen = {json.dumps({k: v for k, v in dict(cfg).items() if k not in _PER_RUN}, sort_keys=True, default=str)
+            for cfg in counted["config"]}
+    return len(seen) == 1
+
+
 def depth_table(runs: pd.DataFrame, epochs: pd.DataFrame, *,
                 selections: Sequence[Mapping[str, Any]] | None = None) -> pd.DataFrame:
     """Test accuracy (%) against depth, one row per (method, model, epoch): ``depth`` (weight layers),
     ``epoch`` (each ``test_at`` epoch, or ``"best"``: the best-validation checkpoint where no run has
     ``test_at``), and :class:`Stat`'s mean, sd, n and interval over the seeds. Empty unless the runs span
-    at least two depths."""
+    at least two depths of one family of nets (names alike but for their numbers: resnet20, resnet56,
+    resnet110; plain34, plain50) trained the same way (every setting but the model and what a sweep's
+    grid varies per run alike): between MobileNet v1 at batch 128 and ResNet-50 at batch 32 a line
+    against depth would draw a difference of architecture and protocol as one of depth."""
     counted = _table_runs(runs, selections)
     if counted.empty or counted["cfg_model"].nunique() < 2:
+        return pd.DataFrame()
+    if len({_family(m) for m in counted["cfg_model"].unique()}) > 1 or not _one_protocol(counted):
         return pd.DataFrame()
     depth = {model: weight_layers(group["config"].iloc[0]) for model, group in counted.groupby("cfg_model")}
     if len(set(depth.values())) < 2:
