@@ -511,7 +511,7 @@ def _zero_channels(x: Signal, before: int, after: int) -> Signal:
     (empty) statistics, so that a sum and an activation after it treat the two kinds of channel apart.
     Read as one tensor, the zeros and x's values were one marginal (x's law at half its scale): after
     an option-A shortcut's add every channel's ReLU passed the share of the channels that carry the
-    shortcut, and the branch's gradient came out 0.26 bits high (docs/theory.md, section 4)."""
+    shortcut, and the branch's gradient came out 0.26 bits high (docs/theory.md, section 5)."""
     def zeros(n: int) -> Signal:
         return Signal(torch.Size((x.shape[0], n, *x.shape[2:])), torch.zeros((1,) * len(x.shape), dtype=DTYPE))
 
