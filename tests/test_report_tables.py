@@ -492,6 +492,33 @@ def test_selection_runs_are_left_out_and_shown_apart(tmp_path):
     assert "| all runs | **60.00** | 50.00 |" in md and "lr chosen on validation" in md
 
 
+def test_a_report_restricted_by_where_keeps_only_its_own_choices(tmp_path):
+    # The poster's Tables 1 and 2 share a database: plain34's learning rates were chosen apart from
+    # plain50's. `--where model=plain34` listed (and applied) both models' choices.
+    from initscope.experiments.config import RunConfig
+    from initscope.experiments.config.select import Select
+
+    db = tmp_path / "two.db"
+    select = Select("lr", (0, 1))
+    with Store(db) as s:
+        for model, best in (("plain34", 1e-3), ("plain50", 1e-2)):
+            base = dict(data="synthetic", method="xavier", model=model)
+            for lr in (1e-3, 1e-2):
+                _finish(s, {**base, "lr": lr, "seed": 0}, 0.6 if lr == best else 0.4, 0.5)
+            _finish(s, {**base, "lr": best, "seed": 1}, 0.6, 0.5)
+            cand = RunConfig(**base, lr=best)
+            s.decide(select.group_id(cand, [1e-3, 1e-2]), axis="lr", by=select.by, group=select.group(cand),
+                     chosen=best, scores=[{"value": lr, "score": 0.6 if lr == best else 0.4} for lr in (1e-3, 1e-2)],
+                     sweep_id="s")
+    rep = rp.write_report(db, tmp_path / "out", figures=False, where={"model": ["plain34"]})
+    sel = rep.table("selection").data
+    assert sel["chosen"].tolist() == ["0.001"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "in 1 group(s)" in md
+    both = rp.write_report(db, tmp_path / "all", figures=False)
+    assert sorted(both.table("selection").data["chosen"].tolist()) == ["0.001", "0.01"]
+
+
 def test_method_variants_and_the_accuracy_after_an_epoch(tmp_path):
     db = tmp_path / "v.db"
     with Store(db) as s:

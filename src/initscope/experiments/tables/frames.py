@@ -165,6 +165,26 @@ def select_runs(runs: pd.DataFrame, where: Mapping[str, Sequence[Any]]) -> pd.Da
     return runs
 
 
+def selections_where(selections: Sequence[Mapping[str, Any]],
+                     where: Mapping[str, Sequence[Any]] | None) -> list[Mapping[str, Any]]:
+    """The ``[select]`` choices of the runs that ``where`` keeps (as :func:`select_runs`): a choice is made
+    for a group of settings, and one whose group has a ``where`` key at another value is another table's.
+    A report restricted to the poster's Table 1 (plain34) in a database that Table 2's plain50 shares then
+    lists and applies only Table 1's choices."""
+    if not where:
+        return list(selections)
+
+    def accepted(value: Any, values: Sequence[Any]) -> bool:
+        texts = {str(v) for v in values}
+        if str(value) in texts:
+            return True
+        numbers = {float(v) for v in texts if _is_number(v)}
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value) in numbers
+
+    return [s for s in selections
+            if all(key not in s["group"] or accepted(s["group"][key], values) for key, values in where.items())]
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)

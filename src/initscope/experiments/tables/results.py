@@ -17,7 +17,7 @@ import pandas as pd
 
 from initscope.errors import OutputError
 from initscope.experiments.tables.frames import (connect, load_epochs, load_runs, load_selections, load_sweeps,
-                                                 select_runs, varying_keys)
+                                                 select_runs, selections_where, varying_keys)
 from initscope.experiments.tables.papers import (Table, apply_selections, build_tables, counted_runs, in_order, md_code,
                                                  md_text, method_variants)
 from initscope.fileio import atomic_write_text, disk_error
@@ -116,7 +116,8 @@ def _slug(text: str) -> str:
     return "_".join(filter(None, keep.split("_")))[:80]
 
 
-def _what_was_run(db: Path, runs: pd.DataFrame, epochs: pd.DataFrame) -> dict[str, Any]:
+def _what_was_run(db: Path, runs: pd.DataFrame, epochs: pd.DataFrame,
+                  selections: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     sweeps = load_sweeps(db)
     planned = {rid for s in sweeps for rid in s["run_ids"]}
     with connect(db) as conn:
@@ -136,7 +137,7 @@ def _what_was_run(db: Path, runs: pd.DataFrame, epochs: pd.DataFrame) -> dict[st
         "fixed": fixed,
         "failed": [(rid, line[0]) for rid, line in errors],
         "train_seconds": seconds,
-        "protocol": protocol(runs, load_selections(db)),
+        "protocol": protocol(runs, selections),
     }
 
 
@@ -349,16 +350,17 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
     runs = load_runs(db)
     if where:
         runs = select_runs(runs, where)
-    runs = apply_selections(runs, load_selections(db))
+    selections = selections_where(load_selections(db), where)
+    runs = apply_selections(runs, selections)
     epochs = load_epochs(db)
     epochs = epochs[epochs["run_id"].isin(runs["run_id"])]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise disk_error(exc, out_dir, "creating the report folder") from None
-    tables = build_tables(runs, epochs, load_selections(db)) if len(runs) else []
+    tables = build_tables(runs, epochs, selections) if len(runs) else []
     report = Report(out_dir, tables)
-    report.summary = _what_was_run(db, runs, epochs) if len(runs) else {
+    report.summary = _what_was_run(db, runs, epochs, selections) if len(runs) else {
         "sweeps": load_sweeps(db), "counts": dict.fromkeys(("finished", "diverged", "failed", "running"), 0),
         "not_started": 0, "total": 0, "varying": {}, "fixed": {}, "failed": [], "train_seconds": 0.0, "protocol": []}
     report.summary["where"] = {k: [str(v) for v in vs] for k, vs in (where or {}).items()}
@@ -386,7 +388,7 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
             report.figures.append((caption, png))
             report.interactive.append((f"Training curves: {name}", caption, web.curves_figure(frame, title=curve_title),
                                        png))
-        report.figures.extend(_write_depth_figure(runs, epochs, load_selections(db), fig_dir, report.interactive))
+        report.figures.extend(_write_depth_figure(runs, epochs, selections, fig_dir, report.interactive))
         report.figures.extend(_write_probe_figures(runs, fig_dir, report.interactive, probes))
         report.files.extend(p for _, p in report.figures)
 
