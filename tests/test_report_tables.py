@@ -518,6 +518,19 @@ def test_a_report_restricted_by_where_keeps_only_its_own_choices(tmp_path):
     both = rp.write_report(db, tmp_path / "all", figures=False)
     assert sorted(both.table("selection").data["chosen"].tolist()) == ["0.001", "0.01"]
 
+    # a second sweep queued in the same database (plain50 at two more seeds, not started): the plain34
+    # report does not count its queue, the whole database's does
+    present = rp.load_runs(db)
+    with Store(db) as s:
+        s.add_sweep("t1", "table1", {"grid": {}, "run": {}}, list(present.loc[present["cfg_model"] == "plain34", "run_id"]))
+        s.add_sweep("t2", "table2", {"grid": {}, "run": {}}, ["queued-a", "queued-b"]
+                    + list(present.loc[present["cfg_model"] == "plain50", "run_id"]))
+    plain34 = rp.write_report(db, tmp_path / "p34", figures=False, where={"model": ["plain34"]})
+    assert "not started" not in (tmp_path / "p34" / "report.md").read_text()
+    rp.write_report(db, tmp_path / "all2", figures=False)
+    assert "2 of the sweeps' runs not started yet" in (tmp_path / "all2" / "report.md").read_text()
+    assert plain34.summary["not_started"] == 0
+
 
 def test_method_variants_and_the_accuracy_after_an_epoch(tmp_path):
     db = tmp_path / "v.db"

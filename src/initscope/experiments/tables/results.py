@@ -117,9 +117,12 @@ def _slug(text: str) -> str:
 
 
 def _what_was_run(db: Path, runs: pd.DataFrame, epochs: pd.DataFrame,
-                  selections: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+                  selections: Sequence[Mapping[str, Any]], restricted: bool = False) -> dict[str, Any]:
     sweeps = load_sweeps(db)
-    planned = {rid for s in sweeps for rid in s["run_ids"]}
+    # Runs not started yet: every sweep's, or, in a report restricted by ``where``, those of the sweeps
+    # it draws runs from (Table 1's report does not announce Table 2's queue as its own).
+    kept = set(runs["run_id"])
+    planned = {rid for s in sweeps if not restricted or kept & set(s["run_ids"]) for rid in s["run_ids"]}
     with connect(db) as conn:
         present = {r[0] for r in conn.execute("SELECT run_id FROM runs")}
     counts = runs["status"].value_counts().to_dict()
@@ -360,7 +363,7 @@ def write_report(db: str | Path, out_dir: str | Path, *, title: str | None = Non
         raise disk_error(exc, out_dir, "creating the report folder") from None
     tables = build_tables(runs, epochs, selections) if len(runs) else []
     report = Report(out_dir, tables)
-    report.summary = _what_was_run(db, runs, epochs, selections) if len(runs) else {
+    report.summary = _what_was_run(db, runs, epochs, selections, restricted=bool(where)) if len(runs) else {
         "sweeps": load_sweeps(db), "counts": dict.fromkeys(("finished", "diverged", "failed", "running"), 0),
         "not_started": 0, "total": 0, "varying": {}, "fixed": {}, "failed": [], "train_seconds": 0.0, "protocol": []}
     report.summary["where"] = {k: [str(v) for v in vs] for k, vs in (where or {}).items()}
