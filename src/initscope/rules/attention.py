@@ -60,7 +60,7 @@ from initscope.rules.base import Context, Rule, bind
 from initscope.rules.passthrough import ShapeRule
 from initscope.rules.registry import register_rule
 from initscope.stats.dist import DTYPE
-from initscope.stats.signal import Grad, Layout, Shared, Signal, Spatial, compact
+from initscope.stats.signal import Grad, Layout, Shared, Signal, Spatial, compact, cross_room
 
 # Tokens simulated per call: per-token maps carry ~sqrt(2 / (rows·d)) relative noise.
 _TOKENS = 16384
@@ -161,8 +161,7 @@ def _rho_of(pairs: float, m: Tensor) -> float:
     ``rho·√(m_i m_j)``), chosen so that the cross terms add up to ``pairs``: ``rho·((Σ_i √m_i)² − Σ_i m_i)``.
     With a class token's gradient 100× the others' this differs from the plain mean correlation
     ``pairs / ((L − 1) Σ_i m_i)`` by the factor ``(L − 1) Σ m / ((Σ √m)² − Σ m)``, 4 on the ViT's blocks."""
-    m = m.double().clamp(min=0)
-    room = float(m.sqrt().sum()) ** 2 - float(m.sum())
+    room = cross_room(m)
     return pairs / room if room > 0 else 0.0
 
 
@@ -215,8 +214,8 @@ def _simulate_cached(mq, mk, mv, rq, rk, rv, g, rg, d, dv, scale, mask_key, caus
             # Drawn on their own, the special queries share nothing with the rest: the cross terms that
             # rg gives all tokens (rg·room(g), _rho_of) are the bulk's alone, a larger correlation.
             if special and rg > 0:
-                room = float(bulk.sqrt().sum()) ** 2 - float(bulk.sum())
-                rg = _clip(rg * (float(gt.sqrt().sum()) ** 2 - float(gt.sum())) / room) if room > 0 else 0.0
+                room = cross_room(bulk)
+                rg = _clip(rg * cross_room(gt) / room) if room > 0 else 0.0
             go = _field(gen, rows, lq, dv, bulk, rg)
             gq, gk, gv = torch.autograd.grad(o, (q, k, v), go)
     if gt is None:

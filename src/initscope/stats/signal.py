@@ -584,8 +584,9 @@ class Grad(_Positions):
                     scatter=Scatter(logvar) if logvar else NO_SCATTER)
 
 
-def _room(m: Tensor) -> float:
-    """``Σ_{p≠q} √(m_p m_q)``: what a correlation ``rho`` multiplies in the cross terms of a map ``m``."""
+def cross_room(m: Tensor) -> float:
+    """``Σ_{p≠q} √(m_p m_q)``: what a correlation ``rho`` multiplies in the cross terms of a map ``m``
+    (read as everywhere: positions p and q co-vary by ``rho·√(m_p m_q)``, ``_equicorrelated``)."""
     m = m.double().clamp(min=0).reshape(-1)
     return float(m.sqrt().sum()) ** 2 - float(m.sum())
 
@@ -598,11 +599,11 @@ def _summed_rho(parts: list["Grad"]) -> float:
     token's (from the blocks), and weighting by second moment divided the second's correlation by the
     class token's share, 20× too much (benchmarks/vit_attention_gaps.py)."""
     maps = [p.channel_map() for p in parts]
-    room = _room(sum(maps))
+    room = cross_room(sum(maps))
     if room <= 0:
         total = sum(p.mean_m2 for p in parts)
         return sum(p.spatial.rho * p.mean_m2 for p in parts) / total if total > 0 else 0.0
-    return sum(p.spatial.rho * _room(m) for p, m in zip(parts, maps)) / room
+    return sum(p.spatial.rho * cross_room(m) for p, m in zip(parts, maps)) / room
 
 
 _GRAD_PARTS = _parts_table(("spatial", Spatial, UNCORRELATED), ("scatter", Scatter, NO_SCATTER))
