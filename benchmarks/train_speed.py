@@ -4,8 +4,8 @@ same model, data tensors, augmentation, optimizer, batch size and steps, side by
 Each epoch is one train pass over the shuffled (and, with ``--augment``, augmented: the same
 ``augment_batch`` with the same per-batch seeds) train split plus one validation pass, in both loops; our
 loop's epoch also has the progress bookkeeping, accuracy counting, divergence and early-stop checks, the
-history row, and, as in a sweep, the resume state and the best checkpoint written to disk (``--no-disk`` leaves
-them in memory). An epoch is timed from the end of the one before to its own end (our loop: between two
+history row, and, as in a sweep, the resume state and the best checkpoint written to disk (copied at the
+epoch's end, written on a thread of their own while the next epoch trains; ``--no-disk`` leaves them in memory). An epoch is timed from the end of the one before to its own end (our loop: between two
 ``on_epoch`` calls, so the checkpoint writes count). Throughput = train images per second; the median over
 ``--repeats`` fresh runs of their epochs after the first (which warms up), the two loops alternating so that
 load from other processes falls on both alike. Target (issue 15): ratio >= 0.95.

@@ -138,6 +138,66 @@ def test_bit_for_bit_on_the_cpu_and_resume_after_a_kill(tmp_path):
     assert _no_seconds(c.history) == _no_seconds(a.history) and c.test == a.test
 
 
+def test_checkpoints_are_written_beside_training_and_each_row_follows_its_checkpoint(tmp_path, monkeypatch):
+    # The checkpoint of a short epoch cost a tenth of it (benchmarks/train_speed.py: 0.90x a bare loop): it is
+    # written on a thread of its own while the next epoch trains. A row handed to on_epoch (which a sweep
+    # stores, and a resumed run then takes as done) must still find its own epoch's state on the disk.
+    import threading
+
+    from initscope.experiments.training import checkpoint
+
+    writers, real = [], checkpoint.atomic_write
+
+    def spy(path, data):
+        writers.append(threading.current_thread().name)
+        return real(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", spy)
+    config = RunConfig(model="plain34", width=4, epochs=3, **TINY)
+    run_dir = tmp_path / config.run_id
+    seen = []
+
+    def on_epoch(row):
+        state = checkpoint.load_state(run_dir / "state.pt")
+        best = checkpoint.read_weights(run_dir / "best.safetensors")[1]["epoch"]
+        seen.append((row["epoch"], state["epoch"], state["best_epoch"], best))
+
+    r = train(config, out_dir=tmp_path, progress=False, on_epoch=on_epoch)
+    assert [s[0] for s in seen] == [1, 2, 3] and all(e == s for e, s, _, _ in seen), seen
+    assert all(b == f for _, _, b, f in seen), seen  # the best file is the one its state names
+    assert writers and all(n.startswith("initscope-checkpoint") for n in writers), writers
+    assert r.best_epoch == seen[-1][2] and set(r.test) == {"accuracy", "precision", "recall", "f1", "loss"}
+
+
+def test_a_background_write_runs_its_follow_up_on_the_caller_and_raises_there():
+    import threading
+
+    from initscope.fileio import BackgroundWriter
+
+    done, gate = [], threading.Event()
+    with BackgroundWriter() as w:
+        w.submit(gate.wait, then=lambda: done.append(threading.current_thread().name))
+        w.poll()
+        assert done == []  # the write is held up: its follow-up waits, and poll does not block
+        gate.set()
+        w.wait()
+        assert done == [threading.current_thread().name]
+
+        def full():
+            raise OSError(28, "No space left on device")
+
+        w.submit(full, then=lambda: done.append("never"))
+        with pytest.raises(OSError, match="No space"):
+            w.wait()
+        assert done[-1] != "never"
+    # a run failing already: the write in flight ends, its follow-up is dropped, the error is the run's
+    with pytest.raises(KeyError):
+        with BackgroundWriter() as w:
+            w.submit(lambda: None, then=lambda: done.append("dropped"))
+            raise KeyError("the run's own error")
+    assert "dropped" not in done
+
+
 def test_probe_frame_beside_the_results(tmp_path):
     pd = pytest.importorskip("pandas")
     config = RunConfig(model="plain34", width=4, epochs=1, probe_every=3, **TINY)  # 7 steps: probes at 0, 3, 6

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +95,20 @@ def _hashable(key: Any) -> Any:
 def save_state(state: dict[str, Any], path: str | Path) -> Path:
     """Write a resume state (tensors, numbers, strings, lists, tuples, dicts) as safetensors, atomically
     and durably; bit for bit what :func:`load_state` gives back."""
+    return state_write(state, path)()
+
+
+def state_write(state: dict[str, Any], path: str | Path) -> Callable[[], Path]:
+    """:func:`save_state` taken now and done later: the tensors are copied at once (so training may go on
+    and change them), the file is made and written when the returned function is called, on a background
+    thread for instance (:class:`initscope.fileio.BackgroundWriter`)."""
     from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, tensors)
     # JSON writes inf and nan as Infinity and NaN, which Python's json reads back (best_acc starts at -inf)
     meta = {"format": _FORMAT, "state": json.dumps(skeleton, allow_nan=True)}
-    return atomic_write(path, lambda: save(tensors, metadata=meta))
+    return lambda: atomic_write(path, lambda: save(tensors, metadata=meta))
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -153,12 +161,19 @@ def _reason(exc: BaseException) -> str:
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s state (parameters and buffers) as safetensors, atomically and durably; metadata as
     JSON strings."""
+    return weights_write(model.state_dict(), path, metadata)()
+
+
+def weights_write(state: dict[str, torch.Tensor], path: str | Path,
+                  metadata: dict[str, Any] | None = None) -> Callable[[], Path]:
+    """:func:`save_weights` of a state dict, taken now (the tensors copied) and written when the returned
+    function is called."""
     from safetensors.torch import save
 
     # safetensors refuses shared or non-contiguous storage: give it plain contiguous copies
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    return atomic_write(path, lambda: save(state, metadata=meta))
+    return lambda: atomic_write(path, lambda: save(tensors, metadata=meta))
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -44,12 +45,12 @@ from initscope.experiments.data import load_data
 from initscope.experiments.training import distributed
 from initscope.errors import ConfigError
 from initscope.experiments.training.checkpoint import (BEST_FILE, STATE_FILE, CheckpointError, check_state,
-                                                       load_state, load_weights, read_weights, save_state,
-                                                       save_weights, set_aside)
+                                                       load_state, read_weights, set_aside, state_write,
+                                                       weights_write)
 from initscope.experiments.training.augment import Feeder, batch_seed, augment_batch, epoch_order
 from initscope.experiments.training.metrics import classification_metrics
 from initscope.experiments.training.optim import lr_at, make_optimizer, small_weights_note
-from initscope.fileio import atomic_write_text
+from initscope.fileio import BackgroundWriter, atomic_write_text
 from initscope.methods import METHODS
 from initscope.progress import progress_bar
 
@@ -303,7 +304,9 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
             ``probe_every > 0`` ``probe.parquet`` (the probe's rows, with a ``step`` column; on resume
             only the steps after it); None keeps everything in memory.
         progress: show a progress bar (epoch, step, loss, samples per second).
-        on_epoch: called with each epoch's history row as soon as it is done.
+        on_epoch: called with each epoch's history row once it is done, and with ``out_dir`` once its
+            checkpoint is on the disk (written on a thread of its own while the next epoch trains), so that a
+            row stored by the caller is an epoch a resumed run does not train again.
         resume: continue from ``out_dir/<run_id>/state.pt`` when there is one; one that cannot be used
             is set aside and the run starts over (see the result's ``notes``).
 
@@ -381,6 +384,8 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
                 model, opt, scaler, shuffle = fresh()  # the failed load may have written part of them
             else:
                 history, best_epoch, best_acc, start = st["history"], st["best_epoch"], st["best_acc"], st["epoch"]
+                if best_epoch is not None and dist_env.is_main:  # checked by _resumable_state: that epoch's
+                    best_state = read_weights(run_dir / BEST_FILE)[0]
                 spent = {"wall": float(st.get("wall_seconds", 0.0)), "cpu": float(st.get("cpu_seconds", 0.0))}
         if start == 0:  # what the initialization and the optimizer make of each other, said once per run
             note = small_weights_note(model, config.optimizer, config.lr)
@@ -397,7 +402,10 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
         steps_per_epoch = max(1, math.ceil(len(x_train) // dist_env.world_size / config.batch_size))
         bar_every = max(1, steps_per_epoch // _BAR_UPDATES_PER_EPOCH)
         step = start * steps_per_epoch
-        with progress_bar("loss", "rate", enabled=progress and dist_env.is_main, transient=True) as bar:
+        # checkpoints are written by rank 0 on a thread of their own (see BackgroundWriter)
+        writer = BackgroundWriter("initscope-checkpoint") if state_path is not None and dist_env.is_main else None
+        with progress_bar("loss", "rate", enabled=progress and dist_env.is_main, transient=True) as bar, \
+                (writer or contextlib.nullcontext()):
             task = bar.add_task(f"{run_id} epoch {start + 1}/{config.epochs}", total=steps_per_epoch,
                                 loss="loss -", rate="- img/s")
             if probe is not None and start == 0:  # step 0: the initialization itself
@@ -441,6 +449,8 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
                     if probe is not None and step % config.probe_every == 0:
                         probe(step, model, xb, yb, F.cross_entropy)
                     if (i + 1) % bar_every == 0:
+                        if writer is not None:  # the last epoch's checkpoint written: store its row
+                            writer.poll()
                         # .item() syncs the device: only on bar updates. A NaN or inf in any step
                         # makes the running sum non-finite, so this also catches divergence.
                         mean_loss = loss_sum.item() / seen
@@ -477,21 +487,24 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
                 history.append(row)
 
                 # -- checkpoint: the best validation accuracy so far (first one on ties), and the resume state --
-                if val_acc > best_acc:
+                improved = val_acc > best_acc
+                if improved:
                     best_epoch, best_acc = epoch + 1, val_acc
-                    if best_path is not None:
-                        save_weights(model, best_path, {"config": config.to_dict(), "epoch": epoch + 1,
-                                                        "val_accuracy": val_acc})
-                    else:
-                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if state_path is not None and dist_env.is_main:
-                    save_state({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "scaler": scaler.state_dict(), "shuffle": shuffle.get_state(),
-                                "torch_rng": torch.get_rng_state(), "history": history, "best_epoch": best_epoch,
-                                "best_acc": best_acc, "epoch": epoch + 1, "config": config.to_dict(),
-                                "wall_seconds": spent["wall"] + time.perf_counter() - wall0,
-                                "cpu_seconds": spent["cpu"] + time.process_time() - cpu0}, state_path)
-                if on_epoch is not None and dist_env.is_main:
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if writer is not None:
+                    # copied now, written while the next epoch trains; the row is stored only once both
+                    # files are on the disk, since a resumed run takes a stored epoch as done
+                    writes = [weights_write(best_state, best_path, {"config": config.to_dict(), "epoch": epoch + 1,
+                                                                    "val_accuracy": val_acc})] if improved else []
+                    writes.append(state_write(
+                        {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                         "shuffle": shuffle.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                         "best_epoch": best_epoch, "best_acc": best_acc, "epoch": epoch + 1,
+                         "config": config.to_dict(), "wall_seconds": spent["wall"] + time.perf_counter() - wall0,
+                         "cpu_seconds": spent["cpu"] + time.process_time() - cpu0}, state_path))
+                    writer.submit(lambda writes=writes: [w() for w in writes],
+                                  then=None if on_epoch is None else functools.partial(on_epoch, dict(row)))
+                elif on_epoch is not None and dist_env.is_main:
                     on_epoch(dict(row))
 
                 # -- early stop: patience epochs without a better validation accuracy --
@@ -514,10 +527,7 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
         # -- test: the best-validation weights on the test split (rank 0's job under torchrun) --
         test: dict[str, float] = {}
         if best_epoch is not None and dist_env.is_main:
-            if best_path is not None:
-                load_weights(model, best_path)
-            else:
-                model.load_state_dict(best_state)
+            model.load_state_dict(best_state)
             if x_test is None:
                 x_test, y_test = _split_tensors(data.test, device)
             test = classification_metrics(predict(model, x_test, config.batch_size, amp).cpu(), y_test.cpu(),
