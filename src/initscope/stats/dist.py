@@ -17,7 +17,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy import special
 from torch import Tensor
 
 DTYPE = torch.float64
@@ -51,6 +50,8 @@ def _gaussian_halves(mu: np.ndarray, std: "float | np.ndarray", w: np.ndarray) -
     one per Gaussian; positive): each Gaussian split at zero into its two halves, each half two points
     with the half's exact mass, mean and variance (the truncated-normal closed forms)."""
     # In numpy: ~20 ops on ~500 points, where torch's per-op cost would be most of the time.
+    from scipy import special  # here, not at the top: it is a tenth of a second of every command's start
+
     a = mu / std
     p = 0.5 * special.erfc(-a / _SQRT2)  # P(> 0) per point
     # Inverse Mills ratios φ(a)/Φ(a) and φ(a)/(1 - Φ(a)) through erfcx: no overflow in the tails.
