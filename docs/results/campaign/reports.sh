@@ -19,6 +19,6 @@ report poster poster_table1 "The ASV poster's Table 1 at 50 epochs: plain34 (wid
 report poster poster_table2 "The ASV poster's Table 2 at 50 epochs: plain50 (width 8), Food-101's first 10 classes at 48x48, Adam" \
     --where model=plain50 --where optimizer=adam
 report poster poster_table3 "The ASV poster's Table 3: plain50 (width 8), five optimizers" \
-    --where model=plain50 --where method=xavier,kaiming-forward,kaiming-backward,asv-forward,asv-backward,asv-balanced,lsuv
+    --where model=plain50 --where method=xavier,kaiming-forward,kaiming-backward,asv-forward,asv-backward,asv-forward-exact,asv-balanced,lsuv
 report depth depth "Depth: BatchNorm-free CIFAR ResNet-20/56/110 on Fashion-MNIST, Fixup and initscope's residual policies"
 report glorot_he glorot_he "The Glorot/He study: MobileNet v1 and ResNet-50 on plant seedlings (64x64)"
