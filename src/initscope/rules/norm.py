@@ -134,6 +134,11 @@ class _Norm:
         if self.kind == "instance":
             return max(0.0, x.mean_corr()) if x.positions > 1 else 1.0
         share = x.shared.batch_mean if self.kind == "batch" else x.shared.xcorr
+        if self.kind == "batch":
+            # The mean share is computed per op and the spatial correlation per position (a ReLU
+            # takes the first without the border's correction): on a small map the share could pass
+            # what a channel's mean can hold, and the map's mean after the norm would come out negative.
+            share = min(share, x.map_mean_share())
         return max(0.0, min(share, 1.0 - 1e-9))
 
 

@@ -439,6 +439,19 @@ class _Positions:
         """Average correlation between two distinct positions of one channel."""
         return mean_corr_of(self.spatial.cov, self.positions, self.spatial.rho)
 
+    def map_mean_share(self) -> float:
+        """The share of the second moment in one sample's mean over the positions of a channel,
+        ``E[(mean_p x_p)²] / mean_p E[x_p²]``: the most a mean over samples too can carry, since the
+        per-sample means' variance across samples is not negative."""
+        n = self.positions
+        cov = self.spatial.cov
+        if n < 2:
+            return 1.0
+        if cov is None:
+            return 1.0 / n + (1.0 - 1.0 / n) * self.spatial.rho
+        k = cov.reshape(n, n)
+        return float(k.sum() / (n * k.diagonal().sum()).clamp(min=1e-300))
+
 
 @dataclass(frozen=True, eq=False)
 class Signal(_Positions):
