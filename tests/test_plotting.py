@@ -382,6 +382,19 @@ def test_curves_accuracy_is_in_percent():
     assert np.allclose(line.get_ydata(), 100 * h[h["label"] == "xavier"]["val_accuracy"])
 
 
+def test_a_loss_that_starts_thousands_of_times_higher_gets_a_log_axis():
+    # The ASV poster's Table 3 under SGD: asv-backward's first training loss (mean of 3 seeds) is 43,000,
+    # the others near 2; on a linear axis every other curve lay flat on zero.
+    h = history()
+    assert plot_training_curves(h).axes[1].get_yscale() == "linear"  # 0.2-2.1: a span of 10
+    spiked = h.copy()
+    spiked.loc[0, "train_loss"] = 43_000.0
+    fig = plot_training_curves(spiked)
+    assert fig.axes[1].get_yscale() == "log" and "log" in fig.axes[1].get_title()
+    assert fig.axes[0].get_yscale() == "linear"
+    assert plot_training_curves(spiked.assign(val_loss=-spiked["val_loss"])).axes[1].get_yscale() == "linear"
+
+
 def test_curves_epochs_are_whole_numbers():
     fig = plot_training_curves(history())
     acc, loss = fig.axes[:2]

@@ -76,6 +76,13 @@ def test_curves_spec_in_percent_with_whole_epochs():
     assert "%" in spec["layout"]["yaxis"]["title"]["text"]
 
 
+def test_curves_spec_puts_a_loss_spanning_thousands_on_a_log_axis():
+    h = history()
+    assert web.curves_figure(h)["layout"]["yaxis2"]["type"] == "linear"
+    h.loc[0, "train_loss"] = 43_000.0
+    assert web.curves_figure(h)["layout"]["yaxis2"]["type"] == "log"
+
+
 def test_json_in_the_page_cannot_end_its_script_element():
     text = web.to_json({"layer": "</script><script>alert(1)</script>", "v": [math.nan, math.inf, np.float32(0.5)]})
     assert "</script" not in text and "<" not in text

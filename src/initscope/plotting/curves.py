@@ -17,6 +17,7 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_acc
 # lines) still says which is which.
 SPLITS = (("val", "validation", "-", "o"), ("train", "training", "--", "s"))
 MARKERS_BELOW = 15  # epochs: fewer, and every epoch is a marker too
+LOG_LOSS_ABOVE = 100.0  # the loss panel goes logarithmic when its largest value passes this times its smallest
 
 
 def accuracy_percent(values: "Sequence[float] | pd.Series") -> pd.Series:
@@ -24,6 +25,17 @@ def accuracy_percent(values: "Sequence[float] | pd.Series") -> pd.Series:
     values (a diverged run) become gaps."""
     y = pd.to_numeric(pd.Series(values), errors="coerce").astype(float) * 100.0
     return y.where(y.abs() != float("inf"))
+
+
+def loss_scale(frame: pd.DataFrame) -> str:
+    """``"log"`` when the losses span more than :data:`LOG_LOSS_ABOVE` times (a run that starts with
+    saturated logits, whose first loss hides every other curve on a linear axis), else ``"linear"``;
+    linear whenever a loss is not positive."""
+    values = pd.concat([pd.to_numeric(frame[f"{split}_loss"], errors="coerce") for split, *_ in SPLITS])
+    values = values[values.abs() != float("inf")].dropna()
+    if values.empty or (values <= 0).any():
+        return "linear"
+    return "log" if values.max() > LOG_LOSS_ABOVE * values.min() else "linear"
 
 
 def history_frame(history, who: str) -> tuple[pd.DataFrame, list[str], dict[str, tuple]]:
@@ -51,7 +63,8 @@ def plot_training_curves(history, *, path: str | Path | None = None, title: str 
         title: the figure's title.
 
     Lines carry the gids ``<accuracy|loss>|<train|val>|<label>``. A diverged run's non-finite values
-    are left as gaps. Epochs are whole numbers on the axis; a run shorter than 15 epochs has a marker at
+    are left as gaps. The loss axis is logarithmic when the losses span more than 100 times
+    (:func:`loss_scale`). Epochs are whole numbers on the axis; a run shorter than 15 epochs has a marker at
     every epoch, its split told by the marker as well as by the line (the legend shows both).
     """
     frame, labels, colors = history_frame(history, "plot_training_curves")
@@ -75,7 +88,9 @@ def plot_training_curves(history, *, path: str | Path | None = None, title: str 
                         marker=marker if len(run) < MARKERS_BELOW else None, ms=4,
                         mfc="white" if split == "train" else colors[label], gid=f"{metric}|{split}|{label}")
     acc_ax.set_title("accuracy (%)", fontsize=10)
-    loss_ax.set_title("loss", fontsize=10)
+    scale = loss_scale(frame)
+    loss_ax.set_yscale(scale)
+    loss_ax.set_title("loss" if scale == "linear" else "loss (log scale)", fontsize=10)
     for ax in (acc_ax, loss_ax):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

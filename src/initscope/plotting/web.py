@@ -352,10 +352,10 @@ def curves_figure(history: "pd.DataFrame | Sequence[Mapping]", *, title: str | N
     """Accuracy in % (left) and loss (right) against epoch (see :func:`~initscope.plotting.
     plot_training_curves`): validation solid with dots, training dashed with open squares, whole epochs on
     the axis (a one-epoch run: that epoch's tick alone); a point's hover box gives the run (label), the split,
-    the epoch and the value."""
+    the epoch and the value; the loss axis is logarithmic where the losses span more than 100 times."""
     import pandas as pd
 
-    from initscope.plotting.curves import SPLITS, accuracy_percent, history_frame
+    from initscope.plotting.curves import SPLITS, accuracy_percent, history_frame, loss_scale
 
     frame, labels, colors = history_frame(history, "curves_figure")
     data = []
@@ -390,7 +390,7 @@ def curves_figure(history: "pd.DataFrame | Sequence[Mapping]", *, title: str | N
         "xaxis": {**epoch_axis, "domain": [0, 0.45], "anchor": "y"},
         "xaxis2": {**epoch_axis, "domain": [0.55, 1], "anchor": "y2", "matches": "x"},
         "yaxis": {"title": {"text": "accuracy (%)"}, "gridcolor": "#eee", "anchor": "x"},
-        "yaxis2": {"title": {"text": "loss"}, "gridcolor": "#eee", "anchor": "x2"},
+        "yaxis2": {"title": {"text": "loss"}, "gridcolor": "#eee", "anchor": "x2", "type": loss_scale(frame)},
         "title": {"text": _e(title or "training (dashed) and validation (solid)"), "x": 0, "font": {"size": 14}},
         "height": 400, "font": FONT, "plot_bgcolor": "white", "hovermode": "closest",
         "margin": {"l": 60, "r": 20, "t": 60, "b": 50}, "legend": {"font": {"size": 11}}}}
