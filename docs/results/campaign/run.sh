@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The campaign of docs/results, in the order it was run (about 7.6 CPU-hours on 2 cores; see
+# The campaign of docs/results, in the order it was run (6.1 CPU-hours on 2 cores, 7.6 budgeted; see
 # docs/experiments.md#the-papers-campaign). Run from the repository root with the data beside it
 # (../shared/data, or pass DATA_ROOT=...). Every sweep resumes where it stopped: run this again after a
 # stop, or on another machine after copying the committed databases back (RUNS=... below).
