@@ -22,8 +22,8 @@ import errno
 import os
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from initscope.errors import DiskFullError, OutputError
 
@@ -164,10 +164,8 @@ class BackgroundWriter:
     """
 
     def __init__(self, name: str = "initscope-writer") -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._pending: tuple[Any, Callable[[], None] | None] | None = None
+        self._pending: tuple[Future, Callable[[], None] | None] | None = None
 
     def submit(self, write: Callable[[], object], then: Callable[[], None] | None = None) -> None:
         """Start ``write`` once the write before it is done (and its follow-up run; its error raised here)."""

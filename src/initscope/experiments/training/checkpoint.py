@@ -164,14 +164,16 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any] | 
     return weights_write(model.state_dict(), path, metadata)()
 
 
-def weights_write(state: dict[str, torch.Tensor], path: str | Path,
-                  metadata: dict[str, Any] | None = None) -> Callable[[], Path]:
+def weights_write(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, Any] | None = None, *,
+                  copy: bool = True) -> Callable[[], Path]:
     """:func:`save_weights` of a state dict, taken now (the tensors copied) and written when the returned
-    function is called."""
+    function is called. ``copy=False``: the tensors are the caller's own copies already, never changed
+    afterwards (the training loop's best weights), and are written as they are once on the CPU."""
     from safetensors.torch import save
 
     # safetensors refuses shared or non-contiguous storage: give it plain contiguous copies
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    tensors = {k: (v.detach().to("cpu").contiguous().clone() if copy else v.detach().to("cpu").contiguous())
+               for k, v in state.items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     return lambda: atomic_write(path, lambda: save(tensors, metadata=meta))
 

@@ -494,8 +494,9 @@ def train(config: "RunConfig", *, out_dir: Path | None = None, progress: bool = 
                 if writer is not None:
                     # copied now, written while the next epoch trains; the row is stored only once both
                     # files are on the disk, since a resumed run takes a stored epoch as done
-                    writes = [weights_write(best_state, best_path, {"config": config.to_dict(), "epoch": epoch + 1,
-                                                                    "val_accuracy": val_acc})] if improved else []
+                    meta = {"config": config.to_dict(), "epoch": epoch + 1, "val_accuracy": val_acc}
+                    # best_state is a fresh copy that is replaced, never changed: written without another
+                    writes = [weights_write(best_state, best_path, meta, copy=False)] if improved else []
                     writes.append(state_write(
                         {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                          "shuffle": shuffle.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
