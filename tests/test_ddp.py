@@ -96,6 +96,21 @@ DRIVER = textwrap.dedent('''
         return real_replace(src, dst, *a, **kw)
 
     initscope.init_, T.predict, T.build_model, os.replace = init_, predict, build_model, replace
+
+    # which group each of initscope's collectives runs on, and which groups are destroyed
+    import torch.distributed as dist
+    def logged(name, real):
+        def call(*a, group=None, **kw):
+            log(event="collective", op=name, group=None if group is None else id(group))
+            return real(*a, group=group, **kw)
+        return call
+    for name in ("broadcast", "all_reduce", "all_gather_object"):
+        setattr(dist, name, logged(name, getattr(dist, name)))
+    real_destroy = dist.destroy_process_group
+    def destroy(group=None):
+        log(event="destroy", group=None if group is None else id(group))
+        return real_destroy(group)
+    dist.destroy_process_group = destroy
     from initscope.cli import app
     app(sys.argv[2:])
 ''')
@@ -132,6 +147,14 @@ def test_torchrun_two_gloo_ranks_stay_identical_and_only_rank0_writes(tmp_path):
     assert result["status"] == "finished" and len(result["history"]) == epochs
     # the epoch's train loss is over both shards: 96 images -> 48 per rank, batches of 16
     assert all(h["train_loss"] > 0 for h in result["history"])
+    # initscope's collectives run on a group of its own, destroyed at the end, never on the default group:
+    # DDP keeps the default group alive past the run, and a gloo thread that frees a collective's tensors
+    # while the interpreter finalizes aborts the process (distributed.py)
+    for rank in ranks:
+        groups = {e["group"] for e in rank if e["event"] == "collective"}
+        destroyed = [e["group"] for e in rank if e["event"] == "destroy"]
+        assert {"broadcast", "all_reduce", "all_gather_object"} <= {e["op"] for e in rank if e["event"] == "collective"}
+        assert None not in groups and len(groups) == 1 and groups <= set(destroyed)
     ddp = json.loads((run_dir / "ddp.json").read_text())
     assert ddp["world_size"] == 2 and ddp["backend"] == "gloo"
     assert ddp["weights_sha256"] == [ddp["weights_sha256"][0]] * 2
