@@ -89,6 +89,56 @@ def test_choices_are_shared_by_groups_of_another_sweep(tmp_path):
     assert asv == {("asv-backward", lr, 0) for lr in (1e-4, 1e-3, 1e-2)} | {("asv-backward", 1e-4, s) for s in (1, 2, 3)}
 
 
+def test_a_wider_grid_is_chosen_anew_and_its_choice_replaces_the_edge_one(tmp_path):
+    # kaiming-forward's best rate, 1e-2, lies above the first grid: it chooses that grid's top, 1e-3
+    from initscope.experiments import tables as rp
+    from initscope.experiments.tables.papers import grid_edge
+
+    narrow = {**doc(tmp_path, methods=("kaiming-forward", "asv-backward")), "grid": {
+        "data": ["synthetic"], "method": ["kaiming-forward", "asv-backward"], "lr": [1e-4, 1e-3]}}
+    run_sweep(SweepConfig.from_mapping(narrow), train_fn=fake_train, progress=False)
+    with Store(narrow["db"]) as s:
+        first = {sel["group"]["method"]: sel for sel in s.selections()}
+    assert first["kaiming-forward"]["chosen"] == 1e-3 and grid_edge(first["kaiming-forward"]) == "top"
+    assert first["asv-backward"]["chosen"] == 1e-4 and grid_edge(first["asv-backward"]) == "bottom"
+
+    calls = []
+
+    def counting(config, **kw):
+        calls.append((config.method, config.lr, config.seed))
+        return fake_train(config, **kw)
+
+    wide = {**narrow, "grid": {**narrow["grid"], "lr": [1e-4, 1e-3, 1e-2, 1e-1]}}
+    run_sweep(SweepConfig.from_mapping(wide), train_fn=counting, progress=False)
+    # only the new values at the first seed, then the other seeds where the choice moved (kaiming: to 1e-2)
+    assert sorted(calls) == sorted([(m, lr, 0) for m in ("kaiming-forward", "asv-backward") for lr in (1e-2, 1e-1)]
+                                   + [("kaiming-forward", 1e-2, 1), ("kaiming-forward", 1e-2, 2)])
+    report = rp.write_report(narrow["db"], tmp_path / "out", figures=False)
+    sel = report.table("selection").data.set_index("method")
+    assert sel.loc["kaiming-forward", "chosen"] == "0.01" and sel.loc["kaiming-forward", "edge"] == ""
+    assert sel.loc["asv-backward", "chosen"] == "0.0001" and sel.loc["asv-backward", "edge"] == "bottom"
+    assert len(sel) == 2  # one line per group: the latest choice
+    cells = report.table("table1_dataset_method").data.set_index("method")
+    assert cells.loc["kaiming-forward", "n"] == 3 and cells.loc["kaiming-forward", "setting"] == "lr=0.01"
+    md = " ".join((tmp_path / "out" / "report.md").read_text().split())
+    assert "| 0.0001 | 0.001 | 0.01 | 0.1 | grid edge |" in md  # the grids' values in order
+
+
+def test_a_choice_at_the_edge_is_flagged_only_where_it_beat_its_neighbour():
+    from initscope.experiments.tables.papers import grid_edge
+
+    def sel(chosen, scores):
+        return {"chosen": chosen, "scores": [{"value": v, "score": s} for v, s in scores]}
+
+    assert grid_edge(sel(0.1, [(1e-3, 0.2), (1e-2, 0.3), (0.1, 0.4)])) == "top"
+    assert grid_edge(sel(1e-3, [(0.1, 0.2), (1e-2, 0.3), (1e-3, 0.4)])) == "bottom"  # listed in any order
+    assert grid_edge(sel(1e-2, [(1e-3, 0.2), (1e-2, 0.5), (0.1, 0.4)])) == ""
+    assert grid_edge(sel(1e-3, [(1e-3, 0.1), (1e-2, 0.1), (0.1, 0.1)])) == ""  # all at chance: a tie, no verdict
+    assert grid_edge(sel(0.1, [(1e-2, None), (0.1, 0.1)])) == "top"  # the neighbour diverged at once
+    assert grid_edge(sel("sgd", [("adam", 0.1), ("sgd", 0.2)])) == ""  # not a numeric axis
+    assert grid_edge(sel(1e-3, [(1e-3, 0.4)])) == ""
+
+
 def test_select_is_checked():
     base = {"grid": {"method": ["xavier"], "lr": [1e-3, 1e-2]}}
     for select, message in [({"axis": "lr"}, "select: needs seeds"),

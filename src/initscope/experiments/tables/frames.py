@@ -154,7 +154,7 @@ def select_runs(runs: pd.DataFrame, where: Mapping[str, Sequence[Any]]) -> pd.Da
         col = runs[f"cfg_{key}"]
         # 1e-3 and 0.001 are one learning rate: compare numbers as numbers where both sides are
         nums = pd.to_numeric(col, errors="coerce")
-        num_accepted = {float(v) for v in accepted if _is_number(v)}
+        num_accepted = {float(v) for v in accepted if is_number(v)}
         kept = runs[col.astype(str).isin(accepted) | nums.isin(num_accepted)]
         if kept.empty and not runs.empty:
             # An empty report is never what was asked for: most often a typo or a sweep not run yet.
@@ -178,16 +178,17 @@ def selections_where(selections: Sequence[Mapping[str, Any]],
         texts = {str(v) for v in values}
         if str(value) in texts:
             return True
-        numbers = {float(v) for v in texts if _is_number(v)}
+        numbers = {float(v) for v in texts if is_number(v)}
         return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value) in numbers
 
     return [s for s in selections
             if all(key not in s["group"] or accepted(s["group"][key], values) for key, values in where.items())]
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: Any) -> bool:
+    """Whether ``text`` reads as a number (``float(text)`` succeeds)."""
     try:
         float(text)
-    except ValueError:
+    except (TypeError, ValueError):
         return False
     return True

@@ -18,14 +18,17 @@ The tables:
 - **Table 1 of the Glorot/He paper**: test accuracy, precision, recall, F1 (all four in %) and loss by
   (setting,) model × method, with the best-validation checkpoint;
 - **test accuracy after epoch k** (runs with ``test_at``): the weights of that epoch, not the best ones;
-- **the selection** (sweeps with ``[select]``): each group's candidate values with their score, the choice.
+- **the selection** (sweeps with ``[select]``): each group's candidate values with their score, the choice,
+  and whether the choice lies at an edge of the grid, beating its neighbour (the best value may lie beyond).
 
 A table never mixes settings: keys that vary and are not tuned make rows (or columns), never a choice.
 The tuned keys are the learning rate and the axis of a ``[select]``: where a cell holds several values of
 one, the value with the best mean *validation* accuracy is taken (never test), and where one varies
 across the table each cell names the value it took. A ``[select]`` choice recorded in the store is the
 cell's value; the group's runs at the other values are selection runs only, left out of the tables and
-shown in the selection table.
+shown in the selection table. A group chosen again among more values (a later sweep with a wider grid)
+takes its latest choice: the runs at an earlier choice that the latest one moved from become selection
+runs.
 
 Finished and diverged runs count; a diverged run contributes the best validation accuracy it reached
 before diverging (none when it diverged in its first epoch), and its test accuracy at that checkpoint;
@@ -44,7 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from initscope.experiments.tables.frames import varying_keys
+from initscope.experiments.tables.frames import is_number, varying_keys
 
 METRICS = ("accuracy", "precision", "recall", "f1", "loss")
 METRIC_LABELS = {"accuracy": "Acc. (%)", "precision": "Pre. (%)", "recall": "Rec. (%)", "f1": "F1 (%)", "loss": "Loss"}
@@ -56,6 +59,7 @@ AXIS_LABELS = {"data": "dataset", "model": "model", "method": "method", "optimiz
 COUNTED = ("finished", "diverged")
 CONFIDENCE = 0.95
 TIE = "≈"
+EDGE_MARK = "⇥"  # a [select] choice at the grid's edge that beat its neighbour
 Grid = tuple[list[str], list[list[tuple[str, bool]]], list[str]]  # headers, rows of (text, bold) cells, row labels
 
 
@@ -144,9 +148,35 @@ def tuned_keys(selections: Sequence[Mapping[str, Any]] | None) -> list[str]:
     return list(dict.fromkeys(["lr", *(s["axis"] for s in selections or ())]))
 
 
+def current_selections(selections: Sequence[Mapping[str, Any]] | None) -> list[Mapping[str, Any]]:
+    """The latest choice of each ``[select]`` group (``selections`` in the order they were decided): a group
+    chosen again among a wider grid keeps only its newer choice."""
+    latest: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for sel in selections or ():
+        latest[(sel["axis"], json.dumps(sel["group"], sort_keys=True))] = sel
+    return list(latest.values())
+
+
+def grid_edge(selection: Mapping[str, Any]) -> str:
+    """``"top"`` or ``"bottom"`` where a selection chose the largest or smallest numeric value of its grid and
+    that value scored strictly better than its neighbour (the best value may lie beyond the grid); else ``""``.
+    A choice at an edge tied with its neighbour (every run at chance, say) is not flagged."""
+    scores = [(c["value"], c.get("score")) for c in selection["scores"]]
+    if len(scores) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in scores):
+        return ""
+    ordered = sorted(scores, key=lambda vs: vs[0])
+    score = lambda s: -math.inf if s is None or not math.isfinite(float(s)) else float(s)  # noqa: E731
+    for edge, (value, s), (_, neighbour) in (("bottom", ordered[0], ordered[1]), ("top", ordered[-1], ordered[-2])):
+        if value == selection["chosen"] and score(s) > score(neighbour):
+            return edge
+    return ""
+
+
 def apply_selections(runs: pd.DataFrame, selections: Sequence[Mapping[str, Any]] | None) -> pd.DataFrame:
     """``runs`` with a column ``selection``: ``chosen`` for a run of a ``[select]`` group at its chosen value,
-    ``candidate`` for the group's runs at the other values (selection runs only), ``""`` for the rest."""
+    ``candidate`` for the group's runs at the other values (selection runs only), ``""`` for the rest. Where a
+    group was chosen more than once (a wider grid later), a value takes the label of the latest choice
+    among whose candidates it is (``selections`` are in the order they were decided)."""
     runs = runs.copy()
     runs["selection"] = ""
     if not selections or runs.empty:
@@ -351,11 +381,12 @@ def test_at_epochs(epochs: pd.DataFrame) -> list[int]:
 
 
 def selection_table(runs: pd.DataFrame, selections: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """One line per ``[select]`` group: its settings that vary between groups, the axis, each candidate value's
-    score (% validation accuracy of the first seed's run; empty when it diverged in its first epoch) and the
-    chosen value."""
+    """One line per ``[select]`` group (its latest choice): its settings that vary between groups, the axis,
+    each candidate value's score (% validation accuracy of the first seed's run; empty when it diverged in its
+    first epoch), the chosen value and ``edge`` (:func:`grid_edge`)."""
+    selections = current_selections(selections)
     if not selections:
-        return pd.DataFrame(columns=["group", "axis", "chosen"])
+        return pd.DataFrame(columns=["group", "axis", "chosen", "edge"])
     groups = [s["group"] for s in selections]
     varying = [k for k in dict.fromkeys(k for g in groups for k in g)
                if len({json.dumps(g.get(k)) for g in groups}) > 1]
@@ -367,6 +398,7 @@ def selection_table(runs: pd.DataFrame, selections: Sequence[Mapping[str, Any]])
             score = c.get("score")
             line[_value_text(c["value"])] = None if score is None else 100.0 * float(score)
         line["chosen"] = _value_text(sel["chosen"])
+        line["edge"] = grid_edge(sel)
         lines.append(line)
     table = pd.DataFrame(lines)
     if "method" in table:
@@ -437,15 +469,20 @@ def _metrics_grid(table: pd.DataFrame, rows: Sequence[str]) -> Grid:
 
 
 def _selection_grid(table: pd.DataFrame) -> Grid:
-    fixed = {"axis", "chosen"}
+    fixed = {"axis", "chosen", "edge"}
     values = [c for c in table.columns if c not in fixed and c not in _group_columns(table)]
+    if all(is_number(v) for v in values):
+        values = sorted(values, key=float)  # a wider grid's values after the first sweep's: in order
     keys = _group_columns(table)
     grid, labels = [], []
     for r in table.to_dict("records"):
         labels.append(", ".join(_value_text(r[k]) for k in keys) or "all runs")
-        grid.append([("" if pd.isna(r[v]) else f"{r[v]:.2f}", v == r["chosen"]) if v in r else ("", False)
-                     for v in values])
-    return values, grid, labels
+        cells = [("" if pd.isna(r[v]) else f"{r[v]:.2f}", v == r["chosen"]) if v in r else ("", False)
+                 for v in values]
+        edge = r.get("edge") or ""
+        grid.append([*cells, (f"{EDGE_MARK} {edge}" if edge else "", False)])
+    return [*values, "grid edge"], grid, labels
+
 
 
 def _group_columns(table: pd.DataFrame) -> list[str]:
@@ -602,7 +639,9 @@ def build_tables(runs: pd.DataFrame, epochs: pd.DataFrame | None = None,
         tables.append(Table("selection", f"Selection: validation accuracy (%) of each {axes} (first seed)",
                             f"Each group's selection runs (the first seed at every {axes} of the grid) and their best "
                             f"validation accuracy; bold: the {axes} chosen, at which every seed then ran. The test "
-                            "split takes no part in the choice.", t, ", ".join(_group_columns(t)) or "group",
+                            f"split takes no part in the choice. {EDGE_MARK} top/bottom: the choice is the grid's "
+                            "largest/smallest value and beat its neighbour, so the best value may lie beyond the "
+                            "grid: widen it (a later sweep's wider grid is chosen anew and replaces the choice).", t, ", ".join(_group_columns(t)) or "group",
                             headers, grid, labels))
     return tables
 

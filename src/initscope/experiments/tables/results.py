@@ -18,8 +18,8 @@ import pandas as pd
 from initscope.errors import OutputError
 from initscope.experiments.tables.frames import (connect, load_epochs, load_runs, load_selections, load_sweeps,
                                                  select_runs, selections_where, varying_keys)
-from initscope.experiments.tables.papers import (Table, apply_selections, build_tables, counted_runs, in_order, md_code,
-                                                 md_text, method_variants)
+from initscope.experiments.tables.papers import (Table, apply_selections, build_tables, counted_runs, current_selections,
+                                                 in_order, md_code, md_text, method_variants)
 from initscope.fileio import atomic_write_text, disk_error
 
 MAX_CURVE_FIGURES = 24
@@ -226,8 +226,9 @@ def protocol(runs: pd.DataFrame, selections: Sequence[Mapping[str, Any]]) -> lis
     out.append(("seeds", _values(counted, "seed")))
     if selections:
         axes = ", ".join(dict.fromkeys(s["axis"] for s in selections))
+        groups = len(current_selections(selections))
         out.append(("selection", f"{axes} chosen on validation ({selections[0]['by']} of the first seed) in "
-                                 f"{len(selections)} group(s), then the other seeds at the choice; the tables count "
+                                 f"{groups} group(s), then the other seeds at the choice; the tables count "
                                  "the runs at the choice"))
     if "device" in counted and counted["device"].notna().any():
         devices = counted["device"].fillna("not recorded").value_counts()
