@@ -92,7 +92,7 @@ def test_choices_are_shared_by_groups_of_another_sweep(tmp_path):
 def test_a_wider_grid_is_chosen_anew_and_its_choice_replaces_the_edge_one(tmp_path):
     # kaiming-forward's best rate, 1e-2, lies above the first grid: it chooses that grid's top, 1e-3
     from initscope.experiments import tables as rp
-    from initscope.experiments.tables.papers import grid_edge
+    from initscope.experiments.config.select import grid_edge
 
     narrow = {**doc(tmp_path, methods=("kaiming-forward", "asv-backward")), "grid": {
         "data": ["synthetic"], "method": ["kaiming-forward", "asv-backward"], "lr": [1e-4, 1e-3]}}
@@ -125,7 +125,7 @@ def test_a_wider_grid_is_chosen_anew_and_its_choice_replaces_the_edge_one(tmp_pa
 
 
 def test_a_choice_at_the_edge_is_flagged_only_where_it_beat_its_neighbour():
-    from initscope.experiments.tables.papers import grid_edge
+    from initscope.experiments.config.select import grid_edge
 
     def sel(chosen, scores):
         return {"chosen": chosen, "scores": [{"value": v, "score": s} for v, s in scores]}
@@ -184,6 +184,10 @@ def test_dry_run_counts_and_shows_the_choices_made(tmp_path):
     run_sweep(SweepConfig.from_toml(path), train_fn=fake_train, progress=False)
     out = " ".join(CliRunner().invoke(app, ["sweep", str(path), "--dry-run"]).output.split())
     assert "method=xavier lr=0.001 seed=1 (chosen lr=0.001)" in out and "not decided" not in out
+    # asv-backward's best rate, 1e-4, is the grid's smallest: its choice is flagged, xavier's (inside) is not
+    assert "method=asv-backward lr=0.0001 seed=1 (chosen lr=0.0001; at the grid's bottom edge, beating its " \
+           "neighbour: widen the grid)" in out
+    assert out.count("widen the grid") == 2  # seeds 1 and 2
 
 
 def test_parallel_runs_side_by_side_and_record_everything(tmp_path):

@@ -193,7 +193,7 @@ def _sweep(**flags: Any) -> None:
 def _dry_run(sweep: SweepConfig, runs: list[RunConfig]) -> None:
     """List the runs a sweep would train; with ``[select]``, the selection runs, then per group the runs after
     its choice (the choice read from the database where it is made already)."""
-    from initscope.experiments.config.select import Select, selection_plan
+    from initscope.experiments.config.select import Select, grid_edge, selection_plan
 
     keys = list(sweep.grid)
     select = sweep.select if isinstance(sweep.select, Select) else None
@@ -216,6 +216,7 @@ def _dry_run(sweep: SweepConfig, runs: list[RunConfig]) -> None:
                   f"{', '.join(map(str, select.seeds[1:])) or 'none'} at each group's choice; db {sweep.db}; "
                   f"out {sweep.out}")
     recorded = {k: json.loads(v) for k, v in _read_db(sweep.db, "SELECT group_id, chosen FROM selections").items()}
+    scores = {k: json.loads(v) for k, v in _read_db(sweep.db, "SELECT group_id, scores FROM selections").items()}
     done = _read_db(sweep.db, "SELECT run_id, status FROM runs WHERE status IN ('finished', 'diverged')")
     if done:
         planned = {r.run_id for r in runs} | {r.run_id for gid, members in groups.items() if gid in recorded
@@ -230,8 +231,10 @@ def _dry_run(sweep: SweepConfig, runs: list[RunConfig]) -> None:
     for gid, members in groups.items():
         if gid in recorded:
             chosen = next((c for c in members if getattr(c, select.axis) == recorded[gid]), members[0])
+            edge = grid_edge({"chosen": recorded[gid], "scores": scores.get(gid, [])})
+            note = f"; at the grid's {edge} edge, beating its neighbour: widen the grid" if edge else ""
             for r in select.after_choice(chosen):
-                console.print(line(r, f"  (chosen {select.axis}={recorded[gid]})"))
+                console.print(line(r, f"  (chosen {select.axis}={recorded[gid]}{note})"))
         else:
             what = " ".join(f"{k}={v}" for k, v in members[0].to_dict().items() if k in keys and k != select.axis)
             console.print(f"  {what}: {len(select.seeds) - 1} run(s) at the {select.axis} its selection runs choose "

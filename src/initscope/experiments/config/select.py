@@ -23,6 +23,11 @@ selection runs, the choice and the runs after it.
 
 Selection is on validation; the tables report test accuracy at the best-validation checkpoint, so the
 test split never takes part in a choice.
+
+A choice at the grid's edge that beat its neighbour (:func:`grid_edge`) says the best value may lie beyond
+the grid; ``--dry-run`` and the report flag it. A later sweep with the grid widened on that side makes a
+new group (its candidate values differ): only the new values train, the choice is made anew among all of
+them, and the report takes the latest.
 """
 
 from __future__ import annotations
@@ -121,3 +126,18 @@ def selection_plan(select: Select, runs: Iterable[RunConfig]) -> dict[str, list[
         groups.setdefault(json.dumps(select.group(cfg), sort_keys=True), []).append(cfg)
     return {select.group_id(members[0], [getattr(c, select.axis) for c in members]): members
             for members in groups.values()}
+
+
+def grid_edge(selection: Mapping[str, Any]) -> str:
+    """``"top"`` or ``"bottom"`` where a selection chose the largest or smallest numeric value of its grid and
+    that value scored strictly better than its neighbour (the best value may lie beyond the grid); else ``""``.
+    A choice at an edge tied with its neighbour (every run at chance, say) is not flagged."""
+    scores = [(c["value"], c.get("score")) for c in selection["scores"]]
+    if len(scores) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in scores):
+        return ""
+    ordered = sorted(scores, key=lambda vs: vs[0])
+    score = lambda s: -math.inf if s is None or not math.isfinite(float(s)) else float(s)  # noqa: E731
+    for edge, (value, s), (_, neighbour) in (("bottom", ordered[0], ordered[1]), ("top", ordered[-1], ordered[-2])):
+        if value == selection["chosen"] and score(s) > score(neighbour):
+            return edge
+    return ""

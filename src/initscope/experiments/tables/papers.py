@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from initscope.experiments.config.select import grid_edge
 from initscope.experiments.tables.frames import is_number, varying_keys
 
 METRICS = ("accuracy", "precision", "recall", "f1", "loss")
@@ -155,21 +156,6 @@ def current_selections(selections: Sequence[Mapping[str, Any]] | None) -> list[M
     for sel in selections or ():
         latest[(sel["axis"], json.dumps(sel["group"], sort_keys=True))] = sel
     return list(latest.values())
-
-
-def grid_edge(selection: Mapping[str, Any]) -> str:
-    """``"top"`` or ``"bottom"`` where a selection chose the largest or smallest numeric value of its grid and
-    that value scored strictly better than its neighbour (the best value may lie beyond the grid); else ``""``.
-    A choice at an edge tied with its neighbour (every run at chance, say) is not flagged."""
-    scores = [(c["value"], c.get("score")) for c in selection["scores"]]
-    if len(scores) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in scores):
-        return ""
-    ordered = sorted(scores, key=lambda vs: vs[0])
-    score = lambda s: -math.inf if s is None or not math.isfinite(float(s)) else float(s)  # noqa: E731
-    for edge, (value, s), (_, neighbour) in (("bottom", ordered[0], ordered[1]), ("top", ordered[-1], ordered[-2])):
-        if value == selection["chosen"] and score(s) > score(neighbour):
-            return edge
-    return ""
 
 
 def apply_selections(runs: pd.DataFrame, selections: Sequence[Mapping[str, Any]] | None) -> pd.DataFrame:
