@@ -152,10 +152,12 @@ def tuned_keys(selections: Sequence[Mapping[str, Any]] | None) -> list[str]:
 def current_selections(selections: Sequence[Mapping[str, Any]] | None) -> list[Mapping[str, Any]]:
     """The latest choice of each ``[select]`` group (``selections`` in the order they were decided): a group
     chosen again among a wider grid keeps only its newer choice."""
-    latest: dict[tuple[str, str], Mapping[str, Any]] = {}
-    for sel in selections or ():
-        latest[(sel["axis"], json.dumps(sel["group"], sort_keys=True))] = sel
+    latest = {_group_key(sel): sel for sel in selections or ()}  # a later choice of a group replaces the earlier
     return list(latest.values())
+
+
+def _group_key(selection: Mapping[str, Any]) -> tuple[str, str]:
+    return selection["axis"], json.dumps(selection["group"], sort_keys=True)
 
 
 def apply_selections(runs: pd.DataFrame, selections: Sequence[Mapping[str, Any]] | None) -> pd.DataFrame:
@@ -172,7 +174,7 @@ def apply_selections(runs: pd.DataFrame, selections: Sequence[Mapping[str, Any]]
 
     by_group: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for sel in selections:
-        by_group.setdefault((sel["axis"], json.dumps(sel["group"], sort_keys=True)), []).append(sel)
+        by_group.setdefault(_group_key(sel), []).append(sel)
     labels = []
     for cfg in runs["config"]:
         label = ""
@@ -470,7 +472,6 @@ def _selection_grid(table: pd.DataFrame) -> Grid:
     return [*values, "grid edge"], grid, labels
 
 
-
 def _group_columns(table: pd.DataFrame) -> list[str]:
     cols = list(table.columns)
     return cols[:cols.index("axis")] if "axis" in cols else []
@@ -627,8 +628,8 @@ def build_tables(runs: pd.DataFrame, epochs: pd.DataFrame | None = None,
                             f"validation accuracy; bold: the {axes} chosen, at which every seed then ran. The test "
                             f"split takes no part in the choice. {EDGE_MARK} top/bottom: the choice is the grid's "
                             "largest/smallest value and beat its neighbour, so the best value may lie beyond the "
-                            "grid: widen it (a later sweep's wider grid is chosen anew and replaces the choice).", t, ", ".join(_group_columns(t)) or "group",
-                            headers, grid, labels))
+                            "grid: widen it (a later sweep's wider grid is chosen anew and replaces the choice).",
+                            t, ", ".join(_group_columns(t)) or "group", headers, grid, labels))
     return tables
 
 
